@@ -1,0 +1,130 @@
+"""Assembly: one :class:`Bridge` owns the settings, the NoojeeContact client, the spool, the
+delivery worker, the FastAGI server and the health listener, and starts and stops them in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+
+import httpx
+from prometheus_client import generate_latest
+
+from agi_bridge.health import HealthServer
+from agi_bridge.logs import get_logger
+from agi_bridge.metrics import Metrics
+from agi_bridge.noojee import NoojeeClient
+from agi_bridge.server import AgiServer
+from agi_bridge.settings import Settings
+from agi_bridge.spool import Spool
+
+log = get_logger("agi_bridge.app")
+
+# Exit status after a second signal: the operator asked twice, we stop without waiting.
+FORCED_EXIT = 130
+
+
+class Bridge:
+    """A running agi-bridge. ``await start()``, then ``await stop()``."""
+
+    def __init__(
+        self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.client = NoojeeClient(
+            base_url=settings.noojee_url,
+            auth=settings.noojee_auth,
+            api_key=settings.api_key,
+            ca_file=settings.noojee_ca_file,
+            verify=settings.noojee_verify_tls,
+            connect_timeout=settings.noojee_connect_timeout,
+            request_timeout=settings.noojee_timeout,
+            max_connections=settings.noojee_max_connections,
+            transport=transport,
+        )
+        self.spool = Spool(settings.data_dir, fsync=settings.spool_fsync)
+        self.server = AgiServer(
+            settings, client=self.client, spool=self.spool, metrics=self.metrics
+        )
+        address = settings.metrics_address
+        self.health = (
+            None
+            if address is None
+            else HealthServer(address, registry_text=self.metrics_text, readiness=self.readiness)
+        )
+        self._worker: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.spool.open()
+        self._worker = asyncio.create_task(self.server.delivery.run(), name="spool-worker")
+        await self.server.start()
+        if self.health is not None:
+            await self.health.start()
+
+    async def stop(self) -> None:
+        """Stop accepting, let sessions finish within the grace period, keep the rest queued."""
+        grace = self.settings.shutdown_grace
+        log.info("agi.server.stopping", grace=grace)
+        await self.server.stop(grace)
+        await self.server.delivery.drain(grace)
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        if self.health is not None:
+            await self.health.stop()
+        await self.client.aclose()
+        self.spool.close()
+        log.info("agi.server.stopped")
+
+    async def metrics_text(self) -> bytes:
+        stats = await self.spool.stats()
+        self.metrics.spool_pending.set(stats.pending)
+        self.metrics.spool_dead.set(stats.dead)
+        oldest = 0.0 if stats.oldest_pending is None else time.time() - stats.oldest_pending
+        self.metrics.spool_oldest_age.set(max(0.0, oldest))
+        return generate_latest(self.metrics.registry)
+
+    async def readiness(self) -> list[str]:
+        problems = []
+        if not self.server.serving:
+            problems.append("FastAGI listener is not accepting connections")
+        if not await self.spool.writable():
+            problems.append(f"spool {self.spool.path} is not writable")
+        delivery = self.server.delivery
+        if delivery.last_failure is not None and (
+            delivery.last_success is None or delivery.last_success < delivery.last_failure
+        ):
+            problems.append("the last NoojeeContact request failed (see noojee.request.failed)")
+        return problems
+
+
+async def serve(settings: Settings) -> int:
+    """``agi-bridge serve``."""
+    return await run_until_signal(Bridge(settings))
+
+
+async def run_until_signal(bridge: Bridge) -> int:
+    """Run until SIGTERM/SIGINT; a second signal exits at once (queued requests are on disk)."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():
+            log.warning("agi.server.forced_exit", signal=signal.Signals(signum).name)
+            os._exit(FORCED_EXIT)
+        log.info("agi.server.signal", signal=signal.Signals(signum).name)
+        stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await bridge.start()
+    try:
+        await stopping.wait()
+    finally:
+        await bridge.stop()
+    return 0

@@ -1,0 +1,157 @@
+"""From an AGI environment to a NoojeeContact request: the call parameters the dialplan passed,
+the identifier (uniqueid, extension or an explicit id) and the agent. Pure functions, no I/O.
+
+The dialplan passes parameters as AGI arguments ``key=value`` and/or in the URL's query string
+(arguments win); a lone argument without ``=`` is the agent name, so
+``AGI(agi://127.0.0.1/recording/stop,Fred)`` works. Anything we do not understand is rejected
+with a reason the admin can act on, never guessed at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final, get_args
+
+from agi_bridge.noojee import Action, RecordingRequest
+from agi_bridge.protocol import Environment
+from agi_bridge.settings import By, Mode, Settings
+
+KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode"})
+
+# Asterisk accepts a uniqueid of up to 149 characters when it is set at Originate
+# (AST_MAX_UNIQUEID 150 including the NUL); NoojeeContact identifiers are no longer.
+MAX_IDENTIFIER_LENGTH: Final = 149
+# agentLoginName and tag are short NoojeeContact fields; a longer value is a dialplan bug.
+MAX_VALUE_LENGTH: Final = 255
+
+
+class Rejected(Exception):
+    """The call asked for something we will not do; ``reason`` goes to NOOJEE_MESSAGE."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class CallParameters:
+    by: By | None = None
+    id: str | None = None
+    agent: str | None = None
+    tag: str | None = None
+    mode: Mode | None = None
+
+
+def _pairs_to_dict(pairs: Iterable[tuple[str, str]], source: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for key, value in pairs:
+        if key not in KNOWN_KEYS:
+            known = ", ".join(sorted(KNOWN_KEYS))
+            raise Rejected(f"unknown parameter {key!r} in {source} (known: {known})")
+        if key in found:
+            raise Rejected(f"parameter {key!r} given twice in {source}")
+        found[key] = value
+    return found
+
+
+def _split_arguments(arguments: Iterable[str]) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    for argument in arguments:
+        if not argument:
+            continue  # an unset ${VAR} in the dialplan: fall back to the defaults
+        key, sep, value = argument.partition("=")
+        pairs.append((key.strip(), value) if sep else ("agent", argument))
+    return pairs
+
+
+def _check_text(name: str, value: str, limit: int) -> str:
+    if not value:
+        raise Rejected(f"{name} is empty")
+    if len(value) > limit:
+        raise Rejected(f"{name} is longer than {limit} characters")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise Rejected(f"{name} contains control characters")
+    return value
+
+
+def parse_parameters(environment: Environment) -> CallParameters:
+    """Merge the query string and the arguments (arguments win) and check every value."""
+    merged = _pairs_to_dict(environment.query, "the AGI URL query")
+    merged.update(_pairs_to_dict(_split_arguments(environment.arguments), "the AGI arguments"))
+    by = merged.get("by")
+    if by is not None and by not in get_args(By):
+        raise Rejected(f"by={by!r} is not one of uniqueid, extension, id")
+    mode = merged.get("mode")
+    if mode is not None and mode not in get_args(Mode):
+        raise Rejected(f"mode={mode!r} is not one of sync, async")
+    checked = {
+        key: _check_text(
+            key, merged[key], MAX_IDENTIFIER_LENGTH if key == "id" else MAX_VALUE_LENGTH
+        )
+        for key in ("id", "agent", "tag")
+        if key in merged
+    }
+    return CallParameters(
+        by=by,  # type: ignore[arg-type]  # checked against By above
+        mode=mode,  # type: ignore[arg-type]  # checked against Mode above
+        **checked,
+    )
+
+
+def extension_from_channel(channel: str) -> str | None:
+    """The endpoint part of a channel name, as NoojeeContact calls an extension.
+
+    ``PJSIP/410-00000001`` -> ``410``; ``SIP/alice-0000002a`` -> ``alice``;
+    ``IAX2/410-1234`` -> ``410``; ``DAHDI/i1/5551234-1a`` -> ``5551234``;
+    ``Local/410@from-internal-00000002;1`` -> ``410``. The suffix after the last ``-`` is
+    opaque (its format differs per driver and version), and endpoint names may contain ``-``.
+    """
+    technology, slash, rest = channel.partition("/")
+    if not slash or not technology or not rest:
+        return None
+    if technology.lower() == "local":
+        exten, at, _ = rest.partition("@")
+        return (exten or None) if at else None
+    endpoint, dash, _suffix = rest.rpartition("-")
+    if not dash:
+        return None
+    endpoint = endpoint.rsplit("/", 1)[-1]  # DAHDI/i<span>/<number>-<n>
+    return endpoint or None
+
+
+def build_request(
+    action: Action,
+    environment: Environment,
+    parameters: CallParameters,
+    settings: Settings,
+) -> RecordingRequest:
+    """The NoojeeContact request for this call, or :class:`Rejected` saying what is missing."""
+    if parameters.tag is not None and action != "start":
+        raise Rejected("tag is only accepted by recording/start")
+    by: By = parameters.by or ("id" if parameters.id is not None else settings.default_by)
+    extension = extension_from_channel(environment.channel)
+    if by == "id":
+        if parameters.id is None:
+            raise Rejected("by=id needs id=<identifier>, e.g. id=${CHANNEL(linkedid)}")
+        target = parameters.id
+    elif parameters.id is not None:
+        raise Rejected(f"id= is only used with by=id (this call has by={by})")
+    elif by == "uniqueid":
+        target = _check_text("agi_uniqueid", environment.uniqueid, MAX_IDENTIFIER_LENGTH)
+    else:
+        if extension is None:
+            raise Rejected(
+                f"no extension in channel {environment.channel!r}: use by=uniqueid or by=id"
+            )
+        target = extension
+    agent = parameters.agent or _agent_for(extension, settings.agents) or settings.default_agent
+    if agent is None and action == "stop":
+        raise Rejected("stop needs an agent: pass agent=<login>, or set agents / default_agent")
+    return RecordingRequest(
+        action=action, exten_or_uniqueid=target, agent=agent, tag=parameters.tag
+    )
+
+
+def _agent_for(extension: str | None, agents: Mapping[str, str]) -> str | None:
+    return agents.get(extension) if extension is not None else None

@@ -1,0 +1,314 @@
+"""``agi-bridge``: the command line. Every setting lives in :mod:`agi_bridge.settings`; the CLI
+only adds ``--config`` and the arguments of one-off commands, so nothing is defined twice."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from agi_bridge import __version__
+from agi_bridge.app import serve
+from agi_bridge.demo import DEMO_KEY, DEMO_PORT, run_demo
+from agi_bridge.fake_asterisk import DEFAULT_CHANNEL, DEFAULT_UNIQUEID, Call, run_call
+from agi_bridge.logs import configure_logging
+from agi_bridge.noojee import Action, NoojeeClient, RecordingRequest
+from agi_bridge.settings import CONFIG_ENV, Address, ConfigError, Settings, load_settings
+from agi_bridge.simulator import SimulatorConfig, run_simulator
+from agi_bridge.spool import Spool, SpoolEntry, SpoolError
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1  # the command ran and what it tried failed (send, spool)
+EXIT_CONFIG: Final = 2  # the configuration is unusable: nothing was started
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=[settings.api_key])
+    return settings
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
+    """Run ``main()`` on the fastest event loop installed (uvloop: the ``fast`` extra)."""
+    try:
+        import uvloop  # optional: measured in bench/, not required
+    except ImportError:
+        return asyncio.run(main()) or EXIT_OK
+    return uvloop.run(main()) or EXIT_OK
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    return _run(lambda: serve(settings))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    json.dump(settings.masked(), sys.stdout, indent=2, sort_keys=True)
+    print()
+    print("configuration OK", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    request = RecordingRequest(
+        action=args.action,
+        exten_or_uniqueid=args.uniqueid or args.extension,
+        agent=args.agent,
+        tag=args.tag,
+    )
+
+    async def send() -> int:
+        async with NoojeeClient(
+            base_url=settings.noojee_url,
+            auth=settings.noojee_auth,
+            api_key=settings.api_key,
+            ca_file=settings.noojee_ca_file,
+            verify=settings.noojee_verify_tls,
+            connect_timeout=settings.noojee_connect_timeout,
+            request_timeout=settings.noojee_timeout,
+            max_connections=1,
+        ) as client:
+            params = {"extenOrUniqueId": request.exten_or_uniqueid}
+            if request.agent:
+                params["agentLoginName"] = request.agent
+            if request.tag:
+                params["tag"] = request.tag
+            shown = "&".join(f"{k}={v}" for k, v in params.items())
+            print(
+                f"POST {settings.noojee_url}/CallManagementAPI/{request.action}?{shown}"
+                f" (+ {settings.noojee_auth} authentication, secret not shown)"
+            )
+            started = time.monotonic()
+            result = await client.send(request)
+            elapsed = (time.monotonic() - started) * 1000
+        print(
+            f"{result.kind.value}: {result.message}"
+            f" (HTTP {result.http_status}, Code {result.code}, {elapsed:.0f} ms)"
+        )
+        if not result.ok:
+            print(
+                "transient: try again later"
+                if result.transient
+                else "permanent: fix the request or NoojeeContact's settings",
+                file=sys.stderr,
+            )
+        return EXIT_OK if result.ok else EXIT_FAILED
+
+    return _run(send)
+
+
+def _print_entries(entries: Sequence[SpoolEntry], now: float) -> None:
+    print(f"{'id':>6}  {'action':6}  {'target':20}  {'agent':12}  {'age':>8}  {'tries':>5}  error")
+    for e in entries:
+        r = e.request
+        print(
+            f"{e.id:>6}  {r.action:6}  {r.exten_or_uniqueid[:20]:20}  {(r.agent or '-')[:12]:12}"
+            f"  {_age(now - e.created):>8}  {e.attempts:>5}  {e.last_error or ''}"
+        )
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_spool(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    spool = Spool(settings.data_dir, fsync=settings.spool_fsync)
+    spool.open()
+    try:
+        if args.spool_command == "list":
+            table: Literal["pending", "dead"] = "dead" if args.dead else "pending"
+            entries = spool.list(table)
+            _print_entries(entries, time.time())
+            stats = spool.sync_stats()
+            oldest = (
+                "-" if stats.oldest_pending is None else _age(time.time() - stats.oldest_pending)
+            )
+            print(f"\npending {stats.pending} (oldest {oldest}), dead letters {stats.dead}")
+        elif args.spool_command == "retry":
+            moved = spool.retry_dead(args.ids or None)
+            print(
+                f"{moved} dead letter(s) moved back to pending; a running bridge sends them "
+                "within a second"
+            )
+        else:
+            table = "dead" if args.dead else "pending"
+            if not args.ids and not args.all:
+                print("name the entries to purge (ids) or pass --all", file=sys.stderr)
+                return EXIT_FAILED
+            removed = spool.purge(table, args.ids or None)
+            print(f"{removed} {table} entr{'y' if removed == 1 else 'ies'} deleted for good")
+    finally:
+        spool.close()
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    config = SimulatorConfig(api_key=args.api_key)
+    if args.agent:
+        both: frozenset[Action] = frozenset({"start", "stop"})
+        config = dataclasses.replace(config, agents=dict.fromkeys(args.agent, both))
+    host, _, port = args.listen.rpartition(":")
+    return _run(
+        lambda: run_simulator(
+            listen_host=host.strip("[]"),
+            listen_port=int(port),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            config=config,
+            record=args.record,
+        )
+    )
+
+
+def cmd_fake_call(args: argparse.Namespace) -> int:
+    address = Address.parse(args.to)
+    call = Call(
+        script=args.script,
+        arguments=tuple(args.arguments),
+        channel=args.channel,
+        uniqueid=args.uniqueid,
+        host=address.host,
+        port=address.port,
+    )
+    result = asyncio.run(run_call(call))
+    print(f"AGISTATUS={result.agistatus}")
+    for name, value in result.variables.items():
+        print(f"{name}={value}")
+    print(f"held the channel {result.hold * 1000:.1f} ms", file=sys.stderr)
+    return EXIT_OK if result.agistatus == "SUCCESS" else EXIT_FAILED
+
+
+def cmd_version(_args: argparse.Namespace) -> int:
+    print(f"agi-bridge {__version__}")
+    return EXIT_OK
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agi-bridge",
+        description="FastAGI server that stops and starts NoojeeContact call recordings "
+        "for the Asterisk dialplan.",
+        epilog=f"Settings come from a TOML file (--config or ${CONFIG_ENV}) and AGI_BRIDGE_* "
+        "environment variables; `agi-bridge check-config` shows the effective values.",
+    )
+    parser.add_argument("--config", type=Path, help=f"TOML settings file (default: ${CONFIG_ENV})")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the FastAGI server in the foreground")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = commands.add_parser(
+        "demo", help="run the bridge against a built-in NoojeeContact simulator (try it out)"
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    check = commands.add_parser(
+        "check-config", help="validate the settings and print them (secrets masked)"
+    )
+    check.set_defaults(func=cmd_check_config)
+
+    send = commands.add_parser(
+        "send", help="send one stop/start to NoojeeContact now (tests credentials, TLS, IP list)"
+    )
+    send.add_argument("action", choices=["stop", "start"])
+    target = send.add_mutually_exclusive_group(required=True)
+    target.add_argument("--uniqueid", help="an Asterisk uniqueid, e.g. 1795811316.1")
+    target.add_argument("--extension", help="an extension, e.g. 410")
+    send.add_argument("--agent", help="agentLoginName (required by NoojeeContact for stop)")
+    send.add_argument("--tag", help="tag stored with the recording (start only)")
+    send.set_defaults(func=cmd_send)
+
+    spool = commands.add_parser(
+        "spool", help="inspect and manage queued and dead-lettered requests"
+    )
+    spool_commands = spool.add_subparsers(dest="spool_command", required=True, metavar="ACTION")
+    listing = spool_commands.add_parser("list", help="list pending (or --dead) requests")
+    listing.add_argument("--dead", action="store_true", help="list the dead letters")
+    retry = spool_commands.add_parser("retry", help="move dead letters back to pending")
+    retry.add_argument("ids", nargs="*", type=int, help="entry ids (default: all dead letters)")
+    purge = spool_commands.add_parser("purge", help="delete entries for good")
+    purge.add_argument("ids", nargs="*", type=int, help="entry ids")
+    purge.add_argument("--dead", action="store_true", help="purge dead letters, not pending")
+    purge.add_argument("--all", action="store_true", help="every entry of the table")
+    spool.set_defaults(func=cmd_spool)
+
+    simulate = commands.add_parser(
+        "simulate-noojee", help="run a NoojeeContact simulator (try the dialplan without one)"
+    )
+    simulate.add_argument(
+        "--listen", default=f"127.0.0.1:{DEMO_PORT}", help="host:port (default %(default)s)"
+    )
+    simulate.add_argument(
+        "--api-key", default=DEMO_KEY, help="key it accepts (default %(default)s)"
+    )
+    simulate.add_argument(
+        "--agent",
+        action="append",
+        default=[],
+        help="an agentLoginName it knows, may repeat (default: Fred, Wilma, Barney, Pebbles)",
+    )
+    simulate.add_argument("--tls-cert", type=Path, help="PEM certificate: serve HTTPS")
+    simulate.add_argument("--tls-key", type=Path, help="PEM key for --tls-cert")
+    simulate.add_argument("--record", type=Path, help="append each request as a JSON line here")
+    simulate.set_defaults(func=cmd_simulate)
+
+    fake = commands.add_parser(
+        "fake-call",
+        help="act as Asterisk: run one AGI session against a bridge and print the "
+        "variables it sets",
+    )
+    fake.add_argument("script", help="route, e.g. recording/stop or 'recording/stop?by=uniqueid'")
+    fake.add_argument(
+        "arguments", nargs="*", help="AGI arguments, e.g. Fred or agent=Fred mode=async"
+    )
+    fake.add_argument(
+        "--to", default="127.0.0.1:4573", help="bridge host:port (default %(default)s)"
+    )
+    fake.add_argument(
+        "--channel", default=DEFAULT_CHANNEL, help="agi_channel (default %(default)s)"
+    )
+    fake.add_argument(
+        "--uniqueid", default=DEFAULT_UNIQUEID, help="agi_uniqueid (default %(default)s)"
+    )
+    fake.set_defaults(func=cmd_fake_call)
+
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(func=cmd_version)
+    return parser
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return _run(lambda: run_demo(args.config))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"agi-bridge: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SpoolError as exc:
+        print(f"agi-bridge: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK

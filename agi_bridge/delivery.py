@@ -1,0 +1,331 @@
+"""Getting a request to NoojeeContact without holding the call and without losing it.
+
+Every request is written to the spool first (the write runs alongside the HTTP attempt, so a
+sync request does not wait for the disk unless it ends up queued). Then:
+
+- ``sync``: wait for NoojeeContact within the route's budget. An answer within the budget is
+  the dialplan's answer; a timeout or a transient error leaves the request in the spool and the
+  dialplan hears ``QUEUED``. An attempt still running when the budget ends is not cancelled: if
+  it succeeds, the spool entry is settled and nothing is sent twice.
+- ``async``: answer ``QUEUED`` as soon as the request is on disk; the worker delivers it.
+
+The worker sends due entries at full concurrency while NoojeeContact answers. Once it fails
+transiently, the worker stops sending everything and probes with one entry at a time, backing
+off exponentially with jitter (stamina), so a server coming back from an outage is not hit by
+ten thousand retries at once; any successful sync attempt ends the backoff early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Final
+
+import stamina
+
+from agi_bridge.logs import get_logger
+from agi_bridge.metrics import Metrics
+from agi_bridge.noojee import NoojeeClient, NoojeeResult, RecordingRequest, ResultKind
+from agi_bridge.settings import Mode, Settings
+from agi_bridge.spool import Spool, SpoolEntry, SpoolError
+
+log = get_logger("agi_bridge.delivery")
+
+# NOOJEE_MESSAGE is read by people in the CLI and in CDRs; Asterisk takes lines of 2048 bytes.
+MAX_MESSAGE_CHARS: Final = 200
+
+
+class Status(enum.StrEnum):
+    """The values of NOOJEE_STATUS."""
+
+    STOPPED = "STOPPED"
+    STARTED = "STARTED"
+    QUEUED = "QUEUED"
+    FAILED = "FAILED"
+    REJECTED = "REJECTED"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: Status
+    message: str
+
+
+class _Unavailable(Exception):
+    """NoojeeContact failed transiently: the probe's signal to stamina to back off."""
+
+
+def _done_status(request: RecordingRequest) -> Status:
+    return Status.STOPPED if request.action == "stop" else Status.STARTED
+
+
+class Delivery:
+    """Sends requests now (sync), later (async), and again after failures (the worker)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        client: NoojeeClient,
+        spool: Spool,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._spool = spool
+        self._metrics = metrics
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._slots = asyncio.Semaphore(settings.noojee_max_connections)
+        # Longest one attempt can take: /Time, the request, and its one retry after an
+        # expired timestamp, plus a margin. Until then no one else sends the same entry.
+        self._lease = settings.noojee_connect_timeout + 3 * settings.noojee_timeout + 1.0
+        self._work = asyncio.Event()
+        self._recovered = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._recent: OrderedDict[tuple[str, str], tuple[str, float, Outcome]] = OrderedDict()
+        self.last_failure: float | None = None  # monotonic time of the last transient failure
+        self.last_success: float | None = None
+
+    # --- the session's side ---------------------------------------------------------------
+
+    async def submit(
+        self, request: RecordingRequest, *, call_uniqueid: str, mode: Mode, budget: float
+    ) -> Outcome:
+        """Deliver or queue ``request``; returns within ``budget`` plus a spool commit."""
+        duplicate = self._duplicate(request, call_uniqueid)
+        if duplicate is not None:
+            return duplicate
+        lease = self._lease if mode == "sync" else 0.0
+        store = asyncio.ensure_future(
+            self._spool.add(request, call_uniqueid=call_uniqueid, lease=lease)
+        )
+        if mode == "async":
+            outcome = await self._queued(store, "queued for delivery")
+        else:
+            outcome = await self._send_within(request, store, budget)
+        self._remember(request, call_uniqueid, outcome)
+        return outcome
+
+    async def _send_within(
+        self, request: RecordingRequest, store: asyncio.Future[int], budget: float
+    ) -> Outcome:
+        attempt = asyncio.ensure_future(self._attempt(request))
+        done, _ = await asyncio.wait((attempt,), timeout=budget)
+        if not done:
+            self._track(self._settle_late(attempt, store))
+            return await self._queued(store, f"NoojeeContact did not answer within {budget:g}s")
+        result = attempt.result()
+        self._track(self._settle(store, result))
+        if result.ok:
+            return Outcome(_done_status(request), result.message)
+        if result.transient:
+            return await self._queued(store, result.message)
+        return Outcome(Status.FAILED, result.message)
+
+    async def _queued(self, store: asyncio.Future[int], why: str) -> Outcome:
+        try:
+            await store
+        except SpoolError as exc:
+            log.exception("spool.write.failed", error=str(exc))
+            return Outcome(Status.FAILED, f"{why}; could not queue: spool not writable")
+        self._work.set()
+        return Outcome(Status.QUEUED, why[:MAX_MESSAGE_CHARS])
+
+    async def _settle_late(
+        self, attempt: asyncio.Future[NoojeeResult], store: asyncio.Future[int]
+    ) -> None:
+        await self._settle(store, await attempt)
+
+    async def _settle(self, store: asyncio.Future[int], result: NoojeeResult) -> None:
+        """Record in the spool what became of a sync attempt."""
+        try:
+            entry_id = await store
+        except SpoolError:
+            return  # already reported by _queued or irrelevant after a success
+        if result.ok:
+            await asyncio.wrap_future(self._spool.delivered(entry_id))
+        elif not result.transient:
+            await self._spool.dead_letter(entry_id, result.message)
+            self._metrics.dead_letters.inc()
+        else:
+            await self._spool.failed(entry_id, result.message, retry_at=self._wall_clock())
+            self._work.set()
+
+    # --- deduplication --------------------------------------------------------------------
+
+    def _duplicate(self, request: RecordingRequest, call_uniqueid: str) -> Outcome | None:
+        """The earlier outcome when the same action on the same call came within the window.
+
+        The key includes the call's uniqueid, so a new call on the same extension is never
+        taken for a repeat; a stop after a start (an agent toggling) is not a repeat either.
+        """
+        now = self._clock()
+        window = self._settings.dedup_window
+        while self._recent:
+            _, (_, at, _) = next(iter(self._recent.items()))
+            if now - at <= window:
+                break
+            self._recent.popitem(last=False)
+        seen = self._recent.get((request.exten_or_uniqueid, call_uniqueid))
+        if seen is None or seen[0] != request.action:
+            return None
+        _, at, outcome = seen
+        self._metrics.duplicates.inc()
+        return Outcome(
+            outcome.status,
+            f"repeat within {window:g}s, sent once: {outcome.message}"[:MAX_MESSAGE_CHARS],
+        )
+
+    def _remember(self, request: RecordingRequest, call_uniqueid: str, outcome: Outcome) -> None:
+        if outcome.status is Status.FAILED or self._settings.dedup_window <= 0:
+            return  # a failure is worth trying again at once
+        key = (request.exten_or_uniqueid, call_uniqueid)
+        self._recent.pop(key, None)
+        self._recent[key] = (request.action, self._clock(), outcome)
+
+    # --- talking to NoojeeContact ---------------------------------------------------------
+
+    async def _attempt(self, request: RecordingRequest) -> NoojeeResult:
+        async with self._slots:
+            started = self._clock()
+            result = await self._client.send(request)
+        self._metrics.observe_noojee(result, self._clock() - started)
+        if result.transient:
+            self.last_failure = self._clock()
+            log.warning(
+                "noojee.request.failed",
+                kind=result.kind.value,
+                message=result.message,
+                http_status=result.http_status,
+                action=request.action,
+            )
+        else:
+            self.last_success = self._clock()
+            if result.ok:
+                self._recovered.set()
+            if result.kind is ResultKind.WARNING:
+                log.info(
+                    "noojee.request.warning",
+                    message=result.message,
+                    code=result.code,
+                    action=request.action,
+                )
+            elif not result.ok:
+                log.warning(
+                    "noojee.request.rejected",
+                    kind=result.kind.value,
+                    message=result.message,
+                    code=result.code,
+                    http_status=result.http_status,
+                    action=request.action,
+                )
+        return result
+
+    # --- the background worker ------------------------------------------------------------
+
+    def _track(self, coroutine: Coroutine[object, object, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self) -> None:
+        """Deliver what the spool holds, forever (cancel to stop)."""
+        while True:
+            self._work.clear()
+            entries = await self._spool.claim_due(
+                limit=self._settings.noojee_max_connections, lease=self._lease
+            )
+            if not entries:
+                await self._wait_for_work()
+                continue
+            transient = await asyncio.gather(*(self._deliver(entry) for entry in entries))
+            if any(transient):
+                await self._back_off()
+
+    async def _wait_for_work(self) -> None:
+        next_due = await self._spool.next_due()
+        timeout = None if next_due is None else max(0.0, next_due - self._wall_clock())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work.wait(), timeout)
+
+    async def _deliver(self, entry: SpoolEntry) -> bool:
+        """One attempt for ``entry``; True when it failed transiently."""
+        result = await self._attempt(entry.request)
+        if result.ok:
+            await asyncio.wrap_future(self._spool.delivered(entry.id))
+            self._metrics.delivered.inc()
+            log.info(
+                "spool.entry.delivered",
+                id=entry.id,
+                action=entry.request.action,
+                attempts=entry.attempts + 1,
+                message=result.message,
+            )
+            return False
+        age = self._wall_clock() - entry.created
+        exhausted = (
+            entry.attempts + 1 >= self._settings.retry_max_attempts
+            or age >= self._settings.retry_max_age
+        )
+        if not result.transient or exhausted:
+            await self._spool.dead_letter(entry.id, result.message)
+            self._metrics.dead_letters.inc()
+            log.error(
+                "spool.entry.dead",
+                id=entry.id,
+                action=entry.request.action,
+                target=entry.request.exten_or_uniqueid,
+                attempts=entry.attempts + 1,
+                age=round(age, 1),
+                error=result.message,
+            )
+            return result.transient
+        await self._spool.failed(entry.id, result.message, retry_at=self._wall_clock())
+        self._metrics.retries.inc()
+        return True
+
+    async def _back_off(self) -> None:
+        """Probe with one entry at a time, backing off, until NoojeeContact answers again."""
+        self._recovered.clear()
+        probe = asyncio.ensure_future(self._probe())
+        recovered = asyncio.ensure_future(self._recovered.wait())
+        try:
+            await asyncio.wait((probe, recovered), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (probe, recovered):
+                task.cancel()
+            await asyncio.gather(probe, recovered, return_exceptions=True)
+        log.info("noojee.available")
+
+    async def _probe(self) -> None:
+        settings = self._settings
+        log.warning("noojee.unavailable", retry_max_delay=settings.retry_max_delay)
+        async for attempt in stamina.retry_context(
+            on=_Unavailable,
+            attempts=None,  # the spool's own limits (attempts, age) end an entry's life
+            timeout=None,
+            wait_initial=settings.retry_initial_delay,
+            wait_max=settings.retry_max_delay,
+            wait_jitter=settings.retry_initial_delay,
+        ):
+            with attempt:
+                entries = await self._spool.claim_due(limit=1, lease=self._lease)
+                if entries and await self._deliver(entries[0]):
+                    raise _Unavailable
+
+    async def drain(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for attempts that outlived their session, then cancel them;
+        their spool entries stay pending and are sent after the restart."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

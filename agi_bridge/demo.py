@@ -1,0 +1,65 @@
+"""``agi-bridge demo``: the bridge and a NoojeeContact simulator in one process, so a newcomer
+can point Asterisk (or ``scripts/fake-asterisk``) at it with nothing else configured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+from pydantic import SecretStr
+
+from agi_bridge.app import Bridge, run_until_signal
+from agi_bridge.logs import configure_logging, get_logger
+from agi_bridge.settings import Settings, load_settings
+from agi_bridge.simulator import NoojeeSimulator, ReceivedRequest, SimulatorConfig
+
+log = get_logger("agi_bridge.demo")
+
+DEMO_PORT: Final = 8089  # the simulator's loopback port, fixed so the README's curl lines work
+DEMO_KEY: Final = "demo-key"  # the simulator's own key, published on purpose
+DEMO_DATA_DIR: Final = Path("var/demo")  # never mixed with a real spool
+
+
+async def run_demo(config_file: Path | None) -> int:
+    """Serve until SIGTERM/SIGINT with the simulator as NoojeeContact (plain HTTP, loopback).
+
+    Every setting but NoojeeContact's address and key still comes from the file/environment.
+    """
+    key = SecretStr(DEMO_KEY)
+    if config_file is None:
+        settings = Settings(
+            noojee_url="http://127.0.0.1", noojee_api_key=key, data_dir=DEMO_DATA_DIR
+        )
+    else:
+        settings = load_settings(config_file)
+    configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=[DEMO_KEY])
+
+    def received(request: ReceivedRequest) -> None:
+        params = {k: v for k, v in request.params.items() if k not in ("apiKey", "hash")}
+        log.info(
+            "simulator.received",
+            path=request.path,
+            params=params,
+            http_status=request.http_status,
+            answered_code=request.answered_code,
+        )
+
+    simulator = NoojeeSimulator(SimulatorConfig(api_key=DEMO_KEY), on_request=received)
+    await simulator.start("127.0.0.1", DEMO_PORT)
+    try:
+        log.info(
+            "demo.simulator.listening",
+            base_url=simulator.base_url,
+            api_key=DEMO_KEY,
+            agents=sorted(simulator.config.agents),
+        )
+        settings = settings.model_copy(
+            update={
+                "noojee_url": simulator.base_url,
+                "noojee_auth": "apikey",
+                "noojee_api_key": key,
+            }
+        )
+        return await run_until_signal(Bridge(settings))
+    finally:
+        await simulator.stop()

@@ -1,0 +1,94 @@
+"""Structured logs: JSON lines for machines, readable lines on a terminal, secrets never.
+
+Event names are stable dotted names (``agi.session.finished``); context such as the uniqueid,
+channel, peer and route is bound once per session. A last processor scrubs the API key and any
+``apiKey=``/``hash=`` query value from every string, so even an exception text that quotes a URL
+cannot leak a secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, Final, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+_LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+_SECRET_QUERY: Final = re.compile(r"(?i)\b(apikey|hash|timestamp)=([^&\s\"']+)")
+MASK: Final = "***"
+
+
+class SecretScrubber:
+    """A structlog processor that masks known secret values and secret query parameters."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = tuple(s for s in secrets if s)
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, MASK)
+        if "=" in text:
+            text = _SECRET_QUERY.sub(lambda m: f"{m.group(1)}={MASK}", text)
+        return text
+
+    def _clean(self, value: object) -> object:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, dict):
+            return {k: self._clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self._clean(v) for v in value)
+        return value
+
+    def __call__(self, _logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+        return {key: self._clean(value) for key, value in event_dict.items()}
+
+
+def configure_logging(
+    *,
+    level: str = "info",
+    fmt: str = "auto",
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+) -> None:
+    """Set up structlog once for the process. ``fmt``: auto, json or console."""
+    out = stream or sys.stderr
+    console = fmt == "console" or (fmt == "auto" and out.isatty())
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        SecretScrubber(secrets),
+    ]
+    renderer: Processor = (
+        structlog.dev.ConsoleRenderer(colors=out.isatty())
+        if console
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[*processors, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    return structlog.get_logger(name)  # type: ignore[no-any-return]
+
+
+def scrub_mapping(data: MutableMapping[str, Any], scrubber: SecretScrubber) -> None:
+    """Mask secrets in place in a mapping printed outside the log pipeline (check-config)."""
+    for key, value in data.items():
+        if isinstance(value, str):
+            data[key] = scrubber.scrub(value)

@@ -1,0 +1,99 @@
+"""Prometheus metrics, on a registry of their own so that several bridges (tests) can coexist."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+
+from agi_bridge.noojee import NoojeeResult
+
+# ``*_created`` series double the output and no dashboard of ours reads them.
+disable_created_metrics()
+
+# Hold time is what a caller hears as dead air: resolution where it matters (a few ms for a
+# healthy sync stop) and up to the largest budget we allow (30 s).
+HOLD_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+ROUND_TRIP_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """Every metric the bridge exports, created once per process (or per test bridge)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.sessions = Counter(
+            "agi_bridge_sessions",
+            "AGI sessions by route and NOOJEE_STATUS",
+            ["route", "status"],
+            registry=r,
+        )
+        self.hold_seconds = Histogram(
+            "agi_bridge_hold_seconds",
+            "Time a channel was held by a session, by route",
+            ["route"],
+            buckets=HOLD_BUCKETS,
+            registry=r,
+        )
+        self.connections_open = Gauge(
+            "agi_bridge_connections_open", "Open FastAGI connections", registry=r
+        )
+        self.connections_refused = Counter(
+            "agi_bridge_connections_refused",
+            "Connections closed at once, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.protocol_errors = Counter(
+            "agi_bridge_protocol_errors",
+            "Sessions ended by a protocol error or timeout",
+            registry=r,
+        )
+        self.noojee_seconds = Histogram(
+            "agi_bridge_noojee_request_seconds",
+            "NoojeeContact round trip, by result kind",
+            ["kind"],
+            buckets=ROUND_TRIP_BUCKETS,
+            registry=r,
+        )
+        self.noojee_errors = Counter(
+            "agi_bridge_noojee_errors",
+            "Failed NoojeeContact requests by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "agi_bridge_spool_retries", "Failed delivery attempts of spooled requests", registry=r
+        )
+        self.delivered = Counter(
+            "agi_bridge_spool_delivered", "Spooled requests delivered by the worker", registry=r
+        )
+        self.dead_letters = Counter(
+            "agi_bridge_spool_dead_letters", "Requests moved to the dead letters", registry=r
+        )
+        self.duplicates = Counter(
+            "agi_bridge_duplicates",
+            "Repeats of an action on a call, answered without sending",
+            registry=r,
+        )
+        self.spool_pending = Gauge(
+            "agi_bridge_spool_pending", "Requests waiting in the spool", registry=r
+        )
+        self.spool_dead = Gauge("agi_bridge_spool_dead", "Requests in the dead letters", registry=r)
+        self.spool_oldest_age = Gauge(
+            "agi_bridge_spool_oldest_age_seconds",
+            "Age of the oldest pending request",
+            registry=r,
+        )
+
+    def observe_noojee(self, result: NoojeeResult, seconds: float) -> None:
+        self.noojee_seconds.labels(result.kind.value).observe(seconds)
+        if not result.ok:
+            self.noojee_errors.labels(result.kind.value).inc()

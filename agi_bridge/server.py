@@ -1,0 +1,276 @@
+"""The asyncio FastAGI server: a thin driver around :mod:`agi_bridge.protocol`.
+
+One task per connection. Each session reads the environment within a deadline, routes on the
+script path through an explicit table, asks :class:`~agi_bridge.delivery.Delivery` to stop or
+start the recording within the route's budget, and always ends the same way: it sets
+``NOOJEE_STATUS`` and ``NOOJEE_MESSAGE`` on the channel, then closes, which lets the dialplan go
+on with ``AGISTATUS=SUCCESS``. A session that cannot get that far (garbage, a timeout, a client
+we do not allow) is closed and logged; nothing it does reaches other sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+
+from agi_bridge.calls import Rejected, build_request, parse_parameters
+from agi_bridge.delivery import MAX_MESSAGE_CHARS, Delivery, Outcome, Status
+from agi_bridge.logs import get_logger
+from agi_bridge.metrics import Metrics
+from agi_bridge.noojee import Action, NoojeeClient
+from agi_bridge.protocol import (
+    NEED_DATA,
+    AgiConnection,
+    EndOfStream,
+    Environment,
+    Hangup,
+    ProtocolError,
+    Reply,
+)
+from agi_bridge.settings import Settings
+from agi_bridge.spool import Spool
+
+log = get_logger("agi_bridge.server")
+
+# The explicit route table: a script path not listed here is REJECTED, never looked up.
+ROUTES: Final[Mapping[str, Action]] = {"recording/stop": "stop", "recording/start": "start"}
+
+# An environment block is ~700 bytes and replies are one short line: one read usually takes
+# the whole thing, and the protocol core bounds what it buffers.
+READ_SIZE: Final = 65536
+# Kernel accept queue: a hangup burst of a large call centre arrives within milliseconds.
+BACKLOG: Final = 1024
+# Sent instead of a command when we refuse a session: Asterisk ends the AGI with
+# AGISTATUS=FAILURE, which the sample dialplan handles like an unreachable bridge.
+FAILURE_LINE: Final = b"failure\n"
+
+
+class _Closed(Exception):
+    """Asterisk closed the connection before the session was over."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Peer:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class _Session:
+    """Drives one connection's protocol state machine over asyncio streams."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, settings: Settings
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.settings = settings
+        self.connection = AgiConnection()
+        self.hung_up = False
+
+    async def _event(self) -> Environment | Reply | EndOfStream:
+        while True:
+            event = self.connection.next_event()
+            if event is NEED_DATA:
+                self.connection.receive_data(await self.reader.read(READ_SIZE))
+            elif isinstance(event, Hangup):
+                self.hung_up = True  # the call goes on in a dead channel: variables still work
+            else:
+                return event  # type: ignore[return-value]  # NeedData handled above
+
+    async def environment(self) -> Environment:
+        async with asyncio.timeout(self.settings.environment_timeout):
+            event = await self._event()
+        assert isinstance(event, Environment)  # the protocol core yields it first, or raises
+        return event
+
+    async def command(self, *words: str) -> Reply:
+        self.writer.write(self.connection.send_command(*words))
+        async with asyncio.timeout(self.settings.command_timeout):
+            event = await self._event()
+        if isinstance(event, EndOfStream):
+            raise _Closed
+        assert isinstance(event, Reply)
+        return event
+
+
+class AgiServer:
+    """The FastAGI listener, its sessions, and the delivery machinery behind them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: NoojeeClient,
+        spool: Spool,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.delivery = Delivery(settings=settings, client=client, spool=spool, metrics=metrics)
+        self._networks = settings.allow_clients
+        self._server: asyncio.Server | None = None
+        self._sessions: set[asyncio.Task[None]] = set()
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [] if self._server is None else list(self._server.sockets)
+
+    @property
+    def port(self) -> int:
+        return int(self.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        address = self.settings.listen_address
+        self._server = await asyncio.start_server(
+            self._accept, address.host, address.port, backlog=BACKLOG, reuse_address=True
+        )
+        log.info(
+            "agi.server.listening",
+            listen=f"{address.host}:{self.port}",
+            allow_clients=[str(n) for n in self._networks] or "any",
+        )
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, give sessions ``grace`` seconds, then cancel what is left."""
+        if self._server is not None:
+            self._server.close()
+        if self._sessions:
+            _, pending = await asyncio.wait(set(self._sessions), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def _allowed(self, peer: _Peer) -> bool:
+        if not self._networks:
+            return True
+        try:
+            address = ipaddress.ip_address(peer.host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._networks)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        peername = writer.get_extra_info("peername") or ("?", 0)
+        peer = _Peer(str(peername[0]), int(peername[1]))
+        refusal = None
+        if not self._allowed(peer):
+            refusal = "not_allowed"
+        elif len(self._sessions) >= self.settings.max_sessions:
+            refusal = "too_many_sessions"
+        if refusal is not None:
+            self.metrics.connections_refused.labels(refusal).inc()
+            log.warning("agi.connection.refused", peer=str(peer), reason=refusal)
+            with contextlib.suppress(OSError):
+                writer.write(FAILURE_LINE)
+            await _close(writer)
+            return
+        self._sessions.add(task)
+        self.metrics.connections_open.inc()
+        try:
+            await self._session(_Session(reader, writer, self.settings), peer)
+        finally:
+            self._sessions.discard(task)
+            self.metrics.connections_open.dec()
+            await _close(writer)
+
+    async def _session(self, session: _Session, peer: _Peer) -> None:
+        started = time.monotonic()
+        try:
+            environment = await session.environment()
+        except (ProtocolError, TimeoutError, OSError) as exc:
+            self.metrics.protocol_errors.inc()
+            reason = getattr(exc, "reason", None) or (
+                f"no environment within {self.settings.environment_timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else f"connection error: {exc.__class__.__name__}"
+            )
+            log.warning(
+                "agi.session.protocol_error", peer=str(peer), reason=reason, held_ms=_ms(started)
+            )
+            return
+        route = environment.script
+        # Bound in this task's context: delivery events logged on its behalf carry them too.
+        structlog.contextvars.bind_contextvars(
+            peer=str(peer),
+            route=route,
+            uniqueid=environment.uniqueid,
+            channel=environment.channel,
+        )
+        outcome = await self._dispatch(environment, route)
+        try:
+            await session.command("SET VARIABLE", "NOOJEE_STATUS", outcome.status.value)
+            await session.command("SET VARIABLE", "NOOJEE_MESSAGE", _message(outcome.message))
+            delivered = True
+        except (ProtocolError, TimeoutError, OSError, _Closed) as exc:
+            delivered = False
+            log.warning(
+                "agi.session.variables_not_set",
+                error=exc.__class__.__name__,
+                reason=getattr(exc, "reason", ""),
+            )
+        held = time.monotonic() - started
+        label = route if route in ROUTES else "unknown"
+        self.metrics.sessions.labels(label, outcome.status.value).inc()
+        self.metrics.hold_seconds.labels(label).observe(held)
+        level = log.warning if outcome.status in (Status.FAILED, Status.REJECTED) else log.info
+        level(
+            "agi.session.finished",
+            status=outcome.status.value,
+            message=outcome.message,
+            held_ms=round(held * 1000, 2),
+            hung_up=session.hung_up,
+            variables_set=delivered,
+        )
+
+    async def _dispatch(self, environment: Environment, route: str) -> Outcome:
+        action = ROUTES.get(route)
+        if action is None:
+            known = ", ".join(ROUTES)
+            return Outcome(Status.REJECTED, f"unknown route {route!r} (known: {known})")
+        try:
+            parameters = parse_parameters(environment)
+            request = build_request(action, environment, parameters, self.settings)
+        except Rejected as exc:
+            return Outcome(Status.REJECTED, exc.reason)
+        mode = parameters.mode or getattr(self.settings, f"{action}_mode")
+        budget: float = getattr(self.settings, f"{action}_budget")
+        return await self.delivery.submit(
+            request, call_uniqueid=environment.uniqueid, mode=mode, budget=budget
+        )
+
+
+def _message(text: str) -> str:
+    """NOOJEE_MESSAGE: one printable line, short enough for any Asterisk's command buffer."""
+    cleaned = "".join(ch if ch.isprintable() else " " for ch in text)
+    return cleaned[:MAX_MESSAGE_CHARS]
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 2)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()

@@ -1,0 +1,353 @@
+"""One settings object, built once at start-up and passed down.
+
+Every setting has one name: the key in the TOML file and, upper-cased behind ``AGI_BRIDGE_``,
+the environment variable that overrides it (``noojee_url`` / ``AGI_BRIDGE_NOOJEE_URL``).
+The file is flat on purpose, so the settings table in the README is the whole story.
+
+``load_settings`` reports every problem at once (unknown keys, bad values, missing secrets,
+unsafe listening addresses) as a :class:`ConfigError`, so an operator fixes the file in one go.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "AGI_BRIDGE_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+
+By = Literal["uniqueid", "extension", "id"]
+Mode = Literal["sync", "async"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists every reason, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A ``host:port`` pair; IPv6 hosts are written ``[::1]:4573``."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host or not port_text.isdigit():
+            raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:4573 or [::1]:4573)")
+        port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range 0-65535")
+        return cls(host.removeprefix("[").removesuffix("]"), port)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name other than localhost may resolve anywhere
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class Settings(BaseSettings):
+    """Everything the bridge can be told. Field docs feed ``check-config`` and the README."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="forbid", case_sensitive=False
+    )
+
+    # --- FastAGI listener -------------------------------------------------------------------
+    listen: str = Field(
+        "127.0.0.1:4573",
+        description="host:port of the FastAGI listener (4573 is Asterisk's default AGI port)",
+    )
+    allow_clients: Annotated[tuple[IPNetwork, ...], NoDecode] = Field(
+        (),
+        description="addresses/networks allowed to connect, comma separated; empty = any that "
+        "can reach the listener (only safe on loopback)",
+    )
+    listen_unrestricted: bool = Field(
+        False,
+        description="allow a non-loopback listener without allow_clients (FastAGI has no "
+        "authentication: anyone who reaches the port can stop recordings)",
+    )
+    metrics_listen: str = Field(
+        "127.0.0.1:9573", description="host:port for /metrics, /healthz, /readyz; empty disables"
+    )
+    # Asterisk sends the whole environment right after it connects: 2 s is generous on a LAN
+    # and bounds what a silent or byte-a-second client can hold.
+    environment_timeout: float = Field(
+        2.0, gt=0, description="seconds to receive the AGI environment"
+    )
+    # Asterisk answers SET VARIABLE from memory; a slower reply means a stuck channel thread.
+    command_timeout: float = Field(2.0, gt=0, description="seconds to wait for Asterisk's reply")
+    # Each session is a socket plus ~10 KiB; 4096 stays far below the fd limit and memory while
+    # covering the hangup burst of a large call centre.
+    max_sessions: int = Field(
+        4096, ge=1, description="concurrent AGI sessions; more are refused with 'failure'"
+    )
+    shutdown_grace: float = Field(
+        10.0, ge=0, description="seconds in-flight sessions get to finish on SIGTERM"
+    )
+
+    # --- Routes -----------------------------------------------------------------------------
+    default_by: By = Field(
+        "extension", description="identifier sent when the call does not say: uniqueid|extension|id"
+    )
+    default_agent: str | None = Field(
+        None, description="agentLoginName when neither the call nor `agents` gives one"
+    )
+    agents: dict[str, str] = Field(
+        default_factory=dict, description="extension -> agentLoginName map (TOML table)"
+    )
+    stop_mode: Mode = Field(
+        "sync", description="sync: wait for NoojeeContact within stop_budget; async: queue"
+    )
+    start_mode: Mode = Field("sync", description="as stop_mode, for recording/start")
+    # The caller hears dead air while we hold the channel; NoojeeContact on a LAN answers in
+    # tens of milliseconds, so one second covers a slow answer and bounds a dead one.
+    stop_budget: float = Field(
+        1.0, gt=0, le=30, description="seconds a sync stop may hold the call before QUEUED"
+    )
+    start_budget: float = Field(
+        1.0, gt=0, le=30, description="seconds a sync start may hold the call before QUEUED"
+    )
+    dedup_window: float = Field(
+        60.0,
+        ge=0,
+        description="seconds in which a repeat of the same action on the same call is sent once",
+    )
+
+    # --- NoojeeContact ----------------------------------------------------------------------
+    noojee_url: str = Field(
+        description="API base URL, e.g. https://noojee.example/servicemanager/rest"
+    )
+    noojee_auth: Literal["apikey", "hash"] = Field(
+        "apikey", description="apikey (4.9.0.10+) or hash (timestamp + sha256, older servers)"
+    )
+    noojee_api_key: SecretStr | None = Field(None, description="the API key (prefer the file)")
+    noojee_api_key_file: Path | None = Field(
+        None, description="file holding the API key (first line)"
+    )
+    noojee_ca_file: Path | None = Field(
+        None, description="extra CA bundle (PEM) to verify NoojeeContact's certificate"
+    )
+    noojee_verify_tls: bool = Field(
+        True, description="verify NoojeeContact's TLS certificate (leave on)"
+    )
+    noojee_connect_timeout: float = Field(
+        2.0, gt=0, description="seconds to open a connection to NoojeeContact"
+    )
+    noojee_timeout: float = Field(
+        5.0, gt=0, description="seconds for one NoojeeContact request (background delivery)"
+    )
+    # Pool size and request concurrency are one number: a pool smaller than the requests in
+    # flight reopens TLS connections all the time, a larger one idles.
+    noojee_max_connections: int = Field(
+        64, ge=1, le=1000, description="concurrent requests and kept-alive connections"
+    )
+
+    # --- Durable spool ----------------------------------------------------------------------
+    data_dir: Path = Field(Path("var"), description="directory for the spool (SQLite)")
+    spool_fsync: bool = Field(
+        True, description="fsync each spool commit (survives power loss, not only kill -9)"
+    )
+    retry_max_attempts: int = Field(
+        200, ge=1, description="delivery attempts before a request is dead-lettered"
+    )
+    retry_max_age: float = Field(
+        86400.0, gt=0, description="seconds before an undelivered request is dead-lettered"
+    )
+    retry_initial_delay: float = Field(
+        1.0, gt=0, description="first backoff after NoojeeContact fails"
+    )
+    retry_max_delay: float = Field(
+        300.0, gt=0, description="longest backoff between delivery attempts"
+    )
+
+    # --- Logs -------------------------------------------------------------------------------
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console on a terminal, JSON lines otherwise"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="lowest level logged"
+    )
+
+    @field_validator("allow_clients", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        Address.parse(value)
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, value: str) -> str:
+        if value:
+            Address.parse(value)
+        return value
+
+    @field_validator("noojee_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError(f"{value!r} must start with https:// (or http:// for a simulator)")
+        return value.rstrip("/")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init values; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @property
+    def listen_address(self) -> Address:
+        return Address.parse(self.listen)
+
+    @property
+    def metrics_address(self) -> Address | None:
+        return Address.parse(self.metrics_listen) if self.metrics_listen else None
+
+    @property
+    def api_key(self) -> str:
+        """The resolved API key; ``load_settings`` guarantees it is present."""
+        assert self.noojee_api_key is not None
+        return self.noojee_api_key.get_secret_value()
+
+    def masked(self) -> dict[str, Any]:
+        """Effective settings as plain data with every secret masked."""
+        data = self.model_dump(mode="json")
+        if data.get("noojee_api_key"):
+            data["noojee_api_key"] = "***"
+        return data
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "settings"
+    field = str(error["loc"][0]) if error["loc"] else ""
+    where = f"{location} ({env_name(field)})" if field in Settings.model_fields else location
+    message = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        message = "unknown setting (check the spelling against `agi-bridge check-config`)"
+    return f"{where}: {message}"
+
+
+def _read_toml(path: Path) -> tuple[dict[str, Any], list[str]]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle), []
+    except FileNotFoundError:
+        return {}, [f"config file {path} does not exist (set {CONFIG_ENV} or --config)"]
+    except OSError as exc:
+        return {}, [f"config file {path} cannot be read: {exc.strerror}"]
+    except tomllib.TOMLDecodeError as exc:
+        return {}, [f"config file {path} is not valid TOML: {exc}"]
+
+
+def _cross_checks(settings: Settings) -> tuple[Settings, list[str]]:
+    """Checks that span several settings; returns the settings with the key file resolved."""
+    problems: list[str] = []
+    if settings.noojee_api_key_file is not None:
+        try:
+            lines = settings.noojee_api_key_file.read_text(encoding="utf-8").splitlines()
+            key = lines[0].strip() if lines else ""
+        except OSError as exc:
+            problems.append(f"noojee_api_key_file {settings.noojee_api_key_file}: {exc.strerror}")
+        else:
+            if key:
+                settings = settings.model_copy(update={"noojee_api_key": SecretStr(key)})
+            else:
+                problems.append(f"noojee_api_key_file {settings.noojee_api_key_file} is empty")
+    elif settings.noojee_api_key is None or not settings.noojee_api_key.get_secret_value():
+        problems.append(
+            f"no API key: set {env_name('noojee_api_key_file')} (a file holding the key) "
+            f"or {env_name('noojee_api_key')}"
+        )
+    if settings.noojee_ca_file is not None and not settings.noojee_ca_file.is_file():
+        problems.append(f"noojee_ca_file {settings.noojee_ca_file} is not a readable file")
+    if settings.noojee_url.startswith("http://") and not _is_loopback_url(settings.noojee_url):
+        problems.append(
+            "noojee_url uses plain http:// to a remote host: the API key would travel in clear; "
+            "use https://"
+        )
+    address = settings.listen_address
+    if not address.is_loopback and not settings.allow_clients and not settings.listen_unrestricted:
+        problems.append(
+            f"listen {address} is not loopback and allow_clients is empty: anyone who reaches "
+            f"the port could stop recordings. Set {env_name('allow_clients')} to your Asterisk "
+            f"servers (e.g. 10.0.0.5/32) or, knowingly, {env_name('listen_unrestricted')}=true"
+        )
+    if settings.retry_initial_delay > settings.retry_max_delay:
+        problems.append("retry_initial_delay is larger than retry_max_delay")
+    return settings, problems
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = url.split("://", 1)[1].split("/", 1)[0]
+    host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    try:
+        return Address.parse(f"{host}:0").is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(
+    config_file: Path | None = None, *, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Build the settings from the TOML file (``config_file`` or ``$AGI_BRIDGE_CONFIG``) and the
+    environment. ``overrides`` win over both (the CLI uses them for its own flags).
+
+    Raises :class:`ConfigError` listing every problem found.
+    """
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = Path(os.environ[CONFIG_ENV])
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    if config_file is not None:
+        values, problems = _read_toml(config_file)
+    try:
+        settings = Settings(**values)
+    except ValidationError as exc:
+        problems.extend(_describe(error) for error in exc.errors())
+        raise ConfigError(problems) from None
+    if overrides:
+        settings = settings.model_copy(update=dict(overrides))
+    settings, more = _cross_checks(settings)
+    problems.extend(more)
+    if problems:
+        raise ConfigError(problems)
+    return settings
