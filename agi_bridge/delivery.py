@@ -151,7 +151,7 @@ class Delivery:
         except SpoolError:
             return  # already reported by _queued or irrelevant after a success
         if result.ok:
-            await asyncio.wrap_future(self._spool.delivered(entry_id))
+            await asyncio.shield(asyncio.wrap_future(self._spool.delivered(entry_id)))
         elif not result.transient:
             await self._spool.dead_letter(entry_id, result.message)
             self._metrics.dead_letters.inc()
@@ -260,7 +260,7 @@ class Delivery:
         """One attempt for ``entry``; True when it failed transiently."""
         result = await self._attempt(entry.request)
         if result.ok:
-            await asyncio.wrap_future(self._spool.delivered(entry.id))
+            await asyncio.shield(asyncio.wrap_future(self._spool.delivered(entry.id)))
             self._metrics.delivered.inc()
             log.info(
                 "spool.entry.delivered",

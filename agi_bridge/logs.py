@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
-from typing import Any, Final, TextIO
+from collections.abc import Iterable
+from typing import Final, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -59,8 +59,10 @@ def configure_logging(
     fmt: str = "auto",
     secrets: Iterable[str] = (),
     stream: TextIO | None = None,
+    cache: bool = True,
 ) -> None:
-    """Set up structlog once for the process. ``fmt``: auto, json or console."""
+    """Set up structlog once for the process. ``fmt``: auto, json or console. ``cache=False``
+    lets a test configure it again."""
     out = stream or sys.stderr
     console = fmt == "console" or (fmt == "auto" and out.isatty())
     processors: list[Processor] = [
@@ -79,16 +81,9 @@ def configure_logging(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.WriteLoggerFactory(file=out),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name)  # type: ignore[no-any-return]
-
-
-def scrub_mapping(data: MutableMapping[str, Any], scrubber: SecretScrubber) -> None:
-    """Mask secrets in place in a mapping printed outside the log pipeline (check-config)."""
-    for key, value in data.items():
-        if isinstance(value, str):
-            data[key] = scrubber.scrub(value)

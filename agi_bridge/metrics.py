@@ -15,7 +15,7 @@ from prometheus_client import (
 from agi_bridge.noojee import NoojeeResult
 
 # ``*_created`` series double the output and no dashboard of ours reads them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
 # Hold time is what a caller hears as dead air: resolution where it matters (a few ms for a
 # healthy sync stop) and up to the largest budget we allow (30 s).

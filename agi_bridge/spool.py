@@ -166,6 +166,12 @@ class Spool:
 
     @staticmethod
     def _run_batch(connection: sqlite3.Connection, batch: list[_Job]) -> None:
+        # A caller cancelled while waiting (its session or the worker was cancelled) no longer
+        # wants the work; every other future becomes RUNNING here, so it can no longer be
+        # cancelled between the commit and set_result.
+        batch = [job for job in batch if job[1].set_running_or_notify_cancel()]
+        if not batch:
+            return
         results: list[tuple[Future[object], object, BaseException | None]] = []
         try:
             connection.execute("BEGIN IMMEDIATE")
@@ -199,7 +205,10 @@ class Spool:
         return cast("Future[T]", future)
 
     async def _acall(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.wrap_future(self._call(work))
+        # Shielded: a caller cancelled mid-write (shutdown) must not undo the write; a stop
+        # stored for a session that was cut short is still delivered, and a delivery already
+        # made is still recorded, so it is not sent again after the restart.
+        return await asyncio.shield(asyncio.wrap_future(self._call(work)))
 
     def _scall(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Synchronous use (the CLI)."""

@@ -1,0 +1,71 @@
+"""A bridge in the test's event loop, in front of the NoojeeContact simulator over real HTTPS."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from agi_bridge.app import Bridge
+from agi_bridge.fake_asterisk import Call, SessionResult, run_call
+from agi_bridge.settings import Settings
+from agi_bridge.simulator import NoojeeSimulator, SimulatorConfig
+
+API_KEY = "f863246a-973e-11e6-8784-08002718f5b5"
+
+
+def make_settings(
+    simulator: NoojeeSimulator, ca_file: Path, data_dir: Path, **overrides: Any
+) -> Settings:
+    values: dict[str, Any] = {
+        "noojee_url": simulator.base_url,
+        "noojee_api_key": SecretStr(API_KEY),
+        "noojee_ca_file": ca_file,
+        "listen": "127.0.0.1:0",
+        "metrics_listen": "",
+        "data_dir": data_dir,
+        # Tests restore the simulator at once: keep the worker's backoff short.
+        "retry_initial_delay": 0.05,
+        "retry_max_delay": 0.2,
+        "spool_fsync": False,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_simulator(
+    server_ssl_context: ssl.SSLContext, **config: Any
+) -> AsyncIterator[NoojeeSimulator]:
+    simulator = NoojeeSimulator(SimulatorConfig(api_key=API_KEY, **config))
+    await simulator.start("127.0.0.1", 0, server_ssl_context)
+    try:
+        yield simulator
+    finally:
+        await simulator.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_bridge(settings: Settings) -> AsyncIterator[Bridge]:
+    bridge = Bridge(settings)
+    await bridge.start()
+    try:
+        yield bridge
+    finally:
+        await bridge.stop()
+
+
+async def call(
+    bridge: Bridge, *arguments: str, script: str = "recording/stop", **fields: Any
+) -> SessionResult:
+    """One AGI session from a fake Asterisk that speaks like the captures."""
+    hangup = fields.pop("hangup_before_commands", False)
+    return await run_call(
+        Call(script=script, arguments=arguments, port=bridge.server.port, **fields),
+        hangup_before_commands=hangup,
+        deadline=10.0,
+    )

@@ -1,0 +1,259 @@
+"""Fake Asterisk -> bridge -> NoojeeContact simulator, over real loopback sockets and real HTTPS."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from agi_bridge.logs import configure_logging
+from agi_bridge.simulator import FailureMode, NoojeeSimulator
+from agi_bridge.spool import Spool
+from tests.bridge_helpers import API_KEY, call, make_settings, running_bridge, running_simulator
+
+STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
+START_PATH = "/servicemanager/rest/CallManagementAPI/start"
+
+
+@pytest.fixture
+async def simulator(server_ssl_context: ssl.SSLContext) -> AsyncIterator[NoojeeSimulator]:
+    async with running_simulator(server_ssl_context) as simulator:
+        yield simulator
+
+
+def _api(simulator: NoojeeSimulator) -> list[dict[str, str]]:
+    """Parameters of every recording request the simulator received (not /Time)."""
+    return [dict(r.params) for r in simulator.received if "CallManagementAPI" in r.path]
+
+
+@pytest.mark.parametrize("auth", ["apikey", "hash"])
+async def test_stop_by_extension_reaches_noojee_and_the_dialplan(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path, auth: str
+) -> None:
+    """AGI(agi://.../recording/stop,Fred) on PJSIP/410-... stops extension 410 as Fred."""
+    settings = make_settings(simulator, ca_file, tmp_path, noojee_auth=auth)
+    async with running_bridge(settings) as bridge:
+        result = await call(bridge, "Fred", channel="PJSIP/410-00000001")
+    assert result.variables == {"NOOJEE_STATUS": "STOPPED", "NOOJEE_MESSAGE": "Recording stopped"}
+    assert result.agistatus == "SUCCESS"
+    [request] = [r for r in simulator.received if r.path == STOP_PATH]
+    assert request.method == "POST"
+    assert request.body == b""
+    assert request.params["extenOrUniqueId"] == "410"
+    assert request.params["agentLoginName"] == "Fred"
+    assert request.auth == auth
+    if auth == "apikey":
+        assert request.params["apiKey"] == API_KEY
+        assert set(request.params) == {"extenOrUniqueId", "agentLoginName", "apiKey"}
+    else:
+        stamp = request.params["timeStamp"]
+        expected = hashlib.sha256(f"{API_KEY}:{stamp}".encode()).hexdigest()
+        assert request.params["hash"] == expected
+        assert set(request.params) == {"extenOrUniqueId", "agentLoginName", "timeStamp", "hash"}
+        assert API_KEY not in json.dumps([r.to_json() for r in simulator.received])
+
+
+@pytest.mark.parametrize("auth", ["apikey", "hash"])
+async def test_start_by_uniqueid_with_tag_from_the_query_string(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path, auth: str
+) -> None:
+    """recording/start?by=uniqueid with tag= sends the call's uniqueid and the tag, no agent."""
+    settings = make_settings(simulator, ca_file, tmp_path, noojee_auth=auth)
+    async with running_bridge(settings) as bridge:
+        result = await call(
+            bridge, "tag=Sale 42", script="recording/start?by=uniqueid", uniqueid="1795811871.7"
+        )
+    assert result.variables["NOOJEE_STATUS"] == "STARTED"
+    [params] = _api(simulator)
+    assert params["extenOrUniqueId"] == "1795811871.7"
+    assert params["tag"] == "Sale 42"
+    assert "agentLoginName" not in params
+    assert [r.path for r in simulator.received if "CallManagementAPI" in r.path] == [START_PATH]
+
+
+async def test_explicit_id_and_agents_map(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """by=id sends the given id; the agent comes from the extension -> agent map."""
+    settings = make_settings(simulator, ca_file, tmp_path, agents={"410": "Wilma"})
+    async with running_bridge(settings) as bridge:
+        result = await call(bridge, "by=id", "id=1795811871.3", channel="PJSIP/410-0000000a")
+    assert result.variables["NOOJEE_STATUS"] == "STOPPED"
+    assert _api(simulator)[0]["extenOrUniqueId"] == "1795811871.3"
+    assert _api(simulator)[0]["agentLoginName"] == "Wilma"
+
+
+@pytest.mark.parametrize(
+    ("script", "arguments", "reason"),
+    [
+        ("recording/pause", (), "unknown route"),
+        ("", (), "unknown route"),
+        ("recording/stop", ("colour=red",), "unknown parameter 'colour'"),
+        ("recording/stop", (), "stop needs an agent"),
+        ("recording/stop", ("Fred", "tag=x"), "tag is only accepted by recording/start"),
+        ("recording/stop?by=channel", ("Fred",), "by='channel'"),
+    ],
+)
+async def test_bad_requests_are_rejected_without_calling_noojee(
+    simulator: NoojeeSimulator,
+    ca_file: Path,
+    tmp_path: Path,
+    script: str,
+    arguments: tuple[str, ...],
+    reason: str,
+) -> None:
+    """Unknown routes and bad arguments end as REJECTED with the reason; nothing is sent."""
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        result = await call(bridge, *arguments, script=script)
+    assert result.variables["NOOJEE_STATUS"] == "REJECTED"
+    assert reason in result.variables["NOOJEE_MESSAGE"]
+    assert _api(simulator) == []
+
+
+async def test_permission_denied_is_failed_and_dead_lettered(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A NoojeeContact error (Code < 0) is FAILED, kept in the dead letters, never retried."""
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        result = await call(bridge, "Pebbles")
+        await bridge.server.delivery.drain(5)
+    assert result.variables == {"NOOJEE_STATUS": "FAILED", "NOOJEE_MESSAGE": "Permission denied"}
+    spool = Spool(tmp_path)
+    spool.open()
+    try:
+        [dead] = spool.list("dead")
+        assert spool.list("pending") == []
+    finally:
+        spool.close()
+    assert dead.last_error == "Permission denied"
+    assert dead.request.agent == "Pebbles"
+    assert len(_api(simulator)) == 1
+
+
+@pytest.mark.parametrize(
+    "mode", [FailureMode.HTTP_500, FailureMode.HTTP_503, FailureMode.REFUSE, FailureMode.RESET]
+)
+async def test_transient_failures_queue_then_deliver_when_noojee_is_back(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path, mode: FailureMode
+) -> None:
+    """5xx, refused and reset answer QUEUED; the stop arrives once NoojeeContact is back."""
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        simulator.set_failure(mode)
+        result = await call(bridge, "Fred")
+        assert result.variables["NOOJEE_STATUS"] == "QUEUED"
+        simulator.set_failure(FailureMode.NONE)
+        delivered = await simulator.wait_for(
+            1, predicate=lambda r: r.path == STOP_PATH and r.answered_code == 0
+        )
+    assert delivered[0].params["agentLoginName"] == "Fred"
+
+
+async def test_html_404_is_a_permanent_failure(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A wrong base URL (HTML 404) is FAILED with the status in the message, not retried."""
+    simulator.set_failure(FailureMode.HTML_404)
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        result = await call(bridge, "Fred")
+    assert result.variables["NOOJEE_STATUS"] == "FAILED"
+    assert "404" in result.variables["NOOJEE_MESSAGE"]
+
+
+async def test_slow_noojee_holds_the_call_only_for_the_budget(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """NoojeeContact slower than the budget: QUEUED within the budget; the late answer settles
+    the spool entry, so the stop is sent exactly once."""
+    budget = 0.3
+    settings = make_settings(simulator, ca_file, tmp_path, stop_budget=budget)
+    simulator.set_failure(FailureMode.SLOW, delay=1.0)
+    async with running_bridge(settings) as bridge:
+        result = await call(bridge, "Fred")
+        simulator.set_failure(FailureMode.NONE)
+        await bridge.server.delivery.drain(5)
+        stats = await bridge.spool.stats()
+    assert result.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert "did not answer within 0.3s" in result.variables["NOOJEE_MESSAGE"]
+    # The bound the product promises: the budget plus a few round trips on loopback.
+    assert result.hold < budget + 0.25
+    assert stats.pending == 0
+    assert len(_api(simulator)) == 1
+
+
+async def test_async_mode_answers_queued_and_delivers(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """mode=async answers QUEUED once the request is on disk, and the worker sends it."""
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        result = await call(bridge, "Fred", "mode=async")
+        assert result.variables["NOOJEE_STATUS"] == "QUEUED"
+        [request] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+    assert request.params["agentLoginName"] == "Fred"
+
+
+async def test_repeat_of_the_same_stop_on_the_same_call_is_sent_once(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """Feature code then hangup handler on the same call: one stop reaches NoojeeContact."""
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        first = await call(bridge, "Fred", uniqueid="1795811871.9")
+        second = await call(bridge, "Fred", uniqueid="1795811871.9")
+        other_call = await call(bridge, "Fred", uniqueid="1795811871.10")
+    assert first.variables["NOOJEE_STATUS"] == second.variables["NOOJEE_STATUS"] == "STOPPED"
+    assert "sent once" in second.variables["NOOJEE_MESSAGE"]
+    assert other_call.variables["NOOJEE_STATUS"] == "STOPPED"
+    assert len(_api(simulator)) == 2
+
+
+async def test_caller_hangs_up_mid_session(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A HANGUP line right after the environment: the stop is still sent and the dead channel
+    still gets its variables."""
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        result = await call(bridge, "Fred", hangup_before_commands=True)
+    assert result.variables["NOOJEE_STATUS"] == "STOPPED"
+    assert len(_api(simulator)) == 1
+
+
+async def test_logs_never_contain_secrets(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """Every log line of a full run, both auth schemes and failures included, is free of the
+    API key and of every hash the bridge sent."""
+    stream = io.StringIO()
+    configure_logging(level="debug", fmt="json", secrets=[API_KEY], stream=stream, cache=False)
+    try:
+        for auth in ("apikey", "hash"):
+            settings = make_settings(simulator, ca_file, tmp_path / auth, noojee_auth=auth)
+            async with running_bridge(settings) as bridge:
+                await call(bridge, "Fred")
+                await call(bridge, "Pebbles", uniqueid="2.2")
+                simulator.set_failure(FailureMode.HTTP_500)
+                await call(bridge, "Fred", uniqueid="2.3")
+                simulator.set_failure(FailureMode.NONE)
+                await simulator.wait_for(
+                    1,
+                    predicate=lambda r: (
+                        r.params.get("extenOrUniqueId") == "410"
+                        and r.answered_code == 0
+                        and r.auth == auth  # noqa: B023  # awaited within this iteration
+                    ),
+                )
+    finally:
+        structlog.reset_defaults()
+    text = stream.getvalue()
+    hashes = {r.params["hash"] for r in simulator.received if "hash" in r.params}
+    assert hashes, "the hash scheme was exercised"
+    assert text.count("agi.session.finished") == 6
+    assert API_KEY not in text
+    for value in hashes:
+        assert value not in text
+    for line in text.splitlines():
+        json.loads(line)  # every line is one JSON object
