@@ -60,6 +60,9 @@ class Bridge:
 
     async def start(self) -> None:
         self.spool.open()
+        released = await self.spool.release_leases()
+        if released:
+            log.info("spool.replay", pending=released)
         self._worker = asyncio.create_task(self.server.delivery.run(), name="spool-worker")
         await self.server.start()
         if self.health is not None:

@@ -241,6 +241,17 @@ class Spool:
 
         return await self._acall(work)
 
+    async def release_leases(self) -> int:
+        """Make every pending entry due now. Called once when the bridge starts: no attempt of
+        this process is in flight yet, so leases left by a process that was killed are stale,
+        and waiting them out would only delay the replay."""
+        now = self._clock()
+        return await self._acall(
+            lambda db: (
+                db.execute("UPDATE pending SET next_at = ? WHERE next_at > ?", (now, now)).rowcount
+            )
+        )
+
     def delivered(self, entry_id: int) -> Future[None]:
         """Forget a delivered entry. Returns a future: callers need not wait for it (a crash
         before the commit only means one harmless redelivery)."""

@@ -1,0 +1,259 @@
+"""Hostile and broken clients, limits, allow-list, restarts and signals: nothing lost, nothing
+stuck, nobody in. Real sockets throughout; each hostile client runs beside a valid session that
+must be unaffected."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import ssl
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from agi_bridge.app import Bridge
+from agi_bridge.fake_asterisk import Call, SessionResult, environment_block, run_call
+from agi_bridge.protocol import MAX_ENVIRONMENT_BYTES, MAX_LINE_BYTES
+from agi_bridge.simulator import FailureMode, NoojeeSimulator
+from tests.bridge_helpers import API_KEY, call, make_settings, running_bridge, running_simulator
+
+STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
+ENVIRONMENT_TIMEOUT = 0.5  # short, so the slow-client tests end quickly
+
+
+@pytest.fixture
+async def simulator(server_ssl_context: ssl.SSLContext) -> AsyncIterator[NoojeeSimulator]:
+    async with running_simulator(server_ssl_context) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+async def bridge(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> AsyncIterator[Bridge]:
+    settings = make_settings(simulator, ca_file, tmp_path, environment_timeout=ENVIRONMENT_TIMEOUT)
+    async with running_bridge(settings) as bridge:
+        yield bridge
+
+
+async def _read_all(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes (bounded by the test timeout)."""
+    return await reader.read()
+
+
+async def _garbage(writer: asyncio.StreamWriter) -> None:
+    writer.write(bytes(range(256)) * 4 + b"\n\n")
+
+
+async def _no_blank_line(writer: asyncio.StreamWriter) -> None:
+    writer.write(environment_block(Call()).rstrip(b"\n") + b"\n")
+    writer.write_eof()
+
+
+async def _too_large(writer: asyncio.StreamWriter) -> None:
+    line = b"agi_x: " + b"y" * 1000 + b"\n"
+    writer.write(b"agi_network: yes\n" + line * (MAX_ENVIRONMENT_BYTES // len(line) + 2))
+
+
+async def _endless_line(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"agi_network: " + b"z" * (MAX_LINE_BYTES + 10))
+
+
+async def _early_eof(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"agi_network: yes\nagi_chan")
+    writer.write_eof()
+
+
+async def _silent(writer: asyncio.StreamWriter) -> None:
+    """Sends nothing at all: only the environment deadline ends it."""
+
+
+async def _slowloris(writer: asyncio.StreamWriter) -> None:
+    """One byte at a time, never finishing within the deadline."""
+    for byte in environment_block(Call()):
+        writer.write(bytes([byte]))
+        try:
+            await writer.drain()
+        except ConnectionError:
+            return
+        await asyncio.sleep(0.05)  # the attack's pace, not synchronisation
+
+
+HOSTILE: dict[str, Callable[[asyncio.StreamWriter], Awaitable[None]]] = {
+    "garbage": _garbage,
+    "no_blank_line": _no_blank_line,
+    "too_large": _too_large,
+    "endless_line": _endless_line,
+    "early_eof": _early_eof,
+    "silent": _silent,
+    "slowloris": _slowloris,
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE))
+async def test_hostile_client_is_closed_cleanly_and_others_are_served(
+    bridge: Bridge, simulator: NoojeeSimulator, attack: str
+) -> None:
+    """Each kind of broken input ends in a closed connection and a protocol-error count; a
+    valid session running at the same time is answered as usual."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.server.port)
+    attacker = asyncio.create_task(HOSTILE[attack](writer))
+    valid = await call(bridge, "Fred")
+    answer = await _read_all(reader)  # returns only once the bridge closes the connection
+    await attacker
+    writer.close()
+    assert valid.variables["NOOJEE_STATUS"] == "STOPPED"
+    assert b"NOOJEE" not in answer  # no command was sent to an impostor
+    assert bridge.metrics.protocol_errors._value.get() == 1
+    assert [r.path for r in simulator.received] == [STOP_PATH]
+
+
+async def test_clients_outside_the_allow_list_are_refused(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A peer not in allow_clients gets 'failure' and a closed socket; nothing is sent."""
+    settings = make_settings(simulator, ca_file, tmp_path, allow_clients=["10.9.9.9/32"])
+    async with running_bridge(settings) as bridge:
+        result = await call(bridge, "Fred")
+        refused = bridge.metrics.connections_refused.labels("not_allowed")._value.get()
+    assert result.agistatus == "FAILURE"
+    assert result.variables == {}
+    assert refused == 1
+    assert simulator.received == []
+
+
+async def test_loopback_in_the_allow_list_is_served(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """An allow-list that names the Asterisk host lets its sessions in."""
+    settings = make_settings(
+        simulator, ca_file, tmp_path, allow_clients=["10.9.9.9/32", "127.0.0.0/8"]
+    )
+    async with running_bridge(settings) as bridge:
+        result = await call(bridge, "Fred")
+    assert result.variables["NOOJEE_STATUS"] == "STOPPED"
+
+
+async def test_sessions_beyond_the_limit_are_refused_not_queued(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """With max_sessions busy, a further connection is refused at once (AGISTATUS=FAILURE)
+    instead of waiting in an unbounded queue; the busy sessions still complete."""
+    settings = make_settings(simulator, ca_file, tmp_path, max_sessions=2, stop_budget=5.0)
+    simulator.set_failure(FailureMode.SLOW, delay=1.0)
+    async with running_bridge(settings) as bridge:
+        busy = [asyncio.create_task(call(bridge, "Fred", uniqueid=f"9.{n}")) for n in range(2)]
+        await simulator.wait_for(2)  # both sessions are now waiting on NoojeeContact
+        refused = await call(bridge, "Fred", uniqueid="9.9")
+        done = await asyncio.gather(*busy)
+    assert refused.agistatus == "FAILURE"
+    assert [r.variables["NOOJEE_STATUS"] for r in done] == ["STOPPED", "STOPPED"]
+
+
+async def test_queued_stops_survive_a_restart(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """Stops queued while NoojeeContact is down are delivered by the next bridge process that
+    opens the same data directory."""
+    settings = make_settings(simulator, ca_file, tmp_path)
+    simulator.set_failure(FailureMode.REFUSE)
+    async with running_bridge(settings) as bridge:
+        results = [await call(bridge, "Fred", uniqueid=f"7.{n}") for n in range(5)]
+    assert {r.variables["NOOJEE_STATUS"] for r in results} == {"QUEUED"}
+    simulator.set_failure(FailureMode.NONE)
+    async with running_bridge(settings):
+        delivered = await simulator.wait_for(
+            5, predicate=lambda r: r.path == STOP_PATH and r.answered_code == 0
+        )
+    assert len(delivered) == 5
+
+
+# --- the real process and its signals ----------------------------------------------------
+
+
+async def _start_process(
+    simulator: NoojeeSimulator, ca_file: Path, data_dir: Path
+) -> tuple[asyncio.subprocess.Process, int]:
+    env = {
+        **os.environ,
+        "AGI_BRIDGE_LISTEN": "127.0.0.1:0",
+        "AGI_BRIDGE_METRICS_LISTEN": "",
+        "AGI_BRIDGE_NOOJEE_URL": simulator.base_url,
+        "AGI_BRIDGE_NOOJEE_API_KEY": API_KEY,
+        "AGI_BRIDGE_NOOJEE_CA_FILE": str(ca_file),
+        "AGI_BRIDGE_DATA_DIR": str(data_dir),
+        "AGI_BRIDGE_LOG_FORMAT": "json",
+        "AGI_BRIDGE_STOP_BUDGET": "5",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agi_bridge",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    while line := await process.stderr.readline():
+        if b"agi.server.listening" in line:
+            port = int(line.split(b'"listen": "127.0.0.1:')[1].split(b'"')[0])
+            return process, port
+    raise AssertionError(f"the bridge did not start: exit {await process.wait()}")
+
+
+async def test_sigterm_lets_the_session_in_flight_finish_then_exits_0(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """SIGTERM during a session: the session completes with STOPPED, the process exits 0."""
+    process, port = await _start_process(simulator, ca_file, tmp_path)
+    simulator.set_failure(FailureMode.SLOW, delay=0.5)
+    session = asyncio.create_task(_call_port(port))
+    await simulator.wait_for(1)
+    process.send_signal(signal.SIGTERM)
+    result = await session
+    assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+    assert result.variables["NOOJEE_STATUS"] == "STOPPED"
+
+
+async def test_second_signal_exits_at_once_and_keeps_what_is_queued(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A second SIGTERM while a session is held exits immediately (status 130); the stop in
+    flight is in the spool and is delivered by the next process."""
+    process, port = await _start_process(simulator, ca_file, tmp_path)
+    simulator.set_failure(FailureMode.SLOW, delay=30)
+    session = asyncio.create_task(_call_port(port))
+    await simulator.wait_for(1)
+    process.send_signal(signal.SIGTERM)
+    # Two signals sent back to back may merge in the kernel: wait until the first is handled.
+    await _wait_for_line(process, b"agi.server.stopping")
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), timeout=5) == 130
+    await session
+    simulator.set_failure(FailureMode.NONE)
+    simulator.clear()
+    process, _ = await _start_process(simulator, ca_file, tmp_path)
+    try:
+        [replayed] = await simulator.wait_for(
+            1, timeout=30, predicate=lambda r: r.path == STOP_PATH and r.answered_code == 0
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
+    assert replayed.params["agentLoginName"] == "Fred"
+
+
+async def _wait_for_line(process: asyncio.subprocess.Process, marker: bytes) -> None:
+    assert process.stderr is not None
+    while line := await process.stderr.readline():
+        if marker in line:
+            return
+    raise AssertionError(f"the bridge never logged {marker!r}")
+
+
+async def _call_port(port: int) -> SessionResult:
+    return await run_call(Call(arguments=("Fred",), port=port), deadline=40)
