@@ -106,6 +106,7 @@ def extension_from_channel(channel: str) -> str | None:
     ``IAX2/410-1234`` -> ``410``; ``DAHDI/i1/5551234-1a`` -> ``5551234``;
     ``Local/410@from-internal-00000002;1`` -> ``410``. The suffix after the last ``-`` is
     opaque (its format differs per driver and version), and endpoint names may contain ``-``.
+    An IAX2 caller without a peer (``IAX2/10.0.0.1:4569-123``) has no extension: None.
     """
     technology, slash, rest = channel.partition("/")
     if not slash or not technology or not rest:
@@ -117,6 +118,10 @@ def extension_from_channel(channel: str) -> str | None:
     if not dash:
         return None
     endpoint = endpoint.rsplit("/", 1)[-1]  # DAHDI/i<span>/<number>-<n>
+    # Fix: "10.0.0.1:4569" (IAX2 <ip:port>) is an address, not an extension NoojeeContact could
+    # know; before, it was sent as extenOrUniqueId. No endpoint name contains ":".
+    if ":" in endpoint:
+        return None
     return endpoint or None
 
 
@@ -144,8 +149,13 @@ def build_request(
             raise Rejected(
                 f"no extension in channel {environment.channel!r}: use by=uniqueid or by=id"
             )
-        target = extension
-    agent = parameters.agent or _agent_for(extension, settings.agents) or settings.default_agent
+        # Fix: checked like a uniqueid; agi_channel is as unchecked as agi_uniqueid.
+        target = _check_text("extension", extension, MAX_IDENTIFIER_LENGTH)
+    # Fix: ``or None``: an empty default_agent (AGI_BRIDGE_DEFAULT_AGENT=) or agents value is no
+    # agent; before, a stop went out with agentLoginName missing instead of being REJECTED.
+    agent = (
+        parameters.agent or _agent_for(extension, settings.agents) or settings.default_agent
+    ) or None
     if agent is None and action == "stop":
         raise Rejected("stop needs an agent: pass agent=<login>, or set agents / default_agent")
     return RecordingRequest(

@@ -11,6 +11,7 @@ unsafe listening addresses) as a :class:`ConfigError`, so an operator fixes the 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -19,7 +20,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 ENV_PREFIX = "AGI_BRIDGE_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -47,12 +54,19 @@ class Address:
     @classmethod
     def parse(cls, text: str) -> Address:
         host, sep, port_text = text.rpartition(":")
-        if not sep or not host or not port_text.isdigit():
+        # Fix: an IPv6 host must be bracketed. Before, "::1" parsed as host ":" port 1,
+        # "::1:80" and "[::1:80" were guessed at and "[]:80" gave an empty host.
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host or "[" in host or "]" in host:
+            host = ""
+        # isascii: str.isdigit() is also true for "²", which int() then refuses.
+        if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
             raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:4573 or [::1]:4573)")
         port = int(port_text)
         if not 0 <= port <= 65535:
             raise ValueError(f"port {port} is out of range 0-65535")
-        return cls(host.removeprefix("[").removesuffix("]"), port)
+        return cls(host, port)
 
     @property
     def is_loopback(self) -> bool:
@@ -115,7 +129,9 @@ class Settings(BaseSettings):
     default_agent: str | None = Field(
         None, description="agentLoginName when neither the call nor `agents` gives one"
     )
-    agents: dict[str, str] = Field(
+    # NoDecode: the JSON of AGI_BRIDGE_AGENTS is decoded by ``_decode_agents``, so a typo in it
+    # is one reported problem, not a SettingsError traceback that hides every other problem.
+    agents: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict, description="extension -> agentLoginName map (TOML table)"
     )
     stop_mode: Mode = Field(
@@ -195,7 +211,32 @@ class Settings(BaseSettings):
     @classmethod
     def _split_networks(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            # Fix: parsed here so that a bad entry is one clear problem; left to the
+            # IPv4Network | IPv6Network union, it gave two problems with unreadable locations.
+            networks: list[object] = []
+            for part in value:
+                if isinstance(part, str):
+                    try:
+                        networks.append(ipaddress.ip_network(part))
+                    except ValueError as exc:
+                        raise ValueError(f"{part!r} is not an address or network: {exc}") from None
+                else:
+                    networks.append(part)
+            return tuple(networks)
+        return value
+
+    @field_validator("agents", mode="before")
+    @classmethod
+    def _decode_agents(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f'not a JSON object such as {{"410": "Fred"}}: {exc.msg}'
+                ) from None
         return value
 
     @field_validator("listen")
@@ -252,6 +293,22 @@ class Settings(BaseSettings):
         return data
 
 
+class _Given(Settings):
+    """The same fields and checks, from the given values only (no environment): lets
+    ``load_settings`` validate what is left once the failed fields are set aside."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
@@ -260,7 +317,8 @@ def _describe(error: Mapping[str, Any]) -> str:
     location = ".".join(str(part) for part in error["loc"]) or "settings"
     field = str(error["loc"][0]) if error["loc"] else ""
     where = f"{location} ({env_name(field)})" if field in Settings.model_fields else location
-    message = str(error["msg"])
+    # Our validators' messages are written for the operator: drop pydantic's prefix.
+    message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown setting (check the spelling against `agi-bridge check-config`)"
     return f"{where}: {message}"
@@ -278,10 +336,22 @@ def _read_toml(path: Path) -> tuple[dict[str, Any], list[str]]:
         return {}, [f"config file {path} is not valid TOML: {exc}"]
 
 
-def _cross_checks(settings: Settings) -> tuple[Settings, list[str]]:
-    """Checks that span several settings; returns the settings with the key file resolved."""
+def _cross_checks(
+    settings: Settings, failed: frozenset[str] = frozenset()
+) -> tuple[Settings, list[str]]:
+    """Checks that span several settings; returns the settings with the key file resolved.
+
+    A check that involves a ``failed`` field (already reported) is skipped: its value here is
+    a default or placeholder, and would only produce a misleading second problem.
+    """
     problems: list[str] = []
-    if settings.noojee_api_key_file is not None:
+
+    def valid(*fields: str) -> bool:
+        return failed.isdisjoint(fields)
+
+    if not valid("noojee_api_key", "noojee_api_key_file"):
+        pass
+    elif settings.noojee_api_key_file is not None:
         try:
             lines = settings.noojee_api_key_file.read_text(encoding="utf-8").splitlines()
             key = lines[0].strip() if lines else ""
@@ -297,21 +367,37 @@ def _cross_checks(settings: Settings) -> tuple[Settings, list[str]]:
             f"no API key: set {env_name('noojee_api_key_file')} (a file holding the key) "
             f"or {env_name('noojee_api_key')}"
         )
-    if settings.noojee_ca_file is not None and not settings.noojee_ca_file.is_file():
+    if (
+        valid("noojee_ca_file")
+        and settings.noojee_ca_file is not None
+        and not settings.noojee_ca_file.is_file()
+    ):
         problems.append(f"noojee_ca_file {settings.noojee_ca_file} is not a readable file")
-    if settings.noojee_url.startswith("http://") and not _is_loopback_url(settings.noojee_url):
+    if (
+        valid("noojee_url")
+        and settings.noojee_url.startswith("http://")
+        and not _is_loopback_url(settings.noojee_url)
+    ):
         problems.append(
             "noojee_url uses plain http:// to a remote host: the API key would travel in clear; "
             "use https://"
         )
     address = settings.listen_address
-    if not address.is_loopback and not settings.allow_clients and not settings.listen_unrestricted:
+    if (
+        valid("listen", "allow_clients", "listen_unrestricted")
+        and not address.is_loopback
+        and not settings.allow_clients
+        and not settings.listen_unrestricted
+    ):
         problems.append(
             f"listen {address} is not loopback and allow_clients is empty: anyone who reaches "
             f"the port could stop recordings. Set {env_name('allow_clients')} to your Asterisk "
             f"servers (e.g. 10.0.0.5/32) or, knowingly, {env_name('listen_unrestricted')}=true"
         )
-    if settings.retry_initial_delay > settings.retry_max_delay:
+    if (
+        valid("retry_initial_delay", "retry_max_delay")
+        and settings.retry_initial_delay > settings.retry_max_delay
+    ):
         problems.append("retry_initial_delay is larger than retry_max_delay")
     return settings, problems
 
@@ -339,15 +425,35 @@ def load_settings(
     problems: list[str] = []
     if config_file is not None:
         values, problems = _read_toml(config_file)
+    failed: frozenset[str] = frozenset()
     try:
-        settings = Settings(**values)
+        settings: Settings = Settings(**values)
     except ValidationError as exc:
         problems.extend(_describe(error) for error in exc.errors())
-        raise ConfigError(problems) from None
+        # Fix: the cross-field checks used to run only when every field was valid, so an
+        # operator fixed a typo and only then learnt that, say, the API key was missing.
+        # Validate what is left without the failed fields and run the checks on that.
+        failed = frozenset(str(error["loc"][0]) for error in exc.errors() if error["loc"])
+        partial = _without(values, failed)
+        if partial is None:
+            raise ConfigError(problems) from None
+        settings = partial
     if overrides:
         settings = settings.model_copy(update=dict(overrides))
-    settings, more = _cross_checks(settings)
+    settings, more = _cross_checks(settings, failed)
     problems.extend(more)
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def _without(values: Mapping[str, Any], failed: frozenset[str]) -> Settings | None:
+    """File and environment values minus the ``failed`` fields, validated; None if that fails."""
+    given = {**values, **EnvSettingsSource(Settings)()}
+    kept = {name: value for name, value in given.items() if name not in failed}
+    # Required, and its absence or fault is already reported: a placeholder no check objects to.
+    kept.setdefault("noojee_url", "https://noojee-url.invalid")
+    try:
+        return _Given(**kept)
+    except ValidationError:
+        return None

@@ -122,6 +122,9 @@ class Spool:
 
     def open(self) -> None:
         """Create the directory and the database, fail loudly if either is not writable."""
+        if self._thread is not None:
+            raise SpoolError(f"the spool at {self.path} is already open")
+        connection: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -132,6 +135,9 @@ class Spool:
             connection.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
             connection.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
+            # Fix: close what was opened (it leaked, a ResourceWarning on Python 3.13+).
+            if connection is not None:
+                connection.close()
             raise SpoolError(f"cannot open the spool at {self.path}: {exc}") from exc
         self._thread = threading.Thread(
             target=self._run, args=(connection,), name="agi-bridge-spool", daemon=True
@@ -172,14 +178,17 @@ class Spool:
         batch = [job for job in batch if job[1].set_running_or_notify_cancel()]
         if not batch:
             return
-        results: list[tuple[Future[object], object, BaseException | None]] = []
+        results: list[tuple[Future[object], object, Exception | None]] = []
         try:
             connection.execute("BEGIN IMMEDIATE")
             for work, future in batch:
                 connection.execute("SAVEPOINT job")
                 try:
                     value = work(connection)
-                except sqlite3.Error as exc:
+                # Fix: any exception, not only sqlite3.Error (e.g. ValueError from a row whose
+                # action is not start/stop). Uncaught, it ended this thread: every later call
+                # waited forever on a future nobody would complete.
+                except Exception as exc:  # noqa: BLE001 (handed to the caller's future)
                     connection.execute("ROLLBACK TO job")
                     results.append((future, None, exc))
                 else:

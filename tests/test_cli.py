@@ -1,0 +1,413 @@
+"""``python -m agi_bridge`` as an operator runs it: a real subprocess, real files, real HTTPS."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import ssl
+import sys
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agi_bridge import __version__
+from agi_bridge.noojee import RecordingRequest
+from agi_bridge.simulator import NoojeeSimulator, SimulatorConfig
+from agi_bridge.spool import Spool
+
+KEY = "f863246a-973e-11e6-8784-08002718f5b5"
+STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
+# Generous: a cold interpreter importing httpx, pydantic and structlog on a loaded CI box.
+RUN_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def agi_bridge(*args: str, env: Mapping[str, str], cwd: Path) -> Ran:
+    """Run ``python -m agi_bridge ARGS`` without blocking the event loop (the simulator)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agi_bridge",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(env),
+        cwd=cwd,
+    )
+    try:
+        async with asyncio.timeout(RUN_TIMEOUT):
+            out, err = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return Ran(process.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture
+def base_env(tmp_path: Path) -> dict[str, str]:
+    """The operator's environment: conftest has removed every AGI_BRIDGE_* variable from it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGI_BRIDGE_")}
+    env["AGI_BRIDGE_DATA_DIR"] = str(tmp_path / "data")
+    return env
+
+
+@pytest.fixture
+def env(base_env: dict[str, str]) -> dict[str, str]:
+    """A complete configuration (NoojeeContact far away, never contacted)."""
+    return base_env | {
+        "AGI_BRIDGE_NOOJEE_URL": "https://noojee.invalid/servicemanager/rest",
+        "AGI_BRIDGE_NOOJEE_API_KEY": KEY,
+    }
+
+
+def assert_no_secret(ran: Ran) -> None:
+    for text in (ran.stdout, ran.stderr):
+        assert KEY not in text
+        assert KEY[:8] not in text  # not even a prefix of it
+
+
+def assert_no_traceback(ran: Ran) -> None:
+    assert "Traceback" not in ran.stderr
+    assert "Traceback" not in ran.stdout
+
+
+# --- help, version, check-config ---------------------------------------------------------
+
+
+async def test_help(tmp_path: Path, base_env: dict[str, str]) -> None:
+    """--help lists every command and exits 0 without needing a configuration."""
+    ran = await agi_bridge("--help", env=base_env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    for command in ("serve", "check-config", "send", "spool", "simulate-noojee", "fake-call"):
+        assert command in ran.stdout
+    assert ran.stdout.startswith("usage: agi-bridge")
+
+
+async def test_version(tmp_path: Path, base_env: dict[str, str]) -> None:
+    """version prints the package version and exits 0 without needing a configuration."""
+    ran = await agi_bridge("version", env=base_env, cwd=tmp_path)
+    assert (ran.returncode, ran.stdout) == (0, f"agi-bridge {__version__}\n")
+
+
+async def test_check_config_ok_prints_masked_settings(tmp_path: Path, env: dict[str, str]) -> None:
+    """check-config prints the effective settings as JSON with the key masked, exit 0."""
+    config = tmp_path / "agi-bridge.toml"
+    config.write_text('default_agent = "Wilma"\nstop_budget = 0.5\n', encoding="utf-8")
+    ran = await agi_bridge(
+        "--config",
+        str(config),
+        "check-config",
+        env=env | {"AGI_BRIDGE_STOP_BUDGET": "0.25"},
+        cwd=tmp_path,
+    )
+    assert ran.returncode == 0, ran.stderr
+    shown = json.loads(ran.stdout)
+    assert shown["noojee_api_key"] == "***"
+    assert shown["default_agent"] == "Wilma"  # from the file
+    assert shown["stop_budget"] == 0.25  # the environment wins
+    assert "configuration OK" in ran.stderr
+    assert_no_secret(ran)
+
+
+async def test_check_config_key_file_not_shown(tmp_path: Path, base_env: dict[str, str]) -> None:
+    """A key read from a file is masked too; only the file's path is shown."""
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n", encoding="utf-8")
+    env = base_env | {
+        "AGI_BRIDGE_NOOJEE_URL": "https://noojee.invalid/rest",
+        "AGI_BRIDGE_NOOJEE_API_KEY_FILE": str(key_file),
+    }
+    ran = await agi_bridge("check-config", env=env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    shown = json.loads(ran.stdout)
+    assert shown["noojee_api_key"] == "***"
+    assert shown["noojee_api_key_file"] == str(key_file)
+    assert_no_secret(ran)
+
+
+async def test_check_config_problems_exit_2_all_listed(
+    tmp_path: Path, base_env: dict[str, str]
+) -> None:
+    """Every problem is on stderr, one per line, exit 2, nothing on stdout, no traceback."""
+    config = tmp_path / "agi-bridge.toml"
+    config.write_text('stop_budget = "soon"\nlistn = "1.2.3.4:1"\n', encoding="utf-8")
+    env = base_env | {"AGI_BRIDGE_LISTEN": "0.0.0.0:4573", "AGI_BRIDGE_NOOJEE_AUTH": "basic"}
+    ran = await agi_bridge("--config", str(config), "check-config", env=env, cwd=tmp_path)
+    assert ran.returncode == 2
+    assert ran.stdout == ""
+    assert_no_traceback(ran)
+    problems = [line for line in ran.stderr.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 6, ran.stderr
+    for expected in (
+        "stop_budget (AGI_BRIDGE_STOP_BUDGET)",
+        "listn: unknown setting",
+        "noojee_url (AGI_BRIDGE_NOOJEE_URL): Field required",
+        "noojee_auth (AGI_BRIDGE_NOOJEE_AUTH)",
+        "no API key",
+        "listen 0.0.0.0:4573 is not loopback",
+    ):
+        assert any(p.startswith(f"  - {expected}") for p in problems), (expected, ran.stderr)
+
+
+async def test_check_config_invalid_toml(tmp_path: Path, env: dict[str, str]) -> None:
+    """A TOML syntax error is reported with the file name, exit 2, no traceback."""
+    config = tmp_path / "broken.toml"
+    config.write_text("stop_budget = = 1\n", encoding="utf-8")
+    ran = await agi_bridge("--config", str(config), "check-config", env=env, cwd=tmp_path)
+    assert ran.returncode == 2
+    assert f"config file {config} is not valid TOML" in ran.stderr
+    assert_no_traceback(ran)
+
+
+# --- spool ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def prepared_spool(tmp_path: Path) -> dict[str, int]:
+    """A data directory with two pending entries and two dead letters; returns their ids."""
+    spool = Spool(tmp_path / "data", fsync=False)
+    spool.open()
+    try:
+        ids = {
+            "pending_stop": await spool.add(
+                RecordingRequest("stop", "410", agent="Fred"), call_uniqueid="1.1"
+            ),
+            "pending_start": await spool.add(
+                RecordingRequest("start", "1795811316.2", tag="CRM"), call_uniqueid="1.2"
+            ),
+            "dead_a": await spool.add(
+                RecordingRequest("stop", "411", agent="Pebbles"), call_uniqueid="1.3"
+            ),
+            "dead_b": await spool.add(
+                RecordingRequest("stop", "412", agent="Barney"), call_uniqueid="1.4"
+            ),
+        }
+        await spool.failed(ids["pending_stop"], "HTTP 503", retry_at=0)
+        await spool.dead_letter(ids["dead_a"], "Permission denied")
+        await spool.dead_letter(ids["dead_b"], "Unknown agent")
+    finally:
+        spool.close()
+    return ids
+
+
+def spool_contents(data_dir: Path) -> tuple[list[str], list[str]]:
+    spool = Spool(data_dir, fsync=False)
+    spool.open()
+    try:
+        return (
+            [e.request.exten_or_uniqueid for e in spool.list("pending")],
+            [e.request.exten_or_uniqueid for e in spool.list("dead")],
+        )
+    finally:
+        spool.close()
+
+
+def rows(stdout: str) -> dict[int, list[str]]:
+    """The table of ``spool list`` by id (first column)."""
+    table: dict[int, list[str]] = {}
+    for line in stdout.splitlines():
+        words = line.split()
+        if words and words[0].isdigit():
+            table[int(words[0])] = words
+    return table
+
+
+async def test_spool_list_pending_and_dead(
+    tmp_path: Path, env: dict[str, str], prepared_spool: dict[str, int]
+) -> None:
+    """spool list shows pending entries (with attempts and error), --dead the dead letters."""
+    ran, dead = await asyncio.gather(
+        agi_bridge("spool", "list", env=env, cwd=tmp_path),
+        agi_bridge("spool", "list", "--dead", env=env, cwd=tmp_path),
+    )
+    assert ran.returncode == 0, ran.stderr
+    table = rows(ran.stdout)
+    assert set(table) == {prepared_spool["pending_stop"], prepared_spool["pending_start"]}
+    stop = table[prepared_spool["pending_stop"]]
+    assert stop[1:4] == ["stop", "410", "Fred"]
+    assert stop[-3:] == ["1", "HTTP", "503"]  # tries, then the last error
+    assert table[prepared_spool["pending_start"]][1:4] == ["start", "1795811316.2", "-"]
+    assert "pending 2" in ran.stdout
+    assert "dead letters 2" in ran.stdout
+
+    assert dead.returncode == 0, dead.stderr
+    table = rows(dead.stdout)
+    assert set(table) == {prepared_spool["dead_a"], prepared_spool["dead_b"]}
+    assert " ".join(table[prepared_spool["dead_a"]]).endswith("Permission denied")
+    assert_no_secret(ran)
+    assert_no_secret(dead)
+
+
+async def test_spool_retry_one_then_all(
+    tmp_path: Path, env: dict[str, str], prepared_spool: dict[str, int]
+) -> None:
+    """spool retry ID moves that dead letter back; without ids it moves all of them."""
+    data = tmp_path / "data"
+    ran = await agi_bridge("spool", "retry", str(prepared_spool["dead_b"]), env=env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith("1 dead letter(s) moved back to pending")
+    assert spool_contents(data) == (["410", "1795811316.2", "412"], ["411"])
+
+    ran = await agi_bridge("spool", "retry", env=env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith("1 dead letter(s)")
+    assert spool_contents(data) == (["410", "1795811316.2", "412", "411"], [])
+
+
+async def test_spool_purge(
+    tmp_path: Path, env: dict[str, str], prepared_spool: dict[str, int]
+) -> None:
+    """spool purge deletes named pending entries or --dead --all; with neither it refuses."""
+    data = tmp_path / "data"
+    ran = await agi_bridge("spool", "purge", env=env, cwd=tmp_path)
+    assert ran.returncode == 1
+    assert "pass --all" in ran.stderr
+    assert spool_contents(data) == (["410", "1795811316.2"], ["411", "412"])
+
+    ran = await agi_bridge(
+        "spool", "purge", str(prepared_spool["pending_start"]), env=env, cwd=tmp_path
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "1 pending entry deleted for good"
+    assert spool_contents(data) == (["410"], ["411", "412"])
+
+    ran = await agi_bridge("spool", "purge", "--dead", "--all", env=env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "2 dead entries deleted for good"
+    assert spool_contents(data) == (["410"], [])
+
+
+async def test_spool_unusable_data_dir_exit_1(tmp_path: Path, env: dict[str, str]) -> None:
+    """A data directory that cannot be created: exit 1, the path in the message, no traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    ran = await agi_bridge(
+        "spool", "list", env=env | {"AGI_BRIDGE_DATA_DIR": str(blocker / "data")}, cwd=tmp_path
+    )
+    assert ran.returncode == 1
+    assert str(blocker / "data") in ran.stderr
+    assert_no_traceback(ran)
+
+
+# --- send, against the simulator over real HTTPS -----------------------------------------
+
+
+@pytest.fixture
+async def simulator(server_ssl_context: ssl.SSLContext) -> AsyncIterator[NoojeeSimulator]:
+    async with NoojeeSimulator(SimulatorConfig(api_key=KEY)) as sim:
+        await sim.stop()  # __aenter__ listens on plain HTTP: restart it with TLS
+        await sim.start(ssl_context=server_ssl_context)
+        yield sim
+
+
+@pytest.fixture
+def send_env(base_env: dict[str, str], simulator: NoojeeSimulator, ca_file: Path) -> dict[str, str]:
+    return base_env | {
+        "AGI_BRIDGE_NOOJEE_URL": simulator.base_url,
+        "AGI_BRIDGE_NOOJEE_API_KEY": KEY,
+        "AGI_BRIDGE_NOOJEE_CA_FILE": str(ca_file),
+        "AGI_BRIDGE_LOG_LEVEL": "debug",  # every log line the command can emit is checked
+    }
+
+
+async def test_send_stop_apikey(
+    tmp_path: Path, simulator: NoojeeSimulator, send_env: dict[str, str]
+) -> None:
+    """send stop POSTs extenOrUniqueId and agentLoginName with the key; exit 0."""
+    assert simulator.base_url.startswith("https://127.0.0.1:")
+    ran = await agi_bridge(
+        "send", "stop", "--extension", "410", "--agent", "Fred", env=send_env, cwd=tmp_path
+    )
+    assert ran.returncode == 0, ran.stderr
+    (received,) = simulator.received
+    assert (received.method, received.path) == ("POST", STOP_PATH)
+    assert dict(received.params) == {
+        "extenOrUniqueId": "410",
+        "agentLoginName": "Fred",
+        "apiKey": KEY,
+    }
+    assert received.auth == "apikey"
+    assert (received.http_status, received.answered_code) == (200, 0)
+    assert "Recording stopped" in ran.stdout
+    assert_no_secret(ran)
+
+
+async def test_send_stop_hash(
+    tmp_path: Path, simulator: NoojeeSimulator, send_env: dict[str, str]
+) -> None:
+    """With noojee_auth=hash, send fetches Time and sends a valid hash, never the key."""
+    ran = await agi_bridge(
+        "send",
+        "stop",
+        "--uniqueid",
+        "1795811316.1",
+        "--agent",
+        "Fred",
+        env=send_env | {"AGI_BRIDGE_NOOJEE_AUTH": "hash"},
+        cwd=tmp_path,
+    )
+    assert ran.returncode == 0, ran.stderr
+    time_request, stop = simulator.received
+    assert time_request.path.endswith("/Time")
+    assert stop.path == STOP_PATH
+    assert stop.auth == "hash"
+    assert "apiKey" not in stop.params
+    stamp = stop.params["timeStamp"]
+    assert stop.params["hash"] == hashlib.sha256(f"{KEY}:{stamp}".encode()).hexdigest()
+    assert stop.params["extenOrUniqueId"] == "1795811316.1"
+    assert_no_secret(ran)
+    assert stop.params["hash"] not in ran.stdout + ran.stderr
+
+
+async def test_send_permission_denied_exit_1(
+    tmp_path: Path, simulator: NoojeeSimulator, send_env: dict[str, str]
+) -> None:
+    """A NoojeeContact error (Pebbles may not stop) is printed as permanent, exit 1."""
+    ran = await agi_bridge(
+        "send", "stop", "--extension", "410", "--agent", "Pebbles", env=send_env, cwd=tmp_path
+    )
+    assert ran.returncode == 1
+    (received,) = simulator.received
+    assert received.params["agentLoginName"] == "Pebbles"
+    assert received.answered_code == -1
+    assert "Permission denied" in ran.stdout
+    assert "permanent" in ran.stderr
+    assert_no_traceback(ran)
+    assert_no_secret(ran)
+
+
+async def test_send_untrusted_certificate_exit_1(
+    tmp_path: Path, simulator: NoojeeSimulator, send_env: dict[str, str]
+) -> None:
+    """Without the CA file the simulator's certificate is refused: nothing sent, exit 1."""
+    env = {k: v for k, v in send_env.items() if k != "AGI_BRIDGE_NOOJEE_CA_FILE"}
+    ran = await agi_bridge(
+        "send", "stop", "--extension", "410", "--agent", "Fred", env=env, cwd=tmp_path
+    )
+    assert ran.returncode == 1
+    assert simulator.received == []
+    assert_no_traceback(ran)
+    assert_no_secret(ran)
+
+
+async def test_send_bad_config_exit_2(tmp_path: Path, base_env: dict[str, str]) -> None:
+    """send with an unusable configuration exits 2 before sending anything."""
+    ran = await agi_bridge(
+        "send", "stop", "--extension", "410", "--agent", "Fred", env=base_env, cwd=tmp_path
+    )
+    assert ran.returncode == 2
+    assert "noojee_url" in ran.stderr
+    assert_no_traceback(ran)

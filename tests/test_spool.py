@@ -1,0 +1,392 @@
+"""The durable spool: SQLite in WAL mode, leases, dead letters, and surviving kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agi_bridge.noojee import RecordingRequest
+from agi_bridge.spool import SPOOL_FILE, Spool, SpoolError
+
+STOP = RecordingRequest("stop", "410", agent="Fred")
+START = RecordingRequest("start", "1795811316.1", agent=None, tag="CRM-42")
+
+
+class FakeClock:
+    """A clock that only moves when told to."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def spool(tmp_path: Path, clock: FakeClock) -> Iterator[Spool]:
+    spool = Spool(tmp_path / "data", fsync=False, clock=clock)
+    spool.open()
+    yield spool
+    spool.close()
+
+
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_add_then_claim(spool: Spool, clock: FakeClock) -> None:
+    """An added request comes back from claim_due with everything it was stored with."""
+    first = await spool.add(STOP, call_uniqueid="1.1")
+    second = await spool.add(START, call_uniqueid="1.2")
+    assert second > first
+    entries = await spool.claim_due(limit=10, lease=30)
+    assert [(e.id, e.request, e.call_uniqueid) for e in entries] == [
+        (first, STOP, "1.1"),
+        (second, START, "1.2"),
+    ]
+    assert all(e.created == clock.now and e.attempts == 0 for e in entries)
+    assert all(e.last_error is None for e in entries)
+
+
+async def test_claim_respects_limit_and_order(spool: Spool) -> None:
+    """claim_due returns at most ``limit`` entries, oldest first; the rest stay due."""
+    ids = [await spool.add(STOP, call_uniqueid=f"1.{n}") for n in range(5)]
+    assert [e.id for e in await spool.claim_due(limit=2, lease=30)] == ids[:2]
+    assert [e.id for e in await spool.claim_due(limit=10, lease=30)] == ids[2:]
+
+
+async def test_add_lease_delays_the_first_claim(spool: Spool, clock: FakeClock) -> None:
+    """An entry added with a lease is not due until that lease has passed."""
+    entry_id = await spool.add(STOP, call_uniqueid="1.1", lease=5)
+    assert await spool.next_due() == clock.now + 5
+    assert await spool.claim_due(limit=10, lease=30) == []
+    clock.now += 5
+    assert [e.id for e in await spool.claim_due(limit=10, lease=30)] == [entry_id]
+
+
+async def test_claimed_entry_not_claimed_again_before_lease_ends(
+    spool: Spool, clock: FakeClock
+) -> None:
+    """A claimed entry is leased: invisible to claim_due until the lease runs out, then due."""
+    entry_id = await spool.add(STOP, call_uniqueid="1.1")
+    assert [e.id for e in await spool.claim_due(limit=10, lease=30)] == [entry_id]
+    assert await spool.claim_due(limit=10, lease=30) == []
+    clock.now += 29.9
+    assert await spool.claim_due(limit=10, lease=30) == []
+    assert await spool.next_due() == pytest.approx(clock.now + 0.1)
+    clock.now += 0.1
+    assert [e.id for e in await spool.claim_due(limit=10, lease=30)] == [entry_id]
+
+
+async def test_delivered_removes(spool: Spool, clock: FakeClock) -> None:
+    """A delivered entry is gone for good: never claimed again, not counted."""
+    entry_id = await spool.add(STOP, call_uniqueid="1.1")
+    kept = await spool.add(START, call_uniqueid="1.2")
+    await spool.claim_due(limit=10, lease=1)
+    await asyncio.wrap_future(spool.delivered(entry_id))
+    clock.now += 10
+    assert [e.id for e in await spool.claim_due(limit=10, lease=1)] == [kept]
+    assert (await spool.stats()).pending == 1
+
+
+async def test_failed_counts_attempt_and_sets_retry_time(spool: Spool, clock: FakeClock) -> None:
+    """failed() increments attempts, keeps the error and makes the entry due at retry_at."""
+    entry_id = await spool.add(STOP, call_uniqueid="1.1")
+    await spool.claim_due(limit=10, lease=30)
+    await spool.failed(entry_id, "HTTP 503", retry_at=clock.now + 2)
+    assert await spool.next_due() == clock.now + 2
+    assert await spool.claim_due(limit=10, lease=30) == []
+    clock.now += 2
+    await spool.failed(entry_id, "timeout", retry_at=clock.now)
+    (entry,) = await spool.claim_due(limit=10, lease=30)
+    assert (entry.id, entry.attempts, entry.last_error) == (entry_id, 2, "timeout")
+
+
+async def test_dead_letter_moves_with_error_and_attempts(spool: Spool, clock: FakeClock) -> None:
+    """dead_letter moves the entry to the dead table with its last error and attempt count."""
+    entry_id = await spool.add(STOP, call_uniqueid="1.1")
+    other = await spool.add(START, call_uniqueid="1.2")
+    await spool.failed(entry_id, "HTTP 503", retry_at=clock.now)
+    await spool.dead_letter(entry_id, "Permission denied")
+    await spool.dead_letter(other, "too old", attempted=False)
+    assert spool.list("pending") == []
+    dead = {e.id: e for e in spool.list("dead")}
+    assert dead[entry_id].request == STOP
+    assert dead[entry_id].call_uniqueid == "1.1"
+    assert (dead[entry_id].attempts, dead[entry_id].last_error) == (2, "Permission denied")
+    assert (dead[other].attempts, dead[other].last_error) == (0, "too old")
+    assert await spool.claim_due(limit=10, lease=30) == []
+    stats = await spool.stats()
+    assert (stats.pending, stats.dead) == (0, 2)
+
+
+async def test_retry_dead_moves_back(spool: Spool, clock: FakeClock) -> None:
+    """retry_dead puts dead letters back as fresh pending entries, due now."""
+    ids = [await spool.add(STOP, call_uniqueid=f"1.{n}") for n in range(3)]
+    for entry_id in ids:
+        await spool.failed(entry_id, "HTTP 500", retry_at=clock.now)
+        await spool.dead_letter(entry_id, "HTTP 500")
+    clock.now += 100
+    assert spool.retry_dead([ids[1]]) == 1
+    assert [e.call_uniqueid for e in spool.list("dead")] == ["1.0", "1.2"]
+    (entry,) = await spool.claim_due(limit=10, lease=30)
+    assert entry.request == STOP
+    assert entry.call_uniqueid == "1.1"
+    assert entry.attempts == 0  # a fresh start: the bounded retries begin again
+    assert entry.created == clock.now  # and so does the maximum age
+    assert entry.last_error == "HTTP 500"  # the operator can still see why it died
+    assert spool.retry_dead() == 2
+    assert spool.list("dead") == []
+    assert len(spool.list("pending")) == 3
+
+
+async def test_purge(spool: Spool, clock: FakeClock) -> None:
+    """purge deletes the named entries, or the whole table, and says how many."""
+    ids = [await spool.add(STOP, call_uniqueid=f"1.{n}") for n in range(4)]
+    await spool.dead_letter(ids[3], "dead")
+    assert spool.purge("pending", [ids[0], ids[2], 999]) == 2
+    assert [e.id for e in spool.list("pending")] == [ids[1]]
+    assert spool.purge("dead") == 1
+    assert spool.list("dead") == []
+    assert spool.purge("pending") == 1
+    assert spool.sync_stats().pending == 0
+
+
+async def test_stats(spool: Spool, clock: FakeClock) -> None:
+    """stats counts pending and dead entries and gives the oldest pending creation time."""
+    empty = await spool.stats()
+    assert (empty.pending, empty.dead, empty.oldest_pending) == (0, 0, None)
+    first_created = clock.now
+    first = await spool.add(STOP, call_uniqueid="1.1")
+    clock.now += 60
+    await spool.add(STOP, call_uniqueid="1.2")
+    dead = await spool.add(STOP, call_uniqueid="1.3")
+    await spool.dead_letter(dead, "x")
+    stats = await spool.stats()
+    assert (stats.pending, stats.dead, stats.oldest_pending) == (2, 1, first_created)
+    await asyncio.wrap_future(spool.delivered(first))
+    assert (await spool.stats()).oldest_pending == first_created + 60
+    assert spool.sync_stats() == await spool.stats()
+
+
+async def test_writable(spool: Spool) -> None:
+    """writable() is True on an open, healthy spool."""
+    assert await spool.writable() is True
+
+
+async def test_persists_across_close_and_reopen(tmp_path: Path, clock: FakeClock) -> None:
+    """Pending entries, dead letters and attempt counts survive close() and a new Spool."""
+    first = Spool(tmp_path, clock=clock)
+    first.open()
+    kept = await first.add(START, call_uniqueid="1.1")
+    dead = await first.add(STOP, call_uniqueid="1.2")
+    await first.failed(kept, "HTTP 503", retry_at=clock.now)
+    await first.dead_letter(dead, "Permission denied")
+    first.close()
+
+    second = Spool(tmp_path, clock=clock)
+    second.open()
+    try:
+        (entry,) = await second.claim_due(limit=10, lease=30)
+        assert (entry.id, entry.request, entry.attempts, entry.last_error) == (
+            kept,
+            START,
+            1,
+            "HTTP 503",
+        )
+        assert [(e.id, e.last_error) for e in second.list("dead")] == [(dead, "Permission denied")]
+        # ids are never reused, so a dead letter and a new entry cannot be confused
+        assert await second.add(STOP, call_uniqueid="1.3") > dead
+    finally:
+        second.close()
+
+
+def test_survives_sigkill_right_after_add(tmp_path: Path) -> None:
+    """Every add() that returned is on disk even if the process is killed at once (kill -9)."""
+    count = 50
+    result = run_python(
+        """
+        import asyncio, os, signal, sys
+        from pathlib import Path
+        from agi_bridge.noojee import RecordingRequest
+        from agi_bridge.spool import Spool
+
+        async def main() -> None:
+            spool = Spool(Path(sys.argv[1]))
+            spool.open()
+            await asyncio.gather(*(
+                spool.add(RecordingRequest("stop", str(n), agent="Fred"), call_uniqueid=f"1.{n}")
+                for n in range(int(sys.argv[2]))
+            ))
+            print("done", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit, no flush
+
+        asyncio.run(main())
+        """,
+        str(tmp_path),
+        str(count),
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert result.stdout == "done\n"
+    spool = Spool(tmp_path)
+    spool.open()
+    try:
+        entries = spool.list("pending")
+    finally:
+        spool.close()
+    assert sorted(int(e.request.exten_or_uniqueid) for e in entries) == list(range(count))
+    assert all(e.request.agent == "Fred" for e in entries)
+
+
+async def test_second_process_reads_while_open(tmp_path: Path, clock: FakeClock) -> None:
+    """Another process (the CLI next to a running bridge) reads the spool while it is open."""
+    spool = Spool(tmp_path, clock=clock)
+    spool.open()
+    try:
+        await spool.add(STOP, call_uniqueid="1.1")
+        await spool.add(START, call_uniqueid="1.2")
+        # Hold a read transaction open on this side too, as a busy server would.
+        reader = sqlite3.connect(tmp_path / SPOOL_FILE)
+        try:
+            reader.execute("BEGIN")
+            assert reader.execute("SELECT count(*) FROM pending").fetchone() == (2,)
+            result = await asyncio.to_thread(
+                run_python,
+                """
+                import sqlite3, sys
+                from pathlib import Path
+                from agi_bridge.spool import Spool
+                spool = Spool(Path(sys.argv[1]))
+                spool.open()
+                print(spool.sync_stats().pending, [e.call_uniqueid for e in spool.list("pending")])
+                spool.close()
+                db = sqlite3.connect(Path(sys.argv[1]) / "spool.sqlite3")
+                print(db.execute("PRAGMA journal_mode").fetchone()[0])
+                db.close()
+                """,
+                str(tmp_path),
+            )
+        finally:
+            reader.close()
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["2 ['1.1', '1.2']", "wal"]
+        # and this process carries on writing afterwards
+        await spool.add(STOP, call_uniqueid="1.3")
+        assert (await spool.stats()).pending == 3
+    finally:
+        spool.close()
+
+
+def test_unwritable_directory_is_a_spool_error(tmp_path: Path) -> None:
+    """A data directory that cannot be created fails open() with the path in the message."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the data directory should be")
+    spool = Spool(blocker / "data")
+    with pytest.raises(SpoolError) as caught:
+        spool.open()
+    assert str(blocker / "data" / SPOOL_FILE) in str(caught.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory_is_a_spool_error(tmp_path: Path) -> None:
+    """A data directory without write permission fails open() with the path in the message."""
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    directory.chmod(0o500)
+    try:
+        spool = Spool(directory)
+        with pytest.raises(SpoolError, match=str(directory)):
+            spool.open()
+    finally:
+        directory.chmod(0o700)
+
+
+def test_use_before_open_is_a_spool_error(tmp_path: Path) -> None:
+    """Calls on a spool that is not open fail with SpoolError rather than hanging."""
+    spool = Spool(tmp_path)
+    with pytest.raises(SpoolError, match="not open"):
+        spool.list("pending")
+    spool.open()
+    spool.close()
+    with pytest.raises(SpoolError, match="not open"):
+        spool.sync_stats()
+
+
+async def test_group_commit_many_concurrent_adds_all_durable(tmp_path: Path) -> None:
+    """Hundreds of concurrent adds (committed in groups) all get distinct ids and all persist."""
+    count = 500
+    spool = Spool(tmp_path)  # fsync on: the production setting
+    spool.open()
+    try:
+        ids = await asyncio.gather(*(spool.add(STOP, call_uniqueid=f"1.{n}") for n in range(count)))
+    finally:
+        spool.close()
+    assert len(set(ids)) == count
+    reopened = Spool(tmp_path)
+    reopened.open()
+    try:
+        entries = reopened.list("pending")
+    finally:
+        reopened.close()
+    assert sorted(e.id for e in entries) == sorted(ids)
+    assert {e.call_uniqueid for e in entries} == {f"1.{n}" for n in range(count)}
+
+
+async def test_one_failing_write_does_not_sink_its_group(tmp_path: Path) -> None:
+    """A write that fails inside a group commit fails alone; the others are committed."""
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    try:
+        results = await asyncio.gather(
+            *(spool.add(STOP, call_uniqueid=f"1.{n}") for n in range(50)),
+            spool.add(STOP, call_uniqueid=None),  # type: ignore[arg-type]  # NOT NULL
+            *(spool.add(STOP, call_uniqueid=f"2.{n}") for n in range(50)),
+            return_exceptions=True,
+        )
+    finally:
+        spool.close()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 1
+    assert isinstance(errors[0], SpoolError)
+    assert "NOT NULL" in str(errors[0])
+    spool.open()
+    try:
+        assert spool.sync_stats().pending == 100
+    finally:
+        spool.close()
+
+
+async def test_corrupt_row_is_an_error_not_a_hang(spool: Spool) -> None:
+    """A row the code cannot read fails that call with SpoolError; the spool keeps working."""
+    await spool.add(STOP, call_uniqueid="1.1")
+    db = sqlite3.connect(spool.path)
+    try:
+        with db:
+            db.execute("UPDATE pending SET action = 'pause'")
+    finally:
+        db.close()
+    with pytest.raises(SpoolError, match="action must be"):
+        await asyncio.wait_for(spool.claim_due(limit=10, lease=30), timeout=10)
+    # The lease of the failed claim was rolled back with it, and later calls are served.
+    await asyncio.wait_for(spool.add(START, call_uniqueid="1.2"), timeout=10)
+    assert (await spool.stats()).pending == 2
