@@ -51,7 +51,8 @@ def _pairs_to_dict(pairs: Iterable[tuple[str, str]], source: str) -> dict[str, s
             raise Rejected(f"unknown parameter {key!r} in {source} (known: {known})")
         if key in found:
             raise Rejected(f"parameter {key!r} given twice in {source}")
-        found[key] = value
+        if value:  # agent=${UNSET}: fall back to the defaults, as for an empty argument
+            found[key] = value
     return found
 
 

@@ -351,6 +351,11 @@ def _cross_checks(
 
     if not valid("noojee_api_key", "noojee_api_key_file"):
         pass
+    elif settings.noojee_api_key_file is not None and settings.noojee_api_key is not None:
+        problems.append(
+            f"both {env_name('noojee_api_key')} and {env_name('noojee_api_key_file')} are set: "
+            "keep one, so it is clear which key is used"
+        )
     elif settings.noojee_api_key_file is not None:
         try:
             lines = settings.noojee_api_key_file.read_text(encoding="utf-8").splitlines()

@@ -195,10 +195,8 @@ def test_duplicate_key_rejected(script: str, arguments: list[str]) -> None:
     ("argument", "reason"),
     [
         ("by=phone", "by='phone' is not one of uniqueid, extension, id"),
-        ("by=", "by='' is not one of"),
         ("by=UNIQUEID", "is not one of"),
         ("mode=later", "mode='later' is not one of sync, async"),
-        ("mode=", "is not one of"),
     ],
 )
 def test_bad_by_or_mode_rejected(argument: str, reason: str) -> None:
@@ -229,11 +227,18 @@ def test_value_length_limits(key: str, limit: int) -> None:
         parse_parameters(environment(arguments=[f"{key}={'x' * (limit + 1)}"]))
 
 
-@pytest.mark.parametrize("key", ["agent", "tag", "id"])
-def test_empty_value_rejected(key: str) -> None:
-    """key= with nothing after it is a mistake, not a default."""
-    with pytest.raises(Rejected, match=f"{key} is empty"):
-        parse_parameters(environment(arguments=[f"{key}="]))
+@pytest.mark.parametrize("key", ["agent", "tag", "id", "by", "mode"])
+def test_empty_value_means_not_given(key: str) -> None:
+    """key= with nothing after it (agent=${UNSET} in the dialplan) falls back to the defaults,
+    exactly like an empty argument."""
+    assert parse_parameters(environment(arguments=[f"{key}="])) == CallParameters()
+
+
+def test_empty_agent_falls_back_to_the_agents_map() -> None:
+    """agent=${UNSET} on a stop still finds the agent configured for the extension."""
+    env = environment(arguments=["agent="], channel="PJSIP/410-00000001")
+    request = build_request("stop", env, parse_parameters(env), settings(agents={"410": "Fred"}))
+    assert request.agent == "Fred"
 
 
 # --- build_request ---------------------------------------------------------------------------

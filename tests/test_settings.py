@@ -199,6 +199,17 @@ def test_api_key_from_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert load_settings().api_key == KEY
 
 
+def test_key_and_key_file_together_is_a_problem(
+    tmp_path: Path, minimal_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sources for the key are refused rather than one silently winning."""
+    key_file = tmp_path / "key"
+    key_file.write_text("other-key\n", encoding="utf-8")
+    monkeypatch.setenv("AGI_BRIDGE_NOOJEE_API_KEY_FILE", str(key_file))
+    [problem] = problems_of()
+    assert "both AGI_BRIDGE_NOOJEE_API_KEY and AGI_BRIDGE_NOOJEE_API_KEY_FILE are set" in problem
+
+
 def test_api_key_from_environment(minimal_env: None) -> None:
     """AGI_BRIDGE_NOOJEE_API_KEY is taken as is."""
     assert load_settings().api_key == KEY
