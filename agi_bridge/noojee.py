@@ -58,7 +58,9 @@ from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar, cast
 from urllib.parse import quote
 
+import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -374,8 +376,33 @@ _TIMEOUT_PHASES: Final[dict[type[httpx.TimeoutException], str]] = {
 }
 
 
+def _relabel_aiohttp(exc: Exception) -> Exception:
+    """httpx-aiohttp maps every ``aiohttp.ClientConnectionError`` (refused, reset, server gone)
+    to ``httpx.ConnectTimeout``; put back what really happened, from the chained cause."""
+    cause = exc.__cause__
+    if not isinstance(exc, httpx.ConnectTimeout) or not isinstance(
+        cause, aiohttp.ClientConnectionError
+    ):
+        return exc
+    if isinstance(cause, aiohttp.ServerTimeoutError | TimeoutError):
+        return exc
+    relabelled: Exception
+    origin: BaseException = cause
+    if isinstance(cause, aiohttp.ServerDisconnectedError):
+        relabelled = httpx.RemoteProtocolError("Server disconnected without sending a response.")
+    elif isinstance(cause, aiohttp.ClientConnectorError):
+        relabelled = httpx.ConnectError(str(cause))
+        # aiohttp's TLS errors subclass ssl's but lack their fields: chain the real OS error.
+        origin = cause.os_error
+    else:
+        relabelled = httpx.ReadError(str(cause))
+    relabelled.__cause__ = origin
+    return relabelled
+
+
 def _exception_result(exc: Exception, secret: str | None, timeouts: httpx.Timeout) -> NoojeeResult:
     """Map an exception raised by httpx or the socket layer to a result."""
+    exc = _relabel_aiohttp(exc)
     if isinstance(exc, httpx.TimeoutException):
         phase = _TIMEOUT_PHASES.get(type(exc), "waiting")
         limit = timeouts.connect if isinstance(exc, httpx.ConnectTimeout) else timeouts.read
@@ -479,16 +506,22 @@ class NoojeeClient:
         if verify and ca_file is not None:
             # Trust exactly the operator's CA (typical for an on-premises NoojeeContact).
             verify_arg = ssl.create_default_context(cafile=str(ca_file))
+        limits = httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        )
+        if transport is None:
+            # aiohttp's connection pool under httpx's API: measured in bench/, httpcore's pool
+            # costs about twice the CPU per request and re-scans its queue for every request
+            # (quadratic under load), which a hangup burst turns into seconds of hold time.
+            transport = AiohttpTransport(verify=verify_arg, trust_env=False, limits=limits)
         self._client: Final = httpx.AsyncClient(
             verify=verify_arg,
             http1=True,
             http2=False,
             timeout=self._timeout,
-            limits=httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=max_connections,
-                keepalive_expiry=KEEPALIVE_EXPIRY,
-            ),
+            limits=limits,
             headers=_HEADERS,
             transport=transport,
             trust_env=False,
