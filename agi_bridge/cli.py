@@ -127,7 +127,7 @@ def _age(seconds: float) -> str:
 
 
 def cmd_spool(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, require_api_key=False)
     spool = Spool(settings.data_dir, fsync=settings.spool_fsync)
     spool.open()
     try:
@@ -311,4 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"agi-bridge: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        # `agi-bridge check-config | head`: the reader left; nothing is wrong with us.
+        sys.stderr.close()
         return EXIT_OK

@@ -10,6 +10,7 @@ unsafe listening addresses) as a :class:`ConfigError`, so an operator fixes the 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import os
@@ -17,7 +18,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -416,20 +417,46 @@ def _is_loopback_url(url: str) -> bool:
         return False
 
 
-def load_settings(
-    config_file: Path | None = None, *, overrides: Mapping[str, Any] | None = None
-) -> Settings:
+# AGI_BRIDGE_* variables that are not settings: the file's path and the test tooling's own
+# (scripts/asterisk-sandbox, tests/asterisk). Any other unknown name is a typo to report.
+_NOT_SETTINGS: Final = frozenset(
+    {CONFIG_ENV, "AGI_BRIDGE_ASTERISK_ROOT", "AGI_BRIDGE_REQUIRE_ASTERISK"}
+)
+_TOOL_PREFIX: Final = "AGI_BRIDGE_SANDBOX_"
+
+
+def _unknown_environment() -> list[str]:
+    """A misspelt variable (AGI_BRIDGE_NOOJEE_CAFILE) would otherwise be silently ignored."""
+    known = {env_name(field) for field in Settings.model_fields}
+    problems = []
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if (
+            upper.startswith(ENV_PREFIX)
+            and upper not in known
+            and upper not in _NOT_SETTINGS
+            and not upper.startswith(_TOOL_PREFIX)
+        ):
+            close = difflib.get_close_matches(upper, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"unknown environment variable {name}{hint}")
+    return problems
+
+
+def load_settings(config_file: Path | None = None, *, require_api_key: bool = True) -> Settings:
     """Build the settings from the TOML file (``config_file`` or ``$AGI_BRIDGE_CONFIG``) and the
-    environment. ``overrides`` win over both (the CLI uses them for its own flags).
+    environment. ``require_api_key=False`` is for commands that never talk to NoojeeContact
+    (``spool ...``), so an operator can run them without reading the key.
 
     Raises :class:`ConfigError` listing every problem found.
     """
     if config_file is None and os.environ.get(CONFIG_ENV):
         config_file = Path(os.environ[CONFIG_ENV])
     values: dict[str, Any] = {}
-    problems: list[str] = []
+    problems: list[str] = _unknown_environment()
     if config_file is not None:
-        values, problems = _read_toml(config_file)
+        values, more = _read_toml(config_file)
+        problems.extend(more)
     failed: frozenset[str] = frozenset()
     try:
         settings: Settings = Settings(**values)
@@ -443,8 +470,8 @@ def load_settings(
         if partial is None:
             raise ConfigError(problems) from None
         settings = partial
-    if overrides:
-        settings = settings.model_copy(update=dict(overrides))
+    if not require_api_key:
+        failed |= {"noojee_api_key", "noojee_api_key_file"}
     settings, more = _cross_checks(settings, failed)
     problems.extend(more)
     if problems:

@@ -425,3 +425,31 @@ def test_bad_listen_reported_with_env_name(
     monkeypatch.setenv("AGI_BRIDGE_LISTEN", "::1")
     (problem,) = problems_of()
     assert problem.startswith("listen (AGI_BRIDGE_LISTEN): '::1' is not host:port")
+
+
+def test_misspelt_environment_variable_is_a_problem(
+    minimal_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo'd AGI_BRIDGE_* name is reported with the likely intended one, not ignored."""
+    monkeypatch.setenv("AGI_BRIDGE_NOOJEE_CAFILE", "/etc/ca.pem")
+    [problem] = problems_of()
+    assert problem == (
+        "unknown environment variable AGI_BRIDGE_NOOJEE_CAFILE "
+        "(did you mean AGI_BRIDGE_NOOJEE_CA_FILE?)"
+    )
+
+
+def test_tool_variables_are_not_settings_problems(
+    minimal_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Asterisk sandbox's own variables share the prefix and are accepted."""
+    monkeypatch.setenv("AGI_BRIDGE_ASTERISK_ROOT", "/var/cache/x")
+    monkeypatch.setenv("AGI_BRIDGE_SANDBOX_AMI_PORT", "5038")
+    assert load_settings().noojee_url == URL
+
+
+def test_spool_commands_need_no_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """require_api_key=False loads without any key, for `agi-bridge spool ...`."""
+    monkeypatch.setenv("AGI_BRIDGE_NOOJEE_URL", URL)
+    assert load_settings(require_api_key=False).noojee_api_key is None
+    assert any("no API key" in p for p in problems_of())
