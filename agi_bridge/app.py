@@ -96,8 +96,7 @@ class Bridge:
         problems = []
         if not self.server.serving:
             problems.append("FastAGI listener is not accepting connections")
-        if not await self.spool.writable():
-            problems.append(f"spool {self.spool.path} is not writable")
+        problems.extend(await self.spool.problems())
         delivery = self.server.delivery
         if delivery.last_failure is not None and (
             delivery.last_success is None or delivery.last_success < delivery.last_failure

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import sqlite3
 import threading
@@ -31,6 +32,9 @@ SPOOL_FILE: Final = "spool.sqlite3"
 # How long another process (``agi-bridge spool ...`` next to a running server) waits for the
 # write lock. Our transactions last milliseconds.
 BUSY_TIMEOUT_MS: Final = 5000
+# Below this much free disk the next commits may fail (SQLite needs room for WAL frames and
+# the checkpoint); an entry is ~200 bytes, so 1 MiB still holds thousands of stops.
+MIN_FREE_BYTES: Final = 1024 * 1024
 # Bounds one group commit so a huge burst cannot hold the write lock for long.
 MAX_BATCH: Final = 1000
 
@@ -322,13 +326,24 @@ class Spool:
     async def stats(self) -> SpoolStats:
         return await self._acall(_stats)
 
-    async def writable(self) -> bool:
-        """True when a write transaction commits (for /readyz)."""
+    async def problems(self) -> list[str]:
+        """Why the spool could not keep a request now (for /readyz); empty when it can."""
+        problems = []
         try:
             await self._acall(lambda db: db.execute("DELETE FROM pending WHERE id = -1"))
-        except SpoolError:
-            return False
-        return True
+        except SpoolError as exc:
+            problems.append(f"spool {self.path} is not writable: {exc}")
+        try:
+            stat = os.statvfs(self.path.parent)
+        except OSError as exc:
+            problems.append(f"spool directory {self.path.parent}: {exc.strerror}")
+        else:
+            free = stat.f_bavail * stat.f_frsize
+            if free < MIN_FREE_BYTES:
+                problems.append(
+                    f"spool {self.path} is not writable: {free // 1024} KiB free on its disk"
+                )
+        return problems
 
     # --- the operator's view (CLI) --------------------------------------------------------
 
