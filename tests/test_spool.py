@@ -189,9 +189,16 @@ async def test_stats(spool: Spool, clock: FakeClock) -> None:
     assert spool.sync_stats() == await spool.stats()
 
 
-async def test_writable(spool: Spool) -> None:
-    """writable() is True on an open, healthy spool."""
-    assert await spool.writable() is True
+async def test_no_problems_on_a_healthy_spool(spool: Spool) -> None:
+    """problems() is empty on an open spool with room on its disk."""
+    assert await spool.problems() == []
+
+
+async def test_closed_spool_reports_a_problem(tmp_path: Path) -> None:
+    """problems() on a spool that cannot write says so with its path."""
+    spool = Spool(tmp_path)
+    [problem] = await spool.problems()
+    assert problem.startswith(f"spool {tmp_path / 'spool.sqlite3'} is not writable")
 
 
 async def test_persists_across_close_and_reopen(tmp_path: Path, clock: FakeClock) -> None:
