@@ -117,7 +117,7 @@ class Delivery:
     async def _send_within(
         self, request: RecordingRequest, store: asyncio.Future[int], budget: float
     ) -> Outcome:
-        attempt = asyncio.ensure_future(self._attempt(request))
+        attempt = asyncio.ensure_future(self._attempt(request, from_session=True))
         done, _ = await asyncio.wait((attempt,), timeout=budget)
         if not done:
             self._track(self._settle_late(attempt, store))
@@ -193,7 +193,7 @@ class Delivery:
 
     # --- talking to NoojeeContact ---------------------------------------------------------
 
-    async def _attempt(self, request: RecordingRequest) -> NoojeeResult:
+    async def _attempt(self, request: RecordingRequest, *, from_session: bool) -> NoojeeResult:
         async with self._slots:
             started = self._clock()
             result = await self._client.send(request)
@@ -209,7 +209,9 @@ class Delivery:
             )
         else:
             self.last_success = self._clock()
-            if result.ok:
+            if result.ok and from_session:
+                # A session got through while the worker backs off: no need to wait for the
+                # next probe. (The worker's own probe ends the backoff by returning.)
                 self._recovered.set()
             if result.kind is ResultKind.WARNING:
                 log.info(
@@ -258,7 +260,7 @@ class Delivery:
 
     async def _deliver(self, entry: SpoolEntry) -> bool:
         """One attempt for ``entry``; True when it failed transiently."""
-        result = await self._attempt(entry.request)
+        result = await self._attempt(entry.request, from_session=False)
         if result.ok:
             await asyncio.shield(asyncio.wrap_future(self._spool.delivered(entry.id)))
             self._metrics.delivered.inc()
@@ -318,7 +320,9 @@ class Delivery:
         ):
             with attempt:
                 entries = await self._spool.claim_due(limit=1, lease=self._lease)
-                if entries and await self._deliver(entries[0]):
+                # Nothing due (the rest is leased to sync attempts in flight): no proof yet
+                # that NoojeeContact is back, so keep the pace.
+                if not entries or await self._deliver(entries[0]):
                     raise _Unavailable
 
     async def drain(self, grace: float) -> None:

@@ -6,7 +6,14 @@
 - ``sandbox`` (session): one Asterisk instance with free AMI / bridge ports, stopped at the end.
 - ``ami`` (function): a logged-in panoramisk ``Manager`` plus event helpers (futures fed by the
   event callback: no sleeps).
-- ``fake_bridge`` (function): a tiny FastAGI listener on the port the dialplan calls.
+- ``fake_bridge`` (function): a tiny FastAGI listener on the port the dialplan calls, for tests
+  about the dialplan's own handling of odd bridge answers and of the AGI wire.
+- ``simulator`` (session): the NoojeeContact simulator over HTTPS (trustme CA), in the test
+  process's event loop; ``bridge`` (function, backed by one ``agi-bridge serve`` subprocess per
+  MODULE on the port the dialplan calls): the real bridge in front of it. Between tests the
+  simulator is reset and the bridge's spool must have drained (nothing leaks into the next test).
+- All async tests and fixtures here share ONE event loop (session scope), so that the simulator
+  and the bridge's log reader outlive a single test.
 - Every ``asterisk`` test fails if Asterisk logged an ERROR (or an unexpected WARNING) while it ran.
 
 Without root / debootstrap, or when provisioning fails, the tests are SKIPPED with a reason
@@ -18,9 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import re
 import shutil
+import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -29,9 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import pytest_asyncio
 from panoramisk import Manager
 from panoramisk.message import Message
+
+from agi_bridge.simulator import FailureMode, NoojeeSimulator, ReceivedRequest, SimulatorConfig
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -90,6 +105,14 @@ def _provision() -> None:
                 f"\nasterisk sandbox provisioned/reused in {time.monotonic() - t0:.1f} s\n"
             )
     _provision_state["error"] = reason
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every async test of this folder runs in the session's event loop (see the docstring)."""
+    session_loop = pytest.mark.asyncio(loop_scope="session")
+    for item in items:
+        if item.path.is_relative_to(HERE) and pytest_asyncio.is_async_test(item):
+            item.add_marker(session_loop, append=False)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -208,10 +231,12 @@ class Ami:
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
         self.events: list[Message] = []
+        self.arrived: dict[int, float] = {}  # id(event) -> time.monotonic() of its arrival
         self._waiters: list[tuple[Predicate, asyncio.Future[Message]]] = []
         manager.register_event("*", self._on_event)
 
     def _on_event(self, _manager: Manager, event: Message) -> None:
+        self.arrived[id(event)] = time.monotonic()
         self.events.append(event)
         for pred, fut in self._waiters:
             if not fut.done() and pred(event):
@@ -269,6 +294,19 @@ class Ami:
             f"Hangup of {uniqueid}",
         )
 
+    def channel_name(self, uniqueid: str) -> str:
+        """The channel name of ``uniqueid`` as its Newchannel event gave it."""
+        for e in self.events:
+            if e.event == "Newchannel" and e.get("Uniqueid") == uniqueid:
+                return str(e["Channel"])
+        raise AssertionError(f"no Newchannel event for {uniqueid}")
+
+    async def hangup(self, uniqueid: str) -> None:
+        """Hang the channel up, as a phone hanging up would (AMI Hangup action)."""
+        action = {"Action": "Hangup", "Channel": self.channel_name(uniqueid), "Cause": "16"}
+        resp = await asyncio.wait_for(self.manager.send_action(action, as_list=False), 10)
+        assert resp.get("Response") == "Success", f"Hangup refused: {dict(resp)}"
+
     async def originate(
         self, channel: str, *, context: str | None = None, exten: str = "s",
         application: str | None = None, data: str = "", variables: dict[str, str] | None = None,
@@ -296,7 +334,8 @@ class Ami:
             assert context is not None
             action.update(Context=context, Exten=exten, Priority="1")
         if variables:
-            action["Variable"] = [f"{k}={v}" for k, v in variables.items()]
+            # AMI splits a Variable header on commas unless they are escaped
+            action["Variable"] = [f"{k}={v}".replace(",", "\\,") for k, v in variables.items()]
         resp = await asyncio.wait_for(self.manager.send_action(action, as_list=False), 10)
         assert resp.get("Response") == "Success", f"Originate refused: {dict(resp)}"
         return one, two
@@ -307,7 +346,7 @@ def _summary(e: Message) -> str:
     return f"{e.event}: " + " ".join(f"{k}={e[k]}" for k in keys if k in e)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="session")
 async def ami(sandbox: Sandbox) -> AsyncIterator[Ami]:
     """A logged-in AMI connection receiving all events."""
     loop = asyncio.get_running_loop()
@@ -420,7 +459,7 @@ class FakeBridge:
         return self.sessions
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="session")
 async def fake_bridge(sandbox: Sandbox) -> AsyncIterator[FakeBridge]:
     """A FastAGI listener on the port the sandbox's dialplan calls (${AGI_BRIDGE})."""
     bridge = FakeBridge()
@@ -432,3 +471,227 @@ async def fake_bridge(sandbox: Sandbox) -> AsyncIterator[FakeBridge]:
     finally:
         server.close()
         await server.wait_closed()
+
+
+# ------------------------------------------------------------------------- the real bridge
+
+API_KEY = "f863246a-973e-11e6-8784-08002718f5b5"
+# The bridge under test holds a sync request this long at most (AGI_BRIDGE_STOP_BUDGET and
+# AGI_BRIDGE_START_BUDGET); the simulator answers in milliseconds unless a test slows it down.
+BUDGET = 0.5
+# AGI_BRIDGE_AGENTS of the bridge under test: the agent of extension 410 when the call names none.
+AGENTS = {"410": "Wilma"}
+STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
+START_PATH = "/servicemanager/rest/CallManagementAPI/start"
+
+LogLine = dict[str, Any]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class BridgeProcess:
+    """``python -m agi_bridge serve`` as a subprocess; its JSON log lines, read as they come."""
+
+    def __init__(self, process: asyncio.subprocess.Process, metrics_port: int) -> None:
+        self.process = process
+        self.metrics_port = metrics_port
+        self.lines: list[LogLine] = []
+        self.raw: list[str] = []
+        self.mark = 0  # index into ``lines`` where the current test began
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read(), name="bridge-log-reader")
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        while raw := await self.process.stderr.readline():
+            text = raw.decode(errors="replace").rstrip("\n")
+            self.raw.append(text)
+            try:
+                line = json.loads(text)
+            except ValueError:
+                line = {"event": "<not json>", "text": text}
+            self.lines.append(line if isinstance(line, dict) else {"event": repr(line)})
+            self._changed.set()
+        self._changed.set()
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None and not self._reader.done()
+
+    def since_mark(self) -> list[LogLine]:
+        return self.lines[self.mark :]
+
+    async def wait_log(
+        self, pred: Callable[[LogLine], bool], within: float = 10.0, what: str = ""
+    ) -> LogLine:
+        """The first log line of the current test that matches ``pred``."""
+
+        async def until() -> LogLine:
+            seen = self.mark
+            while True:
+                for line in self.lines[seen:]:
+                    if pred(line):
+                        return line
+                seen = len(self.lines)
+                if self._reader.done():
+                    raise AssertionError("the bridge exited")
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            return await asyncio.wait_for(until(), within)
+        except TimeoutError:
+            tail = "\n".join(self.raw[-30:])
+            raise AssertionError(
+                f"bridge logged no {what or pred} within {within} s; last lines:\n{tail}"
+            ) from None
+
+    async def finished(self, uniqueid: str, within: float = 10.0) -> LogLine:
+        """The ``agi.session.finished`` line of the session of channel ``uniqueid``."""
+        return await self.wait_log(
+            lambda line: (
+                line.get("event") == "agi.session.finished" and line.get("uniqueid") == uniqueid
+            ),
+            within,
+            f"agi.session.finished for {uniqueid}",
+        )
+
+    async def wait_sessions(self, uniqueid: str, n: int, within: float = 10.0) -> list[LogLine]:
+        """The first ``n`` ``agi.session.finished`` lines of channel ``uniqueid``."""
+        count = 0
+
+        def pred(line: LogLine) -> bool:
+            nonlocal count
+            if line.get("event") == "agi.session.finished" and line.get("uniqueid") == uniqueid:
+                count += 1
+            return count >= n
+
+        await self.wait_log(pred, within, f"{n} sessions of {uniqueid}")
+        return self.sessions(uniqueid)[:n]
+
+    def sessions(self, uniqueid: str) -> list[LogLine]:
+        """Every ``agi.session.finished`` line of channel ``uniqueid`` in the current test."""
+        return [
+            line
+            for line in self.since_mark()
+            if line.get("event") == "agi.session.finished" and line.get("uniqueid") == uniqueid
+        ]
+
+    async def metric(self, name: str) -> float:
+        async with httpx.AsyncClient(timeout=5) as client:
+            resp = await client.get(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        for text in resp.text.splitlines():
+            if text.startswith(name + " "):
+                return float(text.split()[1])
+        raise AssertionError(f"no metric {name} in:\n{resp.text}")
+
+    async def wait_drained(self, within: float = 15.0) -> None:
+        """Until the spool holds nothing pending (what a test queued is delivered or dead)."""
+        deadline = time.monotonic() + within
+        while (pending := await self.metric("agi_bridge_spool_pending")) > 0:
+            if time.monotonic() > deadline:
+                tail = "\n".join(self.raw[-20:])
+                raise AssertionError(f"{pending:g} requests still queued after {within} s:\n{tail}")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(self.process.wait(), 15)
+        except TimeoutError:
+            self.process.kill()
+            code = await self.process.wait()
+        await self._reader
+        return code
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def simulator(server_ssl_context: ssl.SSLContext) -> AsyncIterator[NoojeeSimulator]:
+    """The NoojeeContact simulator over HTTPS on a free port, in the tests' event loop."""
+    sim = NoojeeSimulator(SimulatorConfig(api_key=API_KEY))
+    await sim.start("127.0.0.1", 0, server_ssl_context)
+    try:
+        yield sim
+    finally:
+        await sim.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def bridge_process(
+    sandbox: Sandbox,
+    simulator: NoojeeSimulator,
+    ca_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[BridgeProcess]:
+    """One real agi-bridge per module, listening where the sandbox's dialplan calls it."""
+    data_dir = tmp_path_factory.mktemp("bridge-data")
+    metrics_port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGI_BRIDGE_")}
+    env.update(
+        AGI_BRIDGE_LISTEN=f"127.0.0.1:{sandbox.bridge_port}",
+        AGI_BRIDGE_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
+        AGI_BRIDGE_NOOJEE_URL=simulator.base_url,
+        AGI_BRIDGE_NOOJEE_API_KEY=API_KEY,
+        AGI_BRIDGE_NOOJEE_CA_FILE=str(ca_file),
+        AGI_BRIDGE_DATA_DIR=str(data_dir),
+        AGI_BRIDGE_LOG_FORMAT="json",
+        AGI_BRIDGE_STOP_BUDGET=str(BUDGET),
+        AGI_BRIDGE_START_BUDGET=str(BUDGET),
+        AGI_BRIDGE_RETRY_INITIAL_DELAY="0.05",
+        AGI_BRIDGE_RETRY_MAX_DELAY="0.5",
+        AGI_BRIDGE_SPOOL_FSYNC="false",
+        AGI_BRIDGE_SHUTDOWN_GRACE="5",
+        AGI_BRIDGE_AGENTS=json.dumps(AGENTS),
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agi_bridge", "serve",
+        env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    bridge = BridgeProcess(process, metrics_port)
+    try:
+        listening = await bridge.wait_log(
+            lambda line: line.get("event") == "agi.server.listening", 20, "agi.server.listening"
+        )
+        assert listening["listen"] == f"127.0.0.1:{sandbox.bridge_port}", listening
+        yield bridge
+    finally:
+        code = await bridge.stop()
+        keep = tmp_path_factory.getbasetemp() / "agi-bridge.log"
+        with keep.open("a") as fh:
+            fh.write("\n".join(bridge.raw) + "\n")
+        assert code == 0, f"agi-bridge exited with status {code}; log in {keep}"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def bridge(
+    bridge_process: BridgeProcess, simulator: NoojeeSimulator
+) -> AsyncIterator[BridgeProcess]:
+    """The module's real bridge, checked between tests: alive, drained, no tracebacks logged."""
+    assert bridge_process.alive, "the bridge died in an earlier test"
+    simulator.reset()
+    bridge_process.mark = len(bridge_process.lines)
+    yield bridge_process
+    simulator.set_failure(FailureMode.NONE)
+    simulator.latency = 0.0
+    await bridge_process.wait_drained()
+    assert bridge_process.alive, "the bridge process died:\n" + "\n".join(bridge_process.raw[-30:])
+    crashes = [line for line in bridge_process.since_mark() if "exception" in line]
+    assert not crashes, f"the bridge logged tracebacks: {crashes}"
+    simulator.reset()
+
+
+def requests_for(
+    simulator: NoojeeSimulator, path: str, target: str | None = None
+) -> list[ReceivedRequest]:
+    """What the simulator received on ``path`` (for extenOrUniqueId ``target``)."""
+    return [
+        r
+        for r in simulator.received
+        if r.path == path and (target is None or r.params.get("extenOrUniqueId") == target)
+    ]

@@ -1,4 +1,9 @@
-"""The shipped dialplan/ on a real Asterisk 22, with a fake FastAGI bridge (no agi-bridge yet)."""
+"""The shipped dialplan/ on a real Asterisk 22: loading, and its own handling of the AGI wire.
+
+A fake FastAGI listener stands in for the bridge where a test is about the dialplan itself
+(what it sends on the wire, AGISIGHUP, a bridge that answers nothing) or about no bridge at all;
+everything that involves NoojeeContact runs against the real bridge in test_end_to_end.py.
+"""
 
 from __future__ import annotations
 
@@ -47,59 +52,19 @@ def test_feature_codes_are_registered(sandbox: Sandbox) -> None:
     assert re.search(r"^agi_bridge_start\s+no def\s+\*3\s*$", out, re.M), out
 
 
-async def test_feature_code_stop_reaches_the_bridge_and_the_status_the_dialplan(
-    ami: Ami, fake_bridge: FakeBridge
-) -> None:
-    """The agent presses *2 in a bridged call: the stop runs on the agent's leg, call goes on."""
-    phone, agent = await ami.originate(
-        "Local/call@test-agent/n",
-        context="test-dtmf",
-        variables={"TEST_DTMF": "*2", "TEST_AGENT": "Fred", "TEST_CALLEE_WAIT": "3"},
-    )
-    await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=agent)
-    [feature] = await fake_bridge.wait_sessions(1)
-    assert feature.env["agi_network_script"] == "recording/stop"
-    assert feature.env["agi_uniqueid"] == agent
-    assert feature.env["agi_channel"].startswith("Local/call@test-agent-")
-    assert feature.env["agi_channel"].endswith(";2")
-    assert feature.args == ["by=extension", "agent=Fred"]
-    assert feature.replies == ["200 result=1", "200 result=1"]
-    # success feedback to the agent, then the call goes on until the callee hangs up
-    await ami.wait_var("PLAYBACKSTATUS", "SUCCESS", uniqueid=agent)
-    await ami.wait_var("TEST_AFTER_DIAL", "ANSWER", uniqueid=agent)
-    # ... and the hangup handler sends the final stop, by uniqueid, async
-    [_, hangup] = await fake_bridge.wait_sessions(2)
-    assert hangup.env["agi_uniqueid"] == agent
-    assert hangup.args == ["by=uniqueid", "agent=Fred", "mode=async"]
-    await ami.wait_hangup(phone)
-
-
-async def test_feature_code_start(ami: Ami, fake_bridge: FakeBridge) -> None:
-    _, agent = await ami.originate(
-        "Local/call@test-agent/n",
-        context="test-dtmf",
-        variables={"TEST_DTMF": "*3", "TEST_AGENT": "Fred", "TEST_CALLEE_WAIT": "2"},
-    )
-    await ami.wait_var("NOOJEE_STATUS", "STARTED", uniqueid=agent)
-    await ami.wait_var("TEST_AFTER_DIAL", "ANSWER", uniqueid=agent)
-    start, _hangup = await fake_bridge.wait_sessions(2)
-    assert start.env["agi_network_script"] == "recording/start"
-    assert start.args == ["by=extension", "agent=Fred"]
-
-
 async def test_applicationmap_substitutes_variables(ami: Ami, fake_bridge: FakeBridge) -> None:
     """Fact about Asterisk 22: ${...} in applicationmap application data IS substituted.
 
     (The shipped features.conf still uses a Gosub: one place for address and status handling.)
     """
     phone, agent = await ami.originate(
-        "Local/call@test-agent/n",
+        "Local/410@test-agent/n",
         context="test-dtmf",
         variables={"TEST_DTMF": "*9", "TEST_CALLEE_WAIT": "2",
                    "TEST_EXTRA_FEATURES": "test_subst_probe"},
     )  # fmt: skip
     probe = await ami.wait_var("TEST_SUBST_PROBE", uniqueid=agent)
-    assert probe.get("Value", "").startswith("Local/call@test-agent-")
+    assert probe.get("Value", "").startswith("Local/410@test-agent-")
     await ami.wait_hangup(phone)
     await fake_bridge.wait_sessions(1)  # the hangup handler
 
@@ -108,7 +73,7 @@ async def test_hangup_handler_stops_by_uniqueid_async_without_sighup(
     ami: Ami, fake_bridge: FakeBridge
 ) -> None:
     phone, agent = await ami.originate(
-        "Local/call@test-agent/n", application="Wait", data="10",
+        "Local/410@test-agent/n", application="Wait", data="10",
         variables={"TEST_CALLEE_WAIT": "1"},
     )  # fmt: skip
     await ami.wait_hangup(agent)
@@ -137,7 +102,7 @@ async def test_agisighup_no_is_what_spares_the_hangup_line(
 
 async def test_h_extension_variant(ami: Ami, fake_bridge: FakeBridge) -> None:
     _, agent = await ami.originate(
-        "Local/call@test-agent-h/n", application="Wait", data="10",
+        "Local/410@test-agent-h/n", application="Wait", data="10",
         variables={"TEST_CALLEE_WAIT": "1"},
     )  # fmt: skip
     # the channel ran the h extension that [test-agent-h] only has by 'include => agi-bridge-h'
@@ -154,30 +119,12 @@ async def test_h_extension_variant(ami: Ami, fake_bridge: FakeBridge) -> None:
     assert h.hangup_lines == 0
 
 
-@pytest.mark.parametrize(
-    ("code", "route", "status"),
-    [("*97", "recording/stop", "STOPPED"), ("*98", "recording/start", "STARTED")],
-)
-async def test_dialled_feature_codes(
-    ami: Ami, fake_bridge: FakeBridge, code: str, route: str, status: str
-) -> None:
-    _, agent = await ami.originate(
-        f"Local/{code}@test-agent/n", application="Wait", data="10",
-        variables={"NOOJEE_AGENT": "Fred"},
-    )  # fmt: skip
-    await ami.wait_var("NOOJEE_STATUS", status, uniqueid=agent)
-    await ami.wait_var("PLAYBACKSTATUS", "SUCCESS", uniqueid=agent)  # the confirmation beep
-    await ami.wait_hangup(agent)
-    [session] = await fake_bridge.wait_sessions(1)
-    assert session.env["agi_network_script"] == route
-    assert session.env["agi_extension"] == "request"
-    assert session.args == ["by=extension", "agent=Fred"]
-
-
 async def test_bridge_not_running_dialled_code_goes_on(ami: Ami, sandbox: Sandbox) -> None:
     """Nothing listens on the bridge port: AGISTATUS=FAILURE, NOOJEE_STATUS=FAILED, error beep."""
     offset = sandbox.log_size()
-    _, agent = await ami.originate("Local/*97@test-agent/n", application="Wait", data="10")
+    _, agent = await ami.originate(
+        "Local/410@test-phone/n", application="Wait", data="10", variables={"TEST_DIAL": "*97"}
+    )
     await ami.wait_var("AGISTATUS", "FAILURE", uniqueid=agent)
     await ami.wait_var("NOOJEE_STATUS", "FAILED", uniqueid=agent)
     await ami.wait_var(
@@ -191,7 +138,7 @@ async def test_bridge_not_running_dialled_code_goes_on(ami: Ami, sandbox: Sandbo
 
 async def test_bridge_not_running_feature_code_keeps_the_call(ami: Ami) -> None:
     phone, agent = await ami.originate(
-        "Local/call@test-agent/n",
+        "Local/410@test-agent/n",
         context="test-dtmf",
         variables={"TEST_DTMF": "*2", "TEST_CALLEE_WAIT": "2"},
     )
@@ -201,34 +148,6 @@ async def test_bridge_not_running_feature_code_keeps_the_call(ami: Ami) -> None:
     await ami.wait_var("TEST_CALLEE_DONE", "yes", linkedid=phone)
     await ami.wait_var("TEST_AFTER_DIAL", "ANSWER", uniqueid=agent)
     await ami.wait_hangup(phone)
-
-
-@pytest.mark.parametrize(
-    ("variables", "expected"),
-    [
-        ({"TEST_ROUTE": "stop"}, ["by=extension"]),
-        ({"TEST_ROUTE": "stop", "TEST_NOOJEE_AGENT": "fred"}, ["by=extension", "agent=fred"]),
-        (
-            {"TEST_ROUTE": "stop", "TEST_BY": "id=12347811.214", "TEST_TAG": "ignored"},
-            ["by=id", "id=12347811.214"],
-        ),
-        (
-            {"TEST_ROUTE": "start", "TEST_BY": "uniqueid", "TEST_AGENT": "Fred",
-             "TEST_MODE": "sync", "TEST_TAG": "my tag"},
-            ["by=uniqueid", "agent=Fred", "mode=sync", "tag=my tag"],
-        ),
-        ({"TEST_ROUTE": "start", "TEST_BY": "linkedid"}, ["by=id", "id={linkedid}"]),
-    ],
-)  # fmt: skip
-async def test_subroutine_arguments(
-    ami: Ami, fake_bridge: FakeBridge, variables: dict[str, str], expected: list[str]
-) -> None:
-    phone, chan = await ami.originate(
-        "Local/s@test-direct/n", application="Wait", data="5", variables=variables
-    )
-    await ami.wait_var("TEST_RETVAL", uniqueid=chan)
-    [session] = await fake_bridge.wait_sessions(1)
-    assert session.args == [a.replace("{linkedid}", phone) for a in expected]
 
 
 async def test_bridge_that_sets_no_status_counts_as_failed(
