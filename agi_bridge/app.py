@@ -10,7 +10,6 @@ import os
 import signal
 import time
 
-import httpx
 from prometheus_client import generate_latest
 
 from agi_bridge.health import HealthServer
@@ -27,25 +26,27 @@ log = get_logger("agi_bridge.app")
 FORCED_EXIT = 130
 
 
+def noojee_client(settings: Settings, *, max_connections: int | None = None) -> NoojeeClient:
+    """The NoojeeContact client the settings describe (``max_connections`` to override)."""
+    return NoojeeClient(
+        base_url=settings.noojee_url,
+        auth=settings.noojee_auth,
+        api_key=settings.api_key,
+        ca_file=settings.noojee_ca_file,
+        verify=settings.noojee_verify_tls,
+        connect_timeout=settings.noojee_connect_timeout,
+        request_timeout=settings.noojee_timeout,
+        max_connections=max_connections or settings.noojee_max_connections,
+    )
+
+
 class Bridge:
     """A running agi-bridge. ``await start()``, then ``await stop()``."""
 
-    def __init__(
-        self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.client = NoojeeClient(
-            base_url=settings.noojee_url,
-            auth=settings.noojee_auth,
-            api_key=settings.api_key,
-            ca_file=settings.noojee_ca_file,
-            verify=settings.noojee_verify_tls,
-            connect_timeout=settings.noojee_connect_timeout,
-            request_timeout=settings.noojee_timeout,
-            max_connections=settings.noojee_max_connections,
-            transport=transport,
-        )
+        self.client = noojee_client(settings)
         self.spool = Spool(settings.data_dir, fsync=settings.spool_fsync)
         self.server = AgiServer(
             settings, client=self.client, spool=self.spool, metrics=self.metrics

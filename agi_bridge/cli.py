@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from agi_bridge import __version__
-from agi_bridge.app import serve
+from agi_bridge.app import noojee_client, serve
 from agi_bridge.demo import DEMO_KEY, DEMO_PORT, run_demo
 from agi_bridge.fake_asterisk import DEFAULT_CHANNEL, DEFAULT_UNIQUEID, Call, run_call
 from agi_bridge.logs import configure_logging
-from agi_bridge.noojee import Action, NoojeeClient, RecordingRequest
+from agi_bridge.noojee import Action, RecordingRequest
 from agi_bridge.settings import CONFIG_ENV, Address, ConfigError, Settings, load_settings
 from agi_bridge.simulator import SimulatorConfig, run_simulator
 from agi_bridge.spool import Spool, SpoolEntry, SpoolError
@@ -69,16 +69,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     )
 
     async def send() -> int:
-        async with NoojeeClient(
-            base_url=settings.noojee_url,
-            auth=settings.noojee_auth,
-            api_key=settings.api_key,
-            ca_file=settings.noojee_ca_file,
-            verify=settings.noojee_verify_tls,
-            connect_timeout=settings.noojee_connect_timeout,
-            request_timeout=settings.noojee_timeout,
-            max_connections=1,
-        ) as client:
+        # One request: one connection.
+        async with noojee_client(settings, max_connections=1) as client:
             params = {"extenOrUniqueId": request.exten_or_uniqueid}
             if request.agent:
                 params["agentLoginName"] = request.agent
