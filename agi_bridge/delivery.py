@@ -22,9 +22,9 @@ import contextlib
 import enum
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import stamina
 
@@ -54,6 +54,13 @@ class Status(enum.StrEnum):
 class Outcome:
     status: Status
     message: str
+
+
+def _log_write_failure(write: asyncio.Future[Any]) -> None:
+    """A spool write nobody awaits: its failure must still be seen (the entry stays as it was,
+    so at worst a stop is sent twice)."""
+    if not write.cancelled() and write.exception() is not None:
+        log.error("spool.write.failed", error=str(write.exception()))
 
 
 class _Unavailable(Exception):
@@ -89,7 +96,8 @@ class Delivery:
         self._lease = settings.noojee_connect_timeout + 3 * settings.noojee_timeout + 1.0
         self._work = asyncio.Event()
         self._recovered = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[NoojeeResult]] = set()  # attempts past their budget
+        self._writes: set[asyncio.Future[Any]] = set()  # spool writes nobody awaits
         self._recent: OrderedDict[tuple[str, str], tuple[str, float, Outcome]] = OrderedDict()
         self.last_failure: float | None = None  # monotonic time of the last transient failure
         self.last_success: float | None = None
@@ -104,9 +112,7 @@ class Delivery:
         if duplicate is not None:
             return duplicate
         lease = self._lease if mode == "sync" else 0.0
-        store = asyncio.ensure_future(
-            self._spool.add(request, call_uniqueid=call_uniqueid, lease=lease)
-        )
+        store = self._spool.add(request, call_uniqueid=call_uniqueid, lease=lease)
         if mode == "async":
             outcome = await self._queued(store, "queued for delivery")
         else:
@@ -120,10 +126,14 @@ class Delivery:
         attempt = asyncio.ensure_future(self._attempt(request, from_session=True))
         done, _ = await asyncio.wait((attempt,), timeout=budget)
         if not done:
-            self._track(self._settle_late(attempt, store))
+            # Not cancelled: a late answer still settles the spool entry (sent once). Tracked,
+            # so that shutdown can wait for it.
+            self._tasks.add(attempt)
+            attempt.add_done_callback(self._tasks.discard)
+            attempt.add_done_callback(lambda a: self._settle_when_stored(store, a))
             return await self._queued(store, f"NoojeeContact did not answer within {budget:g}s")
         result = attempt.result()
-        self._track(self._settle(store, result))
+        self._settle_when_stored(store, attempt)
         if result.ok:
             return Outcome(_done_status(request), result.message)
         if result.transient:
@@ -139,25 +149,35 @@ class Delivery:
         self._work.set()
         return Outcome(Status.QUEUED, why[:MAX_MESSAGE_CHARS])
 
-    async def _settle_late(
-        self, attempt: asyncio.Future[NoojeeResult], store: asyncio.Future[int]
+    def _settle_when_stored(
+        self, store: asyncio.Future[int], attempt: asyncio.Future[NoojeeResult]
     ) -> None:
-        await self._settle(store, await attempt)
+        """Record in the spool what became of a sync attempt, once its entry is stored.
+        Callbacks rather than a task per session: this runs for every stop."""
+        if attempt.cancelled():
+            return  # shutdown: the entry stays pending and is replayed after the restart
+        result = attempt.result()
+        if store.done():
+            self._settle(store, result)
+        else:
+            store.add_done_callback(lambda stored: self._settle(stored, result))
 
-    async def _settle(self, store: asyncio.Future[int], result: NoojeeResult) -> None:
-        """Record in the spool what became of a sync attempt."""
-        try:
-            entry_id = await store
-        except SpoolError:
-            return  # already reported by _queued or irrelevant after a success
+    def _settle(self, store: asyncio.Future[int], result: NoojeeResult) -> None:
+        if store.cancelled() or store.exception() is not None:
+            return  # reported by _queued, or irrelevant after a success
+        entry_id = store.result()
+        # The spool runs its jobs in order, so the worker's next claim sees these writes.
         if result.ok:
-            await asyncio.shield(asyncio.wrap_future(self._spool.delivered(entry_id)))
+            write: asyncio.Future[Any] = self._spool.delivered(entry_id)
         elif not result.transient:
-            await self._spool.dead_letter(entry_id, result.message)
+            write = self._spool.dead_letter(entry_id, result.message)
             self._metrics.dead_letters.inc()
         else:
-            await self._spool.failed(entry_id, result.message, retry_at=self._wall_clock())
+            write = self._spool.failed(entry_id, result.message, retry_at=self._wall_clock())
             self._work.set()
+        write.add_done_callback(_log_write_failure)
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
 
     # --- deduplication --------------------------------------------------------------------
 
@@ -233,11 +253,6 @@ class Delivery:
 
     # --- the background worker ------------------------------------------------------------
 
-    def _track(self, coroutine: Coroutine[object, object, None]) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def run(self) -> None:
         """Deliver what the spool holds, forever (cancel to stop)."""
         while True:
@@ -262,7 +277,7 @@ class Delivery:
         """One attempt for ``entry``; True when it failed transiently."""
         result = await self._attempt(entry.request, from_session=False)
         if result.ok:
-            await asyncio.shield(asyncio.wrap_future(self._spool.delivered(entry.id)))
+            await self._spool.delivered(entry.id)
             self._metrics.delivered.inc()
             log.info(
                 "spool.entry.delivered",
@@ -326,10 +341,14 @@ class Delivery:
                     raise _Unavailable
 
     async def drain(self, grace: float) -> None:
-        """Wait up to ``grace`` seconds for attempts that outlived their session, then cancel them;
-        their spool entries stay pending and are sent after the restart."""
+        """Wait up to ``grace`` seconds for attempts that outlived their session, then cancel
+        them (their entries stay pending and are sent after the restart); then wait for the
+        spool writes that record what became of them."""
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.sleep(0)  # let the attempts' done-callbacks submit their writes
+        if self._writes:
+            await asyncio.wait(set(self._writes))

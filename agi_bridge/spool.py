@@ -107,7 +107,28 @@ def _entry(row: tuple[object, ...]) -> SpoolEntry:
     )
 
 
-_Job = tuple[Callable[[sqlite3.Connection], object], Future[object]]
+_Outcome = tuple[object, Exception | None]
+
+
+@dataclass(slots=True)
+class _Job:
+    """One unit of work for the spool thread and where its outcome goes: an asyncio future of
+    ``loop`` (the bridge) or a concurrent future (the CLI, ``loop`` None)."""
+
+    work: Callable[[sqlite3.Connection], object]
+    future: asyncio.Future[object] | Future[object]
+    loop: asyncio.AbstractEventLoop | None
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future[object], _Outcome]]) -> None:
+    """Runs on the event loop: hand a committed batch's outcomes to their waiters."""
+    for future, (value, error) in outcomes:
+        if future.done():
+            continue  # the waiter was cancelled; the write itself stands (see _acall)
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
 
 
 class Spool:
@@ -176,52 +197,86 @@ class Spool:
 
     @staticmethod
     def _run_batch(connection: sqlite3.Connection, batch: list[_Job]) -> None:
-        # A caller cancelled while waiting (its session or the worker was cancelled) no longer
-        # wants the work; every other future becomes RUNNING here, so it can no longer be
-        # cancelled between the commit and set_result.
-        batch = [job for job in batch if job[1].set_running_or_notify_cancel()]
-        if not batch:
-            return
-        results: list[tuple[Future[object], object, Exception | None]] = []
+        outcomes = Spool._execute(connection, batch)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[object], _Outcome]]]
+        by_loop = {}
+        for job, (value, error) in zip(batch, outcomes, strict=True):
+            if error is not None and not isinstance(error, SpoolError):
+                error = SpoolError(f"spool {error.__class__.__name__}: {error}")
+            if job.loop is None:
+                future = cast("Future[object]", job.future)
+                if future.set_running_or_notify_cancel():
+                    if error is None:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(error)
+            else:
+                by_loop.setdefault(job.loop, []).append(
+                    (cast("asyncio.Future[object]", job.future), (value, error))
+                )
+        # One wake-up of the event loop per batch, not one per job: under a burst that is the
+        # difference between one self-pipe write and hundreds.
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, items)
+
+    @staticmethod
+    def _execute(connection: sqlite3.Connection, batch: list[_Job]) -> list[_Outcome]:
+        """Run the batch in one transaction, one commit. A job that fails is retried alone
+        after the others, so one bad job never takes the rest of its batch down."""
+        outcomes: list[_Outcome] = []
         try:
             connection.execute("BEGIN IMMEDIATE")
-            for work, future in batch:
-                connection.execute("SAVEPOINT job")
-                try:
-                    value = work(connection)
-                # Fix: any exception, not only sqlite3.Error (e.g. ValueError from a row whose
-                # action is not start/stop). Uncaught, it ended this thread: every later call
-                # waited forever on a future nobody would complete.
-                except Exception as exc:  # noqa: BLE001 (handed to the caller's future)
-                    connection.execute("ROLLBACK TO job")
-                    results.append((future, None, exc))
-                else:
-                    results.append((future, value, None))
-                connection.execute("RELEASE job")
+            try:
+                outcomes = [(job.work(connection), None) for job in batch]
+            # Any exception, not only sqlite3.Error (e.g. ValueError from a row whose action
+            # is not start/stop): uncaught, it would end this thread and every later call
+            # would wait forever.
+            except Exception:  # noqa: BLE001 (the slow path below tells each job's caller)
+                connection.execute("ROLLBACK")
+                return Spool._execute_one_by_one(connection, batch)
             connection.execute("COMMIT")
         except sqlite3.Error as exc:
             # The commit itself failed (disk full, I/O error): nothing of the batch is durable.
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
-            results = [(future, None, exc) for _, future in batch]
-        for future, value, error in results:
-            if error is None:
-                future.set_result(value)
-            else:
-                future.set_exception(SpoolError(f"spool {error.__class__.__name__}: {error}"))
+            return [(None, exc)] * len(batch)
+        return outcomes
 
-    def _call(self, work: Callable[[sqlite3.Connection], T]) -> Future[T]:
+    @staticmethod
+    def _execute_one_by_one(connection: sqlite3.Connection, batch: list[_Job]) -> list[_Outcome]:
+        outcomes: list[_Outcome] = []
+        for job in batch:
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                value = job.work(connection)
+                connection.execute("COMMIT")
+            except Exception as exc:  # noqa: BLE001 (handed to the caller's future)
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
+                outcomes.append((None, exc))
+            else:
+                outcomes.append((value, None))
+        return outcomes
+
+    def _submit(self, job: _Job) -> None:
         if self._thread is None:
             raise SpoolError("the spool is not open")
+        self._jobs.put(job)
+
+    def _call(self, work: Callable[[sqlite3.Connection], T]) -> Future[T]:
         future: Future[object] = Future()
-        self._jobs.put((work, future))
+        self._submit(_Job(work, future, None))
         return cast("Future[T]", future)
 
-    async def _acall(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        # Shielded: a caller cancelled mid-write (shutdown) must not undo the write; a stop
-        # stored for a session that was cut short is still delivered, and a delivery already
-        # made is still recorded, so it is not sent again after the restart.
-        return await asyncio.shield(asyncio.wrap_future(self._call(work)))
+    def _acall(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``work``; the returned future completes once it is committed. Cancelling the
+        waiter does not undo the write: a stop stored for a session cut short by shutdown is
+        still delivered, and a delivery made is still recorded (not sent again)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
+        self._submit(_Job(work, future, loop))
+        return cast("asyncio.Future[T]", future)
 
     def _scall(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Synchronous use (the CLI)."""
@@ -229,11 +284,11 @@ class Spool:
 
     # --- the delivery path ----------------------------------------------------------------
 
-    async def add(
+    def add(
         self, request: RecordingRequest, *, call_uniqueid: str, lease: float = 0.0
-    ) -> int:
-        """Store ``request``; returns once it is committed. ``lease``: seconds before the worker
-        may pick it up (the time the caller's own attempt may take)."""
+    ) -> asyncio.Future[int]:
+        """Store ``request``; the future completes once it is committed. ``lease``: seconds
+        before the worker may pick it up (the time the caller's own attempt may take)."""
         now = self._clock()
 
         def work(db: sqlite3.Connection) -> int:
@@ -252,7 +307,7 @@ class Spool:
             )
             return cast(int, cursor.lastrowid)
 
-        return await self._acall(work)
+        return self._acall(work)
 
     async def release_leases(self) -> int:
         """Make every pending entry due now. Called once when the bridge starts: no attempt of
@@ -265,14 +320,14 @@ class Spool:
             )
         )
 
-    def delivered(self, entry_id: int) -> Future[None]:
-        """Forget a delivered entry. Returns a future: callers need not wait for it (a crash
-        before the commit only means one harmless redelivery)."""
+    def delivered(self, entry_id: int) -> asyncio.Future[None]:
+        """Forget a delivered entry. Callers need not wait for the future: a crash before the
+        commit only means one harmless redelivery."""
 
         def work(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM pending WHERE id = ?", (entry_id,))
 
-        return self._call(work)
+        return self._acall(work)
 
     async def claim_due(self, *, limit: int, lease: float) -> list[SpoolEntry]:
         """Up to ``limit`` entries whose time has come, oldest first, leased for ``lease`` s."""
@@ -298,9 +353,9 @@ class Spool:
         )
         return cast("float | None", row[0])
 
-    async def failed(self, entry_id: int, error: str, *, retry_at: float) -> None:
+    def failed(self, entry_id: int, error: str, *, retry_at: float) -> asyncio.Future[object]:
         """Count a failed attempt and set when to try again."""
-        await self._acall(
+        return self._acall(
             lambda db: db.execute(
                 "UPDATE pending SET attempts = attempts + 1, last_error = ?, next_at = ? "
                 "WHERE id = ?",
@@ -308,7 +363,9 @@ class Spool:
             )
         )
 
-    async def dead_letter(self, entry_id: int, error: str, *, attempted: bool = True) -> None:
+    def dead_letter(
+        self, entry_id: int, error: str, *, attempted: bool = True
+    ) -> asyncio.Future[None]:
         """Move an entry to the dead letters with ``error``; ``attempted`` counts this try."""
         now = self._clock()
 
@@ -321,7 +378,7 @@ class Spool:
             )
             db.execute("DELETE FROM pending WHERE id = ?", (entry_id,))
 
-        await self._acall(work)
+        return self._acall(work)
 
     async def stats(self) -> SpoolStats:
         return await self._acall(_stats)

@@ -103,7 +103,7 @@ async def test_delivered_removes(spool: Spool, clock: FakeClock) -> None:
     entry_id = await spool.add(STOP, call_uniqueid="1.1")
     kept = await spool.add(START, call_uniqueid="1.2")
     await spool.claim_due(limit=10, lease=1)
-    await asyncio.wrap_future(spool.delivered(entry_id))
+    await spool.delivered(entry_id)
     clock.now += 10
     assert [e.id for e in await spool.claim_due(limit=10, lease=1)] == [kept]
     assert (await spool.stats()).pending == 1
@@ -184,7 +184,7 @@ async def test_stats(spool: Spool, clock: FakeClock) -> None:
     await spool.dead_letter(dead, "x")
     stats = await spool.stats()
     assert (stats.pending, stats.dead, stats.oldest_pending) == (2, 1, first_created)
-    await asyncio.wrap_future(spool.delivered(first))
+    await spool.delivered(first)
     assert (await spool.stats()).oldest_pending == first_created + 60
     assert spool.sync_stats() == await spool.stats()
 
