@@ -67,6 +67,17 @@ class _Unavailable(Exception):
     """NoojeeContact failed transiently: the probe's signal to stamina to back off."""
 
 
+async def _outcome_of(earlier: asyncio.Future[Outcome]) -> Outcome | None:
+    """The earlier request's outcome, or None when it was abandoned (its session cancelled)."""
+    try:
+        return await asyncio.shield(earlier)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # this session itself is being cancelled
+        return None
+
+
 def _done_status(request: RecordingRequest) -> Status:
     return Status.STOPPED if request.action == "stop" else Status.STARTED
 
@@ -98,7 +109,10 @@ class Delivery:
         self._recovered = asyncio.Event()
         self._tasks: set[asyncio.Future[NoojeeResult]] = set()  # attempts past their budget
         self._writes: set[asyncio.Future[Any]] = set()  # spool writes nobody awaits
-        self._recent: OrderedDict[tuple[str, str], tuple[str, float, Outcome]] = OrderedDict()
+        # (target, call uniqueid) -> (action, when, its outcome, perhaps still to come)
+        self._recent: OrderedDict[tuple[str, str], tuple[str, float, asyncio.Future[Outcome]]] = (
+            OrderedDict()
+        )
         self.last_failure: float | None = None  # monotonic time of the last transient failure
         self.last_success: float | None = None
 
@@ -108,17 +122,37 @@ class Delivery:
         self, request: RecordingRequest, *, call_uniqueid: str, mode: Mode, budget: float
     ) -> Outcome:
         """Deliver or queue ``request``; returns within ``budget`` plus a spool commit."""
-        duplicate = self._duplicate(request, call_uniqueid)
-        if duplicate is not None:
-            return duplicate
+        key = (request.exten_or_uniqueid, call_uniqueid)
+        earlier = self._earlier(key, request.action)
+        if earlier is not None:
+            # The same action on the same call is under way or done: answer with its outcome
+            # (a repeat arriving meanwhile waits for it, within the same budget).
+            repeated = await _outcome_of(earlier)
+            if repeated is not None:
+                self._metrics.duplicates.inc()
+                window = self._settings.dedup_window
+                message = f"repeat within {window:g}s, sent once: {repeated.message}"
+                return Outcome(repeated.status, message[:MAX_MESSAGE_CHARS])
+        remembered = self._remember(key, request.action)
+        try:
+            outcome = await self._submit(request, call_uniqueid, mode, budget)
+        except BaseException:
+            self._forget(key, remembered)
+            remembered.cancel()  # repeats waiting on it try for themselves
+            raise
+        remembered.set_result(outcome)
+        if outcome.status is Status.FAILED:
+            self._forget(key, remembered)  # a failure is worth trying again at once
+        return outcome
+
+    async def _submit(
+        self, request: RecordingRequest, call_uniqueid: str, mode: Mode, budget: float
+    ) -> Outcome:
         lease = self._lease if mode == "sync" else 0.0
         store = self._spool.add(request, call_uniqueid=call_uniqueid, lease=lease)
         if mode == "async":
-            outcome = await self._queued(store, "queued for delivery")
-        else:
-            outcome = await self._send_within(request, store, budget)
-        self._remember(request, call_uniqueid, outcome)
-        return outcome
+            return await self._queued(store, "queued for delivery")
+        return await self._send_within(request, store, budget)
 
     async def _send_within(
         self, request: RecordingRequest, store: asyncio.Future[int], budget: float
@@ -181,35 +215,37 @@ class Delivery:
 
     # --- deduplication --------------------------------------------------------------------
 
-    def _duplicate(self, request: RecordingRequest, call_uniqueid: str) -> Outcome | None:
-        """The earlier outcome when the same action on the same call came within the window.
+    def _earlier(self, key: tuple[str, str], action: str) -> asyncio.Future[Outcome] | None:
+        """The outcome (perhaps still to come) of the same action on the same call within the
+        window, or None.
 
-        The key includes the call's uniqueid, so a new call on the same extension is never
-        taken for a repeat; a stop after a start (an agent toggling) is not a repeat either.
+        The key holds the call's uniqueid, so a new call on the same extension is never taken
+        for a repeat; a stop after a start (an agent toggling) is not a repeat either.
         """
         now = self._clock()
         window = self._settings.dedup_window
-        while self._recent:
-            _, (_, at, _) = next(iter(self._recent.items()))
+        recent = self._recent
+        while recent:
+            _, (_, at, _) = next(iter(recent.items()))
             if now - at <= window:
                 break
-            self._recent.popitem(last=False)
-        seen = self._recent.get((request.exten_or_uniqueid, call_uniqueid))
-        if seen is None or seen[0] != request.action:
+            recent.popitem(last=False)
+        seen = recent.get(key)
+        if seen is None or seen[0] != action:
             return None
-        _, at, outcome = seen
-        self._metrics.duplicates.inc()
-        return Outcome(
-            outcome.status,
-            f"repeat within {window:g}s, sent once: {outcome.message}"[:MAX_MESSAGE_CHARS],
-        )
+        return seen[2]
 
-    def _remember(self, request: RecordingRequest, call_uniqueid: str, outcome: Outcome) -> None:
-        if outcome.status is Status.FAILED or self._settings.dedup_window <= 0:
-            return  # a failure is worth trying again at once
-        key = (request.exten_or_uniqueid, call_uniqueid)
-        self._recent.pop(key, None)
-        self._recent[key] = (request.action, self._clock(), outcome)
+    def _remember(self, key: tuple[str, str], action: str) -> asyncio.Future[Outcome]:
+        outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        if self._settings.dedup_window > 0:
+            self._recent.pop(key, None)
+            self._recent[key] = (action, self._clock(), outcome)
+        return outcome
+
+    def _forget(self, key: tuple[str, str], outcome: asyncio.Future[Outcome]) -> None:
+        seen = self._recent.get(key)
+        if seen is not None and seen[2] is outcome:
+            del self._recent[key]
 
     # --- talking to NoojeeContact ---------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -209,6 +210,24 @@ async def test_repeat_of_the_same_stop_on_the_same_call_is_sent_once(
     assert "sent once" in second.variables["NOOJEE_MESSAGE"]
     assert other_call.variables["NOOJEE_STATUS"] == "STOPPED"
     assert len(_api(simulator)) == 2
+
+
+async def test_concurrent_repeats_on_one_call_are_sent_once(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """Feature code and hangup handler stopping the same call at the same moment: the second
+    waits for the first's answer instead of sending its own."""
+    simulator.set_failure(FailureMode.SLOW, delay=0.3)
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        first, second = await asyncio.gather(
+            call(bridge, "Fred", uniqueid="1795811871.20"),
+            call(bridge, "Fred", uniqueid="1795811871.20"),
+        )
+    statuses = {first.variables["NOOJEE_STATUS"], second.variables["NOOJEE_STATUS"]}
+    assert statuses == {"STOPPED"}
+    messages = [first.variables["NOOJEE_MESSAGE"], second.variables["NOOJEE_MESSAGE"]]
+    assert sum("sent once" in m for m in messages) == 1
+    assert len(_api(simulator)) == 1
 
 
 async def test_caller_hangs_up_mid_session(
