@@ -26,6 +26,15 @@ log = get_logger("agi_bridge.app")
 FORCED_EXIT = 130
 
 
+async def _finish(task: asyncio.Task[None], grace: float) -> None:
+    """Let ``task`` end by itself within ``grace`` seconds, then cancel it."""
+    done, _ = await asyncio.wait((task,), timeout=grace)
+    if not done:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def noojee_client(settings: Settings, *, max_connections: int | None = None) -> NoojeeClient:
     """The NoojeeContact client the settings describe (``max_connections`` to override)."""
     return NoojeeClient(
@@ -60,29 +69,37 @@ class Bridge:
         self._worker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Open the spool, start the worker and the listeners; on failure, undo what started."""
         self.spool.open()
-        released = await self.spool.release_leases()
-        if released:
-            log.info("spool.replay", pending=released)
-        self._worker = asyncio.create_task(self.server.delivery.run(), name="spool-worker")
-        await self.server.start()
-        if self.health is not None:
-            await self.health.start()
+        try:
+            released = await self.spool.release_leases()
+            if released:
+                log.info("spool.replay", pending=released)
+            self._worker = asyncio.create_task(self.server.delivery.run(), name="spool-worker")
+            await self.server.start()
+            if self.health is not None:
+                await self.health.start()
+        except BaseException:
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
-        """Stop accepting, let sessions finish within the grace period, keep the rest queued."""
+        """Stop accepting, let sessions finish within the grace period, keep the rest queued.
+        Each step runs even when an earlier one fails: the spool is closed last, always."""
         grace = self.settings.shutdown_grace
         log.info("agi.server.stopping", grace=grace)
-        await self.server.stop(grace)
-        await self.server.delivery.drain(grace)
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        if self.health is not None:
-            await self.health.stop()
-        await self.client.aclose()
-        self.spool.close()
+        delivery = self.server.delivery
+        try:
+            await self.server.stop(grace)
+            delivery.stop_worker()
+            await delivery.drain(grace)
+            if self._worker is not None:
+                await _finish(self._worker, grace)
+            if self.health is not None:
+                await self.health.stop()
+        finally:
+            await self.client.aclose()
+            self.spool.close()
         log.info("agi.server.stopped")
 
     async def metrics_text(self) -> bytes:
@@ -97,6 +114,8 @@ class Bridge:
         problems = []
         if not self.server.serving:
             problems.append("FastAGI listener is not accepting connections")
+        if self._worker is None or self._worker.done():
+            problems.append("the spool worker is not running: queued requests are not sent")
         problems.extend(await self.spool.problems())
         delivery = self.server.delivery
         if delivery.last_failure is not None and (

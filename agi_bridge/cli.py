@@ -302,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpoolError as exc:
         print(f"agi-bridge: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # e.g. the listen address is in use or not ours
+        print(f"agi-bridge: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK
     except BrokenPipeError:

@@ -36,6 +36,16 @@ from agi_bridge.spool import Spool, SpoolEntry, SpoolError
 
 log = get_logger("agi_bridge.delivery")
 
+# How long a session waits for its spool commit before it answers FAILED rather than hold the
+# call on a stalled disk: SQLite's own busy timeout (another process holding the lock) is 5 s.
+STORE_TIMEOUT: Final = 5.0
+# The worker looks at the spool at least this often when idle: entries that `agi-bridge spool
+# retry` (another process) moved back to pending are picked up within a second.
+IDLE_POLL: Final = 1.0
+# After an unexpected error in the worker loop (the spool failing, say), wait this long before
+# trying again rather than spin or die.
+WORKER_ERROR_PAUSE: Final = 1.0
+
 # NOOJEE_MESSAGE is read by people in the CLI and in CDRs; Asterisk takes lines of 2048 bytes.
 MAX_MESSAGE_CHARS: Final = 200
 
@@ -109,10 +119,12 @@ class Delivery:
         self._recovered = asyncio.Event()
         self._tasks: set[asyncio.Future[NoojeeResult]] = set()  # attempts past their budget
         self._writes: set[asyncio.Future[Any]] = set()  # spool writes nobody awaits
+        self._settling: set[asyncio.Future[int]] = set()  # stores whose outcome waits on them
         # (target, call uniqueid) -> (action, when, its outcome, perhaps still to come)
         self._recent: OrderedDict[tuple[str, str], tuple[str, float, asyncio.Future[Outcome]]] = (
             OrderedDict()
         )
+        self._stopping = False
         self.last_failure: float | None = None  # monotonic time of the last transient failure
         self.last_success: float | None = None
 
@@ -157,13 +169,13 @@ class Delivery:
     async def _send_within(
         self, request: RecordingRequest, store: asyncio.Future[int], budget: float
     ) -> Outcome:
-        attempt = asyncio.ensure_future(self._attempt(request, from_session=True))
+        attempt = asyncio.ensure_future(self._attempt(request, from_session=True, slot_wait=budget))
+        # Tracked from the start: shutdown waits for it even if this session is cancelled.
+        self._tasks.add(attempt)
+        attempt.add_done_callback(self._tasks.discard)
         done, _ = await asyncio.wait((attempt,), timeout=budget)
         if not done:
-            # Not cancelled: a late answer still settles the spool entry (sent once). Tracked,
-            # so that shutdown can wait for it.
-            self._tasks.add(attempt)
-            attempt.add_done_callback(self._tasks.discard)
+            # Not cancelled: a late answer still settles the spool entry (sent once).
             attempt.add_done_callback(lambda a: self._settle_when_stored(store, a))
             return await self._queued(store, f"NoojeeContact did not answer within {budget:g}s")
         result = attempt.result()
@@ -176,10 +188,15 @@ class Delivery:
 
     async def _queued(self, store: asyncio.Future[int], why: str) -> Outcome:
         try:
-            await store
+            # Shielded: a cancelled session must not cancel the write others settle on.
+            async with asyncio.timeout(STORE_TIMEOUT):
+                await asyncio.shield(store)
         except SpoolError as exc:
             log.exception("spool.write.failed", error=str(exc))
             return Outcome(Status.FAILED, f"{why}; could not queue: spool not writable")
+        except TimeoutError:
+            log.error("spool.write.slow", timeout=STORE_TIMEOUT)  # noqa: TRY400  # no traceback to show
+            return Outcome(Status.FAILED, f"{why}; could not queue: spool too slow")
         self._work.set()
         return Outcome(Status.QUEUED, why[:MAX_MESSAGE_CHARS])
 
@@ -194,6 +211,8 @@ class Delivery:
         if store.done():
             self._settle(store, result)
         else:
+            self._settling.add(store)  # drain() waits for it before the spool closes
+            store.add_done_callback(self._settling.discard)
             store.add_done_callback(lambda stored: self._settle(stored, result))
 
     def _settle(self, store: asyncio.Future[int], result: NoojeeResult) -> None:
@@ -249,10 +268,28 @@ class Delivery:
 
     # --- talking to NoojeeContact ---------------------------------------------------------
 
-    async def _attempt(self, request: RecordingRequest, *, from_session: bool) -> NoojeeResult:
-        async with self._slots:
+    async def _attempt(
+        self, request: RecordingRequest, *, from_session: bool, slot_wait: float | None = None
+    ) -> NoojeeResult:
+        """One request through a connection slot. ``slot_wait`` bounds the wait for a slot: a
+        session's attempt that would start after its budget is not started at all, so it can
+        never run past the lease of its spool entry and meet the worker's copy."""
+        try:
+            async with asyncio.timeout(slot_wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            return NoojeeResult(
+                ResultKind.TIMEOUT,
+                f"all {self._settings.noojee_max_connections} NoojeeContact connections busy",
+            )
+        try:
             started = self._clock()
             result = await self._client.send(request)
+        except Exception as exc:  # the client promises not to raise: a safety net
+            log.exception("noojee.client.bug", error=type(exc).__name__)
+            result = NoojeeResult(ResultKind.TRANSPORT, f"client error: {type(exc).__name__}")
+        finally:
+            self._slots.release()
         self._metrics.observe_noojee(result, self._clock() - started)
         if result.transient:
             self.last_failure = self._clock()
@@ -291,23 +328,38 @@ class Delivery:
 
     async def run(self) -> None:
         """Deliver what the spool holds, forever (cancel to stop)."""
-        while True:
-            self._work.clear()
-            entries = await self._spool.claim_due(
-                limit=self._settings.noojee_max_connections, lease=self._lease
-            )
-            if not entries:
+        while not self._stopping:
+            try:
+                await self._run_once()
+            except Exception as exc:  # the worker must outlive any one failure
+                log.exception("spool.worker.error", error=str(exc))
+                await asyncio.sleep(WORKER_ERROR_PAUSE)
+
+    def stop_worker(self) -> None:
+        """Ask the worker to finish the batch in hand and claim nothing more (shutdown): what
+        it has not claimed stays pending for the next start, nothing is cut mid-request."""
+        self._stopping = True
+        self._work.set()
+        self._recovered.set()  # ends a backoff at once
+
+    async def _run_once(self) -> None:
+        self._work.clear()
+        entries = await self._spool.claim_due(
+            limit=self._settings.noojee_max_connections, lease=self._lease
+        )
+        if not entries:
+            if not self._stopping:
                 await self._wait_for_work()
-                continue
-            transient = await asyncio.gather(*(self._deliver(entry) for entry in entries))
-            if any(transient):
-                await self._back_off()
+            return
+        transient = await asyncio.gather(*(self._deliver(entry) for entry in entries))
+        if any(transient) and not self._stopping:
+            await self._back_off()
 
     async def _wait_for_work(self) -> None:
         next_due = await self._spool.next_due()
-        timeout = None if next_due is None else max(0.0, next_due - self._wall_clock())
+        timeout = IDLE_POLL if next_due is None else max(0.0, next_due - self._wall_clock())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._work.wait(), timeout)
+            await asyncio.wait_for(self._work.wait(), min(timeout, IDLE_POLL))
 
     async def _deliver(self, entry: SpoolEntry) -> bool:
         """One attempt for ``entry``; True when it failed transiently."""
@@ -356,6 +408,8 @@ class Delivery:
             for task in (probe, recovered):
                 task.cancel()
             await asyncio.gather(probe, recovered, return_exceptions=True)
+        if not probe.cancelled() and probe.exception() is not None:
+            raise probe.exception()  # type: ignore[misc]  # e.g. the spool failing: run() logs it
         log.info("noojee.available")
 
     async def _probe(self) -> None:
@@ -370,6 +424,8 @@ class Delivery:
             wait_jitter=settings.retry_initial_delay,
         ):
             with attempt:
+                if self._stopping:
+                    return
                 entries = await self._spool.claim_due(limit=1, lease=self._lease)
                 # Nothing due (the rest is leased to sync attempts in flight): no proof yet
                 # that NoojeeContact is back, so keep the pace.
@@ -385,6 +441,9 @@ class Delivery:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.sleep(0)  # let the attempts' done-callbacks submit their writes
+        await asyncio.sleep(0)  # let the attempts' done-callbacks run
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=STORE_TIMEOUT)
+        await asyncio.sleep(0)  # and the stores' callbacks submit their writes
         if self._writes:
-            await asyncio.wait(set(self._writes))
+            await asyncio.wait(set(self._writes), timeout=STORE_TIMEOUT)

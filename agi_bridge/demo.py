@@ -58,6 +58,9 @@ async def run_demo(config_file: Path | None) -> int:
                 "noojee_url": simulator.base_url,
                 "noojee_auth": "apikey",
                 "noojee_api_key": key,
+                # Always its own spool, whatever the environment or file say: the simulator
+                # must never "deliver" (and so delete) stops queued for a real NoojeeContact.
+                "data_dir": DEMO_DATA_DIR,
             }
         )
         return await run_until_signal(Bridge(settings))

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from agi_bridge.logs import get_logger
 from agi_bridge.settings import Address
+from agi_bridge.spool import SpoolError
 
 log = get_logger("agi_bridge.health")
 
@@ -59,7 +60,10 @@ class HealthServer:
     async def _respond(self, target: bytes) -> tuple[int, bytes, bytes]:
         path = target.split(b"?", 1)[0]
         if path == b"/metrics":
-            return 200, CONTENT_TYPE_LATEST.encode(), await self._registry_text()
+            try:
+                return 200, CONTENT_TYPE_LATEST.encode(), await self._registry_text()
+            except SpoolError as exc:  # the spool gauges cannot be read: say so, stay up
+                return 500, b"text/plain", f"{exc}\n".encode()
         if path == b"/healthz":
             return 200, b"text/plain", b"ok\n"
         if path == b"/readyz":

@@ -83,6 +83,19 @@ def configure_logging(
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=cache,
     )
+    # Libraries log through the standard library (asyncio's "Task exception was never
+    # retrieved", aiohttp, httpx): same format, same scrubbing, or a traceback quoting a URL
+    # would carry the API key to the journal.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *processors],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(_LEVELS[level], logging.WARNING))  # libraries' INFO is noise here
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

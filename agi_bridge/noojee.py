@@ -603,11 +603,12 @@ class NoojeeClient:
                     body = await _read_limited(response)
             finally:
                 await response.aclose()
-        except (httpx.HTTPError, OSError, ValueError) as exc:
+        except (httpx.HTTPError, OSError, ValueError, aiohttp.ClientError) as exc:
             # httpx.HTTPError: everything httpx maps (timeouts, connect, read, protocol...).
             # OSError and ValueError: socket and SSL errors that escape the mapping, bad
-            # framing or encoding reported by the response decoders. Our own deadline never
-            # lands here: inside the block it is a CancelledError, which propagates.
+            # framing or encoding reported by the response decoders. aiohttp.ClientError:
+            # what httpx-aiohttp does not map, e.g. a garbage status line from a proxy. Our
+            # own deadline never lands here: it is a CancelledError, which propagates.
             return 0, _EMPTY, _exception_result(exc, self._key, self._timeout)
         return response.status_code, body, None
 

@@ -196,6 +196,10 @@ class AgiServer:
         self.metrics.connections_open.inc()
         try:
             await self._session(_Session(reader, writer, self.settings), peer)
+        except asyncio.CancelledError:
+            # Shutdown past its grace. Ending quietly: Python 3.11's streams would log the
+            # cancellation of a connection task as an error with a traceback.
+            log.info("agi.session.cancelled", peer=str(peer))
         finally:
             self._sessions.discard(task)
             self.metrics.connections_open.dec()

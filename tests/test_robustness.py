@@ -257,3 +257,38 @@ async def _wait_for_line(process: asyncio.subprocess.Process, marker: bytes) -> 
 
 async def _call_port(port: int) -> SessionResult:
     return await run_call(Call(arguments=("Fred",), port=port), deadline=40)
+
+
+async def test_garbage_from_noojee_queues_and_the_worker_survives(
+    ca_file: Path, tmp_path: Path, simulator: NoojeeSimulator
+) -> None:
+    """A proxy answering garbage instead of HTTP: the call gets QUEUED (not silence), and the
+    spool worker, which met the same garbage, keeps running."""
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"garbage\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = make_settings(
+        simulator, ca_file, tmp_path, noojee_url=f"http://127.0.0.1:{port}/servicemanager/rest"
+    )
+    async with running_bridge(settings) as bridge:
+        queued = await call(bridge, "Fred", "mode=sync")
+        async_queued = await call(bridge, "Fred", "mode=async", uniqueid="8.8")
+        server.close()
+        await server.wait_closed()
+        worker_alive = not _worker_dead(bridge)
+        problems = await bridge.readiness()
+    assert queued.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert async_queued.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert worker_alive
+    assert not any("worker" in p for p in problems)
+
+
+def _worker_dead(bridge: Bridge) -> bool:
+    worker = bridge._worker
+    return worker is None or worker.done()
