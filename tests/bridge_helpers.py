@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
@@ -47,6 +48,25 @@ async def running_simulator(
         yield simulator
     finally:
         await simulator.stop()
+
+
+@contextlib.asynccontextmanager
+async def garbage_http_server() -> AsyncIterator[int]:
+    """A peer that reads an HTTP request and answers something that is not HTTP (a broken
+    proxy); yields its port."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"garbage\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 @contextlib.asynccontextmanager

@@ -41,6 +41,7 @@ from agi_bridge.simulator import (
     SimulatorConfig,
     run_simulator,
 )
+from tests.bridge_helpers import garbage_http_server
 
 KEY = "f863246a-973e-11e6-8784-08002718f5b5"
 PREFIX = "/servicemanager/rest"
@@ -918,22 +919,13 @@ async def test_garbage_instead_of_http_is_a_transient_transport_error() -> None:
     """A peer answering something that is not HTTP (a broken proxy): send() returns a
     transient TRANSPORT result instead of raising, and the key is not in the message."""
 
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"garbage\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with NoojeeClient(
+    async with (
+        garbage_http_server() as port,
+        NoojeeClient(
             base_url=f"http://127.0.0.1:{port}/rest", auth="apikey", api_key=KEY
-        ) as client:
-            result = await client.send(STOP_410)
-    finally:
-        server.close()
-        await server.wait_closed()
+        ) as client,
+    ):
+        result = await client.send(STOP_410)
     assert result.kind is ResultKind.TRANSPORT
     assert result.transient
     assert KEY not in result.message

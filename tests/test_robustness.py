@@ -18,7 +18,14 @@ from agi_bridge.app import Bridge
 from agi_bridge.fake_asterisk import Call, SessionResult, environment_block, run_call
 from agi_bridge.protocol import MAX_ENVIRONMENT_BYTES, MAX_LINE_BYTES
 from agi_bridge.simulator import FailureMode, NoojeeSimulator
-from tests.bridge_helpers import API_KEY, call, make_settings, running_bridge, running_simulator
+from tests.bridge_helpers import (
+    API_KEY,
+    call,
+    garbage_http_server,
+    make_settings,
+    running_bridge,
+    running_simulator,
+)
 
 STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
 ENVIRONMENT_TIMEOUT = 0.5  # short, so the slow-client tests end quickly
@@ -265,24 +272,15 @@ async def test_garbage_from_noojee_queues_and_the_worker_survives(
     """A proxy answering garbage instead of HTTP: the call gets QUEUED (not silence), and the
     spool worker, which met the same garbage, keeps running."""
 
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"garbage\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    settings = make_settings(
-        simulator, ca_file, tmp_path, noojee_url=f"http://127.0.0.1:{port}/servicemanager/rest"
-    )
-    async with running_bridge(settings) as bridge:
-        queued = await call(bridge, "Fred", "mode=sync")
-        async_queued = await call(bridge, "Fred", "mode=async", uniqueid="8.8")
-        server.close()
-        await server.wait_closed()
-        worker_alive = not _worker_dead(bridge)
-        problems = await bridge.readiness()
+    async with garbage_http_server() as port:
+        settings = make_settings(
+            simulator, ca_file, tmp_path, noojee_url=f"http://127.0.0.1:{port}/servicemanager/rest"
+        )
+        async with running_bridge(settings) as bridge:
+            queued = await call(bridge, "Fred", "mode=sync")
+            async_queued = await call(bridge, "Fred", "mode=async", uniqueid="8.8")
+            worker_alive = not _worker_dead(bridge)
+            problems = await bridge.readiness()
     assert queued.variables["NOOJEE_STATUS"] == "QUEUED"
     assert async_queued.variables["NOOJEE_STATUS"] == "QUEUED"
     assert worker_alive
