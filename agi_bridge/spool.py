@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS pending (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS pending_due ON pending (next_at);
+-- One row, rewritten by the readiness probe: a real write, not a no-op that would succeed
+-- on a filesystem that no longer takes any.
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY,
     action TEXT NOT NULL,
@@ -387,7 +390,10 @@ class Spool:
         """Why the spool could not keep a request now (for /readyz); empty when it can."""
         problems = []
         try:
-            await self._acall(lambda db: db.execute("DELETE FROM pending WHERE id = -1"))
+            now = self._clock()
+            await self._acall(
+                lambda db: db.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (now,))
+            )
         except SpoolError as exc:
             problems.append(f"spool {self.path} is not writable: {exc}")
         try:
