@@ -30,7 +30,13 @@ import stamina
 
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
-from agi_bridge.noojee import NoojeeClient, NoojeeResult, RecordingRequest, ResultKind
+from agi_bridge.noojee import (
+    MESSAGE_MAX_CHARS,
+    NoojeeClient,
+    NoojeeResult,
+    RecordingRequest,
+    ResultKind,
+)
 from agi_bridge.settings import Mode, Settings
 from agi_bridge.spool import Spool, SpoolEntry, SpoolError
 
@@ -45,9 +51,6 @@ IDLE_POLL: Final = 1.0
 # After an unexpected error in the worker loop (the spool failing, say), wait this long before
 # trying again rather than spin or die.
 WORKER_ERROR_PAUSE: Final = 1.0
-
-# NOOJEE_MESSAGE is read by people in the CLI and in CDRs; Asterisk takes lines of 2048 bytes.
-MAX_MESSAGE_CHARS: Final = 200
 
 
 class Status(enum.StrEnum):
@@ -144,7 +147,7 @@ class Delivery:
                 self._metrics.duplicates.inc()
                 window = self._settings.dedup_window
                 message = f"repeat within {window:g}s, sent once: {repeated.message}"
-                return Outcome(repeated.status, message[:MAX_MESSAGE_CHARS])
+                return Outcome(repeated.status, message[:MESSAGE_MAX_CHARS])
         remembered = self._remember(key, request.action)
         try:
             outcome = await self._submit(request, call_uniqueid, mode, budget)
@@ -176,10 +179,10 @@ class Delivery:
         done, _ = await asyncio.wait((attempt,), timeout=budget)
         if not done:
             # Not cancelled: a late answer still settles the spool entry (sent once).
-            attempt.add_done_callback(lambda a: self._settle_when_stored(store, a))
+            attempt.add_done_callback(lambda a: self._settle_when_stored(request, store, a))
             return await self._queued(store, f"NoojeeContact did not answer within {budget:g}s")
         result = attempt.result()
-        self._settle_when_stored(store, attempt)
+        self._settle_when_stored(request, store, attempt)
         if result.ok:
             return Outcome(_done_status(request), result.message)
         if result.transient:
@@ -198,10 +201,13 @@ class Delivery:
             log.error("spool.write.slow", timeout=STORE_TIMEOUT)  # noqa: TRY400  # no traceback to show
             return Outcome(Status.FAILED, f"{why}; could not queue: spool too slow")
         self._work.set()
-        return Outcome(Status.QUEUED, why[:MAX_MESSAGE_CHARS])
+        return Outcome(Status.QUEUED, why[:MESSAGE_MAX_CHARS])
 
     def _settle_when_stored(
-        self, store: asyncio.Future[int], attempt: asyncio.Future[NoojeeResult]
+        self,
+        request: RecordingRequest,
+        store: asyncio.Future[int],
+        attempt: asyncio.Future[NoojeeResult],
     ) -> None:
         """Record in the spool what became of a sync attempt, once its entry is stored.
         Callbacks rather than a task per session: this runs for every stop."""
@@ -209,24 +215,25 @@ class Delivery:
             return  # shutdown: the entry stays pending and is replayed after the restart
         result = attempt.result()
         if store.done():
-            self._settle(store, result)
+            self._settle(request, store, result)
         else:
             self._settling.add(store)  # drain() waits for it before the spool closes
             store.add_done_callback(self._settling.discard)
-            store.add_done_callback(lambda stored: self._settle(stored, result))
+            store.add_done_callback(lambda stored: self._settle(request, stored, result))
 
-    def _settle(self, store: asyncio.Future[int], result: NoojeeResult) -> None:
+    def _settle(
+        self, request: RecordingRequest, store: asyncio.Future[int], result: NoojeeResult
+    ) -> None:
         if store.cancelled() or store.exception() is not None:
             return  # reported by _queued, or irrelevant after a success
         entry_id = store.result()
         # The spool runs its jobs in order, so the worker's next claim sees these writes.
         if result.ok:
             write: asyncio.Future[Any] = self._spool.delivered(entry_id)
-        elif not result.transient:
-            write = self._spool.dead_letter(entry_id, result.message)
-            self._metrics.dead_letters.inc()
         else:
-            write = self._spool.failed(entry_id, result.message, retry_at=self._wall_clock())
+            write = self._record_failure(
+                entry_id, request, result, attempts=0, created=self._wall_clock()
+            )
             self._work.set()
         write.add_done_callback(_log_write_failure)
         self._writes.add(write)
@@ -375,27 +382,41 @@ class Delivery:
                 message=result.message,
             )
             return False
-        age = self._wall_clock() - entry.created
-        exhausted = (
-            entry.attempts + 1 >= self._settings.retry_max_attempts
-            or age >= self._settings.retry_max_age
+        await self._record_failure(
+            entry.id, entry.request, result, attempts=entry.attempts, created=entry.created
         )
-        if not result.transient or exhausted:
-            await self._spool.dead_letter(entry.id, result.message)
-            self._metrics.dead_letters.inc()
-            log.error(
-                "spool.entry.dead",
-                id=entry.id,
-                action=entry.request.action,
-                target=entry.request.exten_or_uniqueid,
-                attempts=entry.attempts + 1,
-                age=round(age, 1),
-                error=result.message,
-            )
-            return result.transient
-        await self._spool.failed(entry.id, result.message, retry_at=self._wall_clock())
-        self._metrics.retries.inc()
-        return True
+        return result.transient
+
+    def _record_failure(
+        self,
+        entry_id: int,
+        request: RecordingRequest,
+        result: NoojeeResult,
+        *,
+        attempts: int,
+        created: float,
+    ) -> asyncio.Future[Any]:
+        """One failed attempt of a spooled request, from a session or the worker: count it for a
+        retry, or move the entry to the dead letters when the failure is permanent or the
+        entry has used up its attempts or its age."""
+        age = self._wall_clock() - created
+        exhausted = (
+            attempts + 1 >= self._settings.retry_max_attempts or age >= self._settings.retry_max_age
+        )
+        if result.transient and not exhausted:
+            self._metrics.retries.inc()
+            return self._spool.failed(entry_id, result.message, retry_at=self._wall_clock())
+        self._metrics.dead_letters.inc()
+        log.error(
+            "spool.entry.dead",
+            id=entry_id,
+            action=request.action,
+            target=request.exten_or_uniqueid,
+            attempts=attempts + 1,
+            age=round(age, 1),
+            error=result.message,
+        )
+        return self._spool.dead_letter(entry_id, result.message)
 
     async def _back_off(self) -> None:
         """Probe with one entry at a time, backing off, until NoojeeContact answers again."""

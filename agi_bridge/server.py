@@ -22,10 +22,10 @@ from typing import Final
 import structlog
 
 from agi_bridge.calls import Rejected, build_request, parse_parameters
-from agi_bridge.delivery import MAX_MESSAGE_CHARS, Delivery, Outcome, Status
+from agi_bridge.delivery import Delivery, Outcome, Status
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
-from agi_bridge.noojee import Action, NoojeeClient
+from agi_bridge.noojee import MESSAGE_MAX_CHARS, Action, NoojeeClient
 from agi_bridge.protocol import (
     NEED_DATA,
     AgiConnection,
@@ -274,7 +274,7 @@ def _message(text: str) -> str:
     """NOOJEE_MESSAGE: one printable line, short enough for any Asterisk's command buffer."""
     if not text.isprintable():  # rare: most messages are NoojeeContact's or our own
         text = "".join(ch if ch.isprintable() else " " for ch in text)
-    return text[:MAX_MESSAGE_CHARS]
+    return text[:MESSAGE_MAX_CHARS]
 
 
 def _ms(started: float) -> float:
