@@ -24,6 +24,9 @@ log = get_logger("agi_bridge.app")
 
 # Exit status after a second signal: the operator asked twice, we stop without waiting.
 FORCED_EXIT = 130
+# Even then the spool commits what it was handed (milliseconds on a healthy disk: requests
+# written ahead at shutdown), but a stalled disk must not turn "at once" into a hang.
+FORCED_EXIT_FLUSH = 2.0
 
 
 async def _finish(task: asyncio.Task[None], grace: float) -> None:
@@ -87,8 +90,9 @@ class Bridge:
         """Stop accepting, let sessions finish within the grace period, keep the rest queued.
         Each step runs even when an earlier one fails: the spool is closed last, always."""
         grace = self.settings.shutdown_grace
-        log.info("agi.server.stopping", grace=grace)
         delivery = self.server.delivery
+        delivery.write_ahead_in_flight()
+        log.info("agi.server.stopping", grace=grace)
         try:
             await self.server.stop(grace)
             delivery.stop_worker()
@@ -138,6 +142,7 @@ async def run_until_signal(bridge: Bridge) -> int:
     def on_signal(signum: int) -> None:
         if stopping.is_set():
             log.warning("agi.server.forced_exit", signal=signal.Signals(signum).name)
+            bridge.spool.close(timeout=FORCED_EXIT_FLUSH)
             os._exit(FORCED_EXIT)
         log.info("agi.server.signal", signal=signal.Signals(signum).name)
         stopping.set()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final, TypeVar, cast
 
 from prometheus_client import (
     CollectorRegistry,
@@ -11,8 +11,11 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 from agi_bridge.noojee import NoojeeResult
+
+_M = TypeVar("_M", bound=MetricWrapperBase)
 
 # ``*_created`` series double the output and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
@@ -92,8 +95,24 @@ class Metrics:
             "Age of the oldest pending request",
             registry=r,
         )
+        # Labelled children by (metric, label values). labels() validates and hashes its
+        # arguments on every call, which every session would pay; the label values are few
+        # (routes, statuses, result kinds), so this stays small.
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: _M, *values: str) -> _M:
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return cast(_M, child)
+
+    def session_finished(self, route: str, status: str, held: float) -> None:
+        """One session ended with NOOJEE_STATUS ``status`` after holding the channel."""
+        self._child(self.sessions, route, status).inc()
+        self._child(self.hold_seconds, route).observe(held)
 
     def observe_noojee(self, result: NoojeeResult, seconds: float) -> None:
-        self.noojee_seconds.labels(result.kind.value).observe(seconds)
+        self._child(self.noojee_seconds, result.kind.value).observe(seconds)
         if not result.ok:
-            self.noojee_errors.labels(result.kind.value).inc()
+            self._child(self.noojee_errors, result.kind.value).inc()

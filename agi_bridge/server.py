@@ -241,8 +241,7 @@ class AgiServer:
             )
         held = time.monotonic() - started
         label = route if route in ROUTES else "unknown"
-        self.metrics.sessions.labels(label, outcome.status.value).inc()
-        self.metrics.hold_seconds.labels(label).observe(held)
+        self.metrics.session_finished(label, outcome.status.value, held)
         level = log.warning if outcome.status in (Status.FAILED, Status.REJECTED) else log.info
         level(
             "agi.session.finished",

@@ -172,11 +172,12 @@ class Spool:
         )
         self._thread.start()
 
-    def close(self) -> None:
-        """Finish every queued write, then close the database."""
+    def close(self, timeout: float | None = None) -> None:
+        """Finish every queued write, then close the database; give up waiting for that
+        after ``timeout`` seconds (the thread goes on, and dies with the process)."""
         if self._thread is not None:
             self._jobs.put(None)
-            self._thread.join()
+            self._thread.join(timeout)
             self._thread = None
 
     def _run(self, connection: sqlite3.Connection) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import sqlite3
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,9 +16,10 @@ from pathlib import Path
 import pytest
 import structlog
 
+from agi_bridge import delivery
 from agi_bridge.logs import configure_logging
 from agi_bridge.simulator import FailureMode, NoojeeSimulator
-from agi_bridge.spool import Spool
+from agi_bridge.spool import SPOOL_FILE, Spool
 from tests.bridge_helpers import API_KEY, call, make_settings, running_bridge, running_simulator
 
 STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
@@ -184,6 +187,35 @@ async def test_slow_noojee_holds_the_call_only_for_the_budget(
     assert "did not answer within 0.3s" in result.variables["NOOJEE_MESSAGE"]
     # The bound the product promises: the budget plus a few round trips on loopback.
     assert result.hold < budget + 0.25
+    assert stats.pending == 0
+    assert len(_api(simulator)) == 1
+
+
+def _spool_inserts(data_dir: Path) -> int:
+    """How many entries were ever added to the spool (SQLite's AUTOINCREMENT counter)."""
+    with contextlib.closing(sqlite3.connect(data_dir / SPOOL_FILE)) as db:
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'pending'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+@pytest.mark.parametrize(("write_ahead_after", "inserts"), [(30.0, 0), (0.0, 1)])
+async def test_a_stop_answered_at_once_never_touches_the_disk(
+    simulator: NoojeeSimulator,
+    ca_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    write_ahead_after: float,
+    inserts: int,
+) -> None:
+    """An attempt that succeeds within WRITE_AHEAD_AFTER is never written to the spool; one
+    that takes longer is written ahead (and removed once delivered)."""
+    monkeypatch.setattr(delivery, "WRITE_AHEAD_AFTER", write_ahead_after)
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        result = await call(bridge, "Fred")
+        await bridge.server.delivery.drain(5)
+        stats = await bridge.spool.stats()
+    assert result.variables["NOOJEE_STATUS"] == "STOPPED"
+    assert _spool_inserts(tmp_path) == inserts
     assert stats.pending == 0
     assert len(_api(simulator)) == 1
 

@@ -1,0 +1,129 @@
+"""CPU per HTTPS request of the ways the bridge could post a stop, in one process.
+
+The same request (``POST .../CallManagementAPI/stop?...&apiKey=...``, empty body, a short JSON
+answer) against the benchmark's simulator (HTTPS, keep-alive, its own process), 20 concurrent
+requests on uvloop, each variant measured in turn for several rounds (the median is printed,
+so a noisy neighbour in one round does not decide). What it answers: where the CPU of the
+bridge's HTTP leg goes, and which transport the client should use (issue 6).
+
+Variants:
+
+* ``bridge``: :meth:`agi_bridge.noojee.NoojeeClient.send`, as the bridge runs it (httpx
+  ``Request``/``Response`` handed straight to the httpx-aiohttp transport, classification);
+* ``httpx.AsyncClient + httpx-aiohttp``: the same transport under an ``httpx.AsyncClient``
+  (what the bridge did before commit c3fa110);
+* ``httpx.AsyncClient (httpcore)``: httpx with its default transport;
+* ``aiohttp``: aiohttp's own client, the floor for Python HTTP on this loop.
+
+Usage: ``python bench/http_client.py [--requests N] [--rounds R]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import httpx
+import uvloop
+from httpx_aiohttp import AiohttpTransport
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import API_KEY, Simulator  # bench/run.py: certificates, simulator
+
+from agi_bridge.noojee import NoojeeClient, RecordingRequest
+
+# Enough requests in flight that the pool holds several connections, as under a burst.
+CONCURRENCY = 20
+STOP = RecordingRequest(action="stop", exten_or_uniqueid="410", agent="Fred")
+HEADERS = {"Content-Type": "application/x-www-form-urlencoded", "Accept-Encoding": "identity"}
+
+Post = Callable[[], Awaitable[None]]
+
+
+async def _cpu_per_request(post: Post, requests: int) -> float:
+    """Microseconds of this process's CPU per request, ``requests`` spread over the workers."""
+
+    async def worker(count: int) -> None:
+        for _ in range(count):
+            await post()
+
+    await worker(100)  # connections into the pool, first-use imports
+    started = time.process_time()
+    await asyncio.gather(*(worker(requests // CONCURRENCY) for _ in range(CONCURRENCY)))
+    return (time.process_time() - started) / requests * 1e6
+
+
+async def main(sim: Simulator, requests: int, rounds: int) -> None:
+    url = f"{sim.base_url}/CallManagementAPI/stop?extenOrUniqueId=410&agentLoginName=Fred"
+    url += f"&apiKey={API_KEY}"
+    context = ssl.create_default_context(cafile=str(sim.ca_file))
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+
+    bridge = NoojeeClient(
+        base_url=sim.base_url, auth="apikey", api_key=API_KEY, ca_file=sim.ca_file
+    )
+    over_aiohttp = httpx.AsyncClient(
+        transport=AiohttpTransport(verify=context, trust_env=False, limits=limits),
+        headers=HEADERS,
+    )
+    over_httpcore = httpx.AsyncClient(verify=context, limits=limits, headers=HEADERS)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=64))
+
+    async def via_bridge() -> None:
+        assert (await bridge.send(STOP)).ok
+
+    def via_httpx(client: httpx.AsyncClient) -> Post:
+        async def post() -> None:
+            response = await client.post(url, content=b"")
+            assert response.status_code == 200
+
+        return post
+
+    async def via_aiohttp() -> None:
+        async with session.post(url, data=None, headers=HEADERS) as response:
+            await response.read()
+            assert response.status == 200
+
+    variants: dict[str, Post] = {
+        "bridge (NoojeeClient.send)": via_bridge,
+        "httpx.AsyncClient + httpx-aiohttp": via_httpx(over_aiohttp),
+        "httpx.AsyncClient (httpcore)": via_httpx(over_httpcore),
+        "aiohttp": via_aiohttp,
+    }
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for _ in range(rounds):
+            for name, post in variants.items():
+                samples[name].append(await _cpu_per_request(post, requests))
+    finally:
+        await bridge.aclose()
+        await over_aiohttp.aclose()
+        await over_httpcore.aclose()
+        await session.close()
+    floor = statistics.median(samples["aiohttp"])
+    print(f"{'client':36s} {'us CPU/request':>15s} {'vs aiohttp':>11s}   (median of {rounds})")
+    for name, values in samples.items():
+        median = statistics.median(values)
+        print(f"{name:36s} {median:15.0f} {median / floor:10.2f}x")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=3000, help="per variant and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="agi-bridge-http-") as workdir:
+        simulator = Simulator(Path(workdir))
+        try:
+            uvloop.run(main(simulator, args.requests, args.rounds))
+        finally:
+            simulator.close()
