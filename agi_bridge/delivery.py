@@ -3,7 +3,7 @@
 Nothing the dialplan is told is ever lost: before it hears ``QUEUED`` the request is on disk.
 
 - ``sync``: wait for NoojeeContact within the route's budget. An answer within the budget is
-  the dialplan's answer. An attempt not settled within ``WRITE_AHEAD_AFTER`` is written to the
+  the dialplan's answer. An attempt not confirmed within ``write_ahead_after`` is written to the
   spool while it goes on (so a sync request does not wait for the disk unless it ends up
   queued); a timeout or a transient error leaves the request in the spool and the dialplan
   hears ``QUEUED``. An attempt still running when the budget ends is not cancelled: if it
@@ -49,13 +49,6 @@ STORE_TIMEOUT: Final = 5.0
 # The worker looks at the spool at least this often when idle: entries that `agi-bridge spool
 # retry` (another process) moved back to pending are picked up within a second.
 IDLE_POLL: Final = 1.0
-# A sync attempt that succeeds within this long never touches the disk: NoojeeContact usually
-# answers in a few ms, and writing the request ahead only to delete it again cost a quarter of
-# the bridge's CPU per stop (bench/README.md). Past this the request is written ahead while
-# the attempt goes on. What that gives up: a crash (kill -9, power) in an attempt's first
-# 25 ms, before the dialplan heard anything (Asterisk reports AGISTATUS=FAILURE), loses that
-# request. Nothing the dialplan was told is ever lost.
-WRITE_AHEAD_AFTER: Final = 0.025
 # After an unexpected error in the worker loop (the spool failing, say), wait this long before
 # trying again rather than spin or die.
 WORKER_ERROR_PAUSE: Final = 1.0
@@ -196,7 +189,7 @@ class Delivery:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         attempt = _SyncAttempt(request, call_uniqueid, task)
-        first_wait = 0.0 if self._write_at_once else min(WRITE_AHEAD_AFTER, budget)
+        first_wait = 0.0 if self._write_at_once else min(self._settings.write_ahead_after, budget)
         self._unstored.add(attempt)
         try:
             done, _ = await asyncio.wait((task,), timeout=first_wait)

@@ -147,6 +147,18 @@ class Settings(BaseSettings):
     start_budget: float = Field(
         1.0, gt=0, le=30, description="seconds a sync start may hold the call before QUEUED"
     )
+    # A sync attempt confirmed this fast never touches the disk: writing the request ahead
+    # only to delete it again cost a quarter of the bridge's CPU per stop (bench/README.md).
+    # What that gives up: a crash (kill -9, power) in an attempt's first 100 ms, while Asterisk
+    # still waits and then reports AGISTATUS=FAILURE, loses that one request; the restart that
+    # follows any crash makes every call fail that way for seconds, which dwarfs this window.
+    write_ahead_after: float = Field(
+        0.1,
+        ge=0,
+        le=30,
+        description="seconds a sync attempt may take before its request is also spooled "
+        "(0: spool every request before sending)",
+    )
     dedup_window: float = Field(
         60.0,
         ge=0,

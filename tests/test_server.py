@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import structlog
 
-from agi_bridge import delivery
 from agi_bridge.logs import configure_logging
 from agi_bridge.simulator import FailureMode, NoojeeSimulator
 from agi_bridge.spool import SPOOL_FILE, Spool
@@ -203,14 +202,13 @@ async def test_a_stop_answered_at_once_never_touches_the_disk(
     simulator: NoojeeSimulator,
     ca_file: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     write_ahead_after: float,
     inserts: int,
 ) -> None:
-    """An attempt that succeeds within WRITE_AHEAD_AFTER is never written to the spool; one
-    that takes longer is written ahead (and removed once delivered)."""
-    monkeypatch.setattr(delivery, "WRITE_AHEAD_AFTER", write_ahead_after)
-    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+    """An attempt that succeeds within write_ahead_after is never written to the spool; with
+    0 every request is written ahead (and removed once delivered)."""
+    settings = make_settings(simulator, ca_file, tmp_path, write_ahead_after=write_ahead_after)
+    async with running_bridge(settings) as bridge:
         result = await call(bridge, "Fred")
         await bridge.server.delivery.drain(5)
         stats = await bridge.spool.stats()
