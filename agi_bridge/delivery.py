@@ -406,21 +406,30 @@ class Delivery:
             if not self._stopping:
                 await self._wait_for_work()
             return
-        transient = await asyncio.gather(*(self._deliver(entry) for entry in entries))
-        if any(transient) and not self._stopping:
+        if await self._deliver(entries) and not self._stopping:
             await self._back_off()
 
     async def _wait_for_work(self) -> None:
+        if self._work.is_set():
+            return  # stored while the claim ran: no need to ask the spool when to look again
         next_due = await self._spool.next_due()
         timeout = IDLE_POLL if next_due is None else max(0.0, next_due - self._wall_clock())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._work.wait(), min(timeout, IDLE_POLL))
+            async with asyncio.timeout(min(timeout, IDLE_POLL)):
+                await self._work.wait()
 
-    async def _deliver(self, entry: SpoolEntry) -> bool:
-        """One attempt for ``entry``; True when it failed transiently."""
+    async def _deliver(self, entries: list[SpoolEntry]) -> bool:
+        """One attempt for each of ``entries``, all at once; True when one failed transiently.
+        The delivered ones leave the spool in one write."""
+        results = await asyncio.gather(*(self._send_entry(entry) for entry in entries))
+        delivered = [entry.id for entry, result in zip(entries, results, strict=True) if result.ok]
+        if delivered:
+            await self._spool.delivered(*delivered)
+        return any(result.transient for result in results)
+
+    async def _send_entry(self, entry: SpoolEntry) -> NoojeeResult:
         result = await self._attempt(entry.request, from_session=False)
         if result.ok:
-            await self._spool.delivered(entry.id)
             self._metrics.delivered.inc()
             log.info(
                 "spool.entry.delivered",
@@ -429,11 +438,11 @@ class Delivery:
                 attempts=entry.attempts + 1,
                 message=result.message,
             )
-            return False
-        await self._record_failure(
-            entry.id, entry.request, result, attempts=entry.attempts, created=entry.created
-        )
-        return result.transient
+        else:
+            await self._record_failure(
+                entry.id, entry.request, result, attempts=entry.attempts, created=entry.created
+            )
+        return result
 
     def _record_failure(
         self,
@@ -498,7 +507,7 @@ class Delivery:
                 entries = await self._spool.claim_due(limit=1, lease=self._lease)
                 # Nothing due (the rest is leased to sync attempts in flight): no proof yet
                 # that NoojeeContact is back, so keep the pace.
-                if not entries or await self._deliver(entries[0]):
+                if not entries or await self._deliver(entries):
                     raise _Unavailable
 
     async def drain(self, grace: float) -> None:
