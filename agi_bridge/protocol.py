@@ -243,6 +243,10 @@ Event: TypeAlias = Environment | Reply | Hangup | EndOfStream
 # and "_" (commands starting with "_" are hidden ones) separated by single spaces.
 _COMMAND_RE: Final = re.compile(r"[A-Za-z0-9_]+(?: [A-Za-z0-9_]+)*")
 _VARIABLE_NAME_RE: Final = re.compile(r"[A-Za-z0-9_]+")
+# Command names already checked against _COMMAND_RE: a server sends a handful of distinct
+# commands, each for every session. Bounded, so a caller varying them cannot grow it forever.
+_VALID_COMMANDS: Final[set[str]] = set()
+_MAX_VALID_COMMANDS: Final = 64
 
 
 def encode_command(*words: str) -> bytes:
@@ -260,8 +264,11 @@ def encode_command(*words: str) -> bytes:
     if not words:
         raise LocalProtocolError("empty command")
     command = words[0]
-    if _COMMAND_RE.fullmatch(command) is None:
-        raise LocalProtocolError("invalid command name")
+    if command not in _VALID_COMMANDS:
+        if _COMMAND_RE.fullmatch(command) is None:
+            raise LocalProtocolError("invalid command name")
+        if len(_VALID_COMMANDS) < _MAX_VALID_COMMANDS:
+            _VALID_COMMANDS.add(command)
     values = words[1:]
     if command.count(" ") + 1 + len(values) > MAX_COMMAND_WORDS:
         raise LocalProtocolError(f"command has more than {MAX_COMMAND_WORDS} words")
@@ -326,6 +333,10 @@ def _decode(raw: bytes) -> str:
 
 
 class _State(enum.Enum):
+    # Members are singletons compared by identity; Enum's own __hash__ is Python code that
+    # every transition's dict lookup would run.
+    __hash__ = object.__hash__
+
     ENVIRONMENT = "reading the environment"
     IDLE = "no command is pending"
     AWAITING_REPLY = "a reply is pending"
@@ -335,6 +346,8 @@ class _State(enum.Enum):
 
 
 class _Input(enum.Enum):
+    __hash__ = object.__hash__  # as _State
+
     ENVIRONMENT_END = "end of environment"
     SEND = "command"
     HANGUP = "HANGUP"
@@ -635,28 +648,29 @@ class AgiConnection:
 
     def _store_variables(self, lines: list[bytes]) -> None:
         """Add ``name: value`` lines (no empty line, no line end) to the environment."""
+        if not lines:
+            return
+        # Asterisk declares no charset: see _decode(). The block is decoded at once, which
+        # gives the same text as line by line: "\n" is ASCII, and UTF-8 replacement never
+        # swallows an ASCII byte into a bad sequence.
+        texts = b"\n".join(lines).decode("utf-8", "replace").split("\n")
         variables = self._variables
-        for line in lines:
+        for line in texts:
             # Split on the FIRST ": " only: values contain colons (agi_request is a URL,
             # IAX2 channels are IAX2/10.0.0.1:4569-1). setup_env() always writes
             # "name: value", so "agi_accountcode: " is an empty value; a bare "name:" (a
             # trailing space lost on the way) is read the same. Nothing else is AGI.
-            raw_name, separator, raw_value = line.partition(b": ")
+            name, separator, value = line.partition(": ")
             if not separator:
-                if not line.endswith(b":"):
+                if not line.endswith(":"):
                     raise RemoteProtocolError('environment line is not "name: value"')
-                raw_name = line[:-1]
-            # find(), not "in": bytes.__contains__ first tries its operand as an int and
-            # clears the TypeError, which costs more than the search on this hot path.
-            if not raw_name or raw_name.find(b" ") >= 0:
+                name = line[:-1]
+            if not name or " " in name:
                 raise RemoteProtocolError("bad environment variable name")
-            # Asterisk declares no charset: see _decode() (inlined here, the hot loop).
-            name = raw_name.decode("utf-8", "replace")
             if name in variables:
                 # Asterisk writes each variable once; with two values for one name, which
                 # one a consumer sees must not be up to the sender.
                 raise RemoteProtocolError("duplicate environment variable")
-            value = raw_value.decode("utf-8", "replace")
             variables[name] = value
             if name.startswith(_ARG_PREFIX):
                 self._argument(name[len(_ARG_PREFIX) :], value)
