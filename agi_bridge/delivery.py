@@ -330,8 +330,11 @@ class Delivery:
         session's attempt that would start after its budget is not started at all, so it can
         never run past the lease of its spool entry and meet the worker's copy."""
         try:
-            async with asyncio.timeout(slot_wait):
-                await self._slots.acquire()
+            if self._slots.locked():  # a timer only when there is a wait to bound
+                async with asyncio.timeout(slot_wait):
+                    await self._slots.acquire()
+            else:
+                await self._slots.acquire()  # returns at once, without yielding
         except TimeoutError:
             return NoojeeResult(
                 ResultKind.TIMEOUT,
