@@ -218,6 +218,33 @@ async def test_a_stop_answered_at_once_never_touches_the_disk(
     assert len(_api(simulator)) == 1
 
 
+async def test_a_stop_waiting_for_a_busy_connection_is_queued_and_sent_once(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """Every NoojeeContact connection busy: a stop waits for one at most its budget, hears
+    QUEUED, and the worker sends it once a connection is free; each stop is sent once."""
+    budget = 0.3
+    settings = make_settings(
+        simulator, ca_file, tmp_path, noojee_max_connections=1, stop_budget=budget
+    )
+    simulator.set_failure(FailureMode.SLOW, delay=1.0)
+    async with running_bridge(settings) as bridge:
+        holder = asyncio.create_task(call(bridge, "Fred", uniqueid="5.1"))
+        await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+        waiter = await call(bridge, "Barney", uniqueid="5.2")
+        simulator.set_failure(FailureMode.NONE)
+        await simulator.wait_for(
+            1, predicate=lambda r: r.path == STOP_PATH and r.params["agentLoginName"] == "Barney"
+        )
+        await bridge.server.delivery.drain(5)
+        stats = await bridge.spool.stats()
+    assert (await holder).variables["NOOJEE_STATUS"] == "QUEUED"
+    assert waiter.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert waiter.hold < budget + 0.25
+    assert sorted(r["agentLoginName"] for r in _api(simulator)) == ["Barney", "Fred"]
+    assert stats.pending == 0
+
+
 async def test_async_mode_answers_queued_and_delivers(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
