@@ -14,10 +14,10 @@ Design:
 
 * One shared httpx transport, built once and called directly with :class:`httpx.Request`
   objects (no :class:`httpx.AsyncClient`: its layers are unused here and cost half the CPU of
-  a request). By default the ``httpx-aiohttp`` transport: a keep-alive pool sized by
-  ``max_connections``, HTTP/1.1 only, an explicit :class:`httpx.Timeout` for every phase, and
-  ``trust_env=False`` so that proxy variables in a daemon's environment cannot silently route
-  calls away from the whitelisted source address NoojeeContact insists on. Tests pass an
+  a request). By default :class:`agi_bridge.transport.AiohttpTransport`: a keep-alive pool
+  sized by ``max_connections``, HTTP/1.1 only, an explicit :class:`httpx.Timeout` for every
+  phase, and no proxy variables from the environment, which could silently route calls away
+  from the whitelisted source address NoojeeContact insists on. Tests pass an
   :class:`httpx.MockTransport` instead.
 * :meth:`NoojeeClient.send` never raises for anything the network or the server does: every
   outcome is a :class:`NoojeeResult` whose ``kind`` says whose fault it was and whose
@@ -62,9 +62,9 @@ from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar, cast
 from urllib.parse import quote
 
-import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
+
+from agi_bridge.transport import AiohttpTransport
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -381,33 +381,8 @@ _TIMEOUT_PHASES: Final[dict[type[httpx.TimeoutException], str]] = {
 }
 
 
-def _relabel_aiohttp(exc: Exception) -> Exception:
-    """httpx-aiohttp maps every ``aiohttp.ClientConnectionError`` (refused, reset, server gone)
-    to ``httpx.ConnectTimeout``; put back what really happened, from the chained cause."""
-    cause = exc.__cause__
-    if not isinstance(exc, httpx.ConnectTimeout) or not isinstance(
-        cause, aiohttp.ClientConnectionError
-    ):
-        return exc
-    if isinstance(cause, aiohttp.ServerTimeoutError | TimeoutError):
-        return exc
-    relabelled: Exception
-    origin: BaseException = cause
-    if isinstance(cause, aiohttp.ServerDisconnectedError):
-        relabelled = httpx.RemoteProtocolError("Server disconnected without sending a response.")
-    elif isinstance(cause, aiohttp.ClientConnectorError):
-        relabelled = httpx.ConnectError(str(cause))
-        # aiohttp's TLS errors subclass ssl's but lack their fields: chain the real OS error.
-        origin = cause.os_error
-    else:
-        relabelled = httpx.ReadError(str(cause))
-    relabelled.__cause__ = origin
-    return relabelled
-
-
 def _exception_result(exc: Exception, secret: str | None, timeouts: httpx.Timeout) -> NoojeeResult:
     """Map an exception raised by httpx or the socket layer to a result."""
-    exc = _relabel_aiohttp(exc)
     if isinstance(exc, httpx.TimeoutException):
         phase = _TIMEOUT_PHASES.get(type(exc), "waiting")
         limit = timeouts.connect if isinstance(exc, httpx.ConnectTimeout) else timeouts.read
@@ -517,10 +492,10 @@ class NoojeeClient:
             keepalive_expiry=KEEPALIVE_EXPIRY,
         )
         if transport is None:
-            # aiohttp's connection pool under httpx's API: measured in bench/, httpcore's pool
-            # costs about twice the CPU per request and re-scans its queue for every request
-            # (quadratic under load), which a hangup burst turns into seconds of hold time.
-            transport = AiohttpTransport(verify=verify_arg, trust_env=False, limits=limits)
+            # aiohttp's connection pool under httpx's API (see agi_bridge.transport).
+            transport = AiohttpTransport(
+                verify=verify_arg, limits=limits, max_body_bytes=MAX_RESPONSE_BYTES
+            )
         # The transport is called directly, without an httpx.AsyncClient around it: the
         # client's layers (URL merging, auth and redirect flows, cookies) do nothing for us
         # and cost about 0.3 ms of CPU per request (bench/http_client.py), half of the total.
@@ -614,12 +589,11 @@ class NoojeeClient:
                     response.status_code,
                     response.reason_phrase,
                 )
-        except (httpx.HTTPError, OSError, ValueError, aiohttp.ClientError) as exc:
-            # httpx.HTTPError: everything httpx maps (timeouts, connect, read, protocol...).
-            # OSError and ValueError: socket and SSL errors that escape the mapping, bad
-            # framing or encoding reported by the response decoders. aiohttp.ClientError:
-            # what httpx-aiohttp does not map, e.g. a garbage status line from a proxy. Our
-            # own deadline never lands here: it is a CancelledError, which propagates.
+        except (httpx.HTTPError, OSError, ValueError) as exc:
+            # httpx.HTTPError: everything the transport maps (timeouts, connect, read,
+            # protocol...). OSError and ValueError: socket and SSL errors that escape the
+            # mapping, bad framing or encoding reported by the response decoders. Our own
+            # deadline never lands here: it is a CancelledError, which propagates.
             return 0, _EMPTY, _exception_result(exc, self._key, self._timeout)
         return response.status_code, body, None
 

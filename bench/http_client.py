@@ -9,9 +9,12 @@ bridge's HTTP leg goes, and which transport the client should use (issue 6).
 Variants:
 
 * ``bridge``: :meth:`agi_bridge.noojee.NoojeeClient.send`, as the bridge runs it (httpx
-  ``Request``/``Response`` handed straight to the httpx-aiohttp transport, classification);
-* ``httpx.AsyncClient + httpx-aiohttp``: the same transport under an ``httpx.AsyncClient``
-  (what the bridge did before commit c3fa110);
+  ``Request``/``Response`` handed straight to :class:`agi_bridge.transport.AiohttpTransport`,
+  then classification);
+* ``httpx.AsyncClient + agi_bridge transport``: the same transport under an
+  ``httpx.AsyncClient`` (what the client layer costs);
+* ``httpx.AsyncClient + httpx-aiohttp``: the ``httpx-aiohttp`` package's transport (what the
+  bridge used before commit c3fa110), when that package is installed;
 * ``httpx.AsyncClient (httpcore)``: httpx with its default transport;
 * ``aiohttp``: aiohttp's own client, the floor for Python HTTP on this loop.
 
@@ -33,13 +36,18 @@ from pathlib import Path
 import aiohttp
 import httpx
 import uvloop
-from httpx_aiohttp import AiohttpTransport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import API_KEY, Simulator  # bench/run.py: certificates, simulator
 
-from agi_bridge.noojee import NoojeeClient, RecordingRequest
+from agi_bridge.noojee import MAX_RESPONSE_BYTES, NoojeeClient, RecordingRequest
+from agi_bridge.transport import AiohttpTransport
+
+try:
+    from httpx_aiohttp import AiohttpTransport as PackageTransport
+except ImportError:  # not a dependency of the bridge any more
+    PackageTransport = None
 
 # Enough requests in flight that the pool holds several connections, as under a burst.
 CONCURRENCY = 20
@@ -71,11 +79,22 @@ async def main(sim: Simulator, requests: int, rounds: int) -> None:
     bridge = NoojeeClient(
         base_url=sim.base_url, auth="apikey", api_key=API_KEY, ca_file=sim.ca_file
     )
-    over_aiohttp = httpx.AsyncClient(
-        transport=AiohttpTransport(verify=context, trust_env=False, limits=limits),
-        headers=HEADERS,
+    clients = {
+        "httpx.AsyncClient + agi_bridge transport": httpx.AsyncClient(
+            transport=AiohttpTransport(
+                verify=context, limits=limits, max_body_bytes=MAX_RESPONSE_BYTES
+            ),
+            headers=HEADERS,
+        ),
+    }
+    if PackageTransport is not None:
+        clients["httpx.AsyncClient + httpx-aiohttp"] = httpx.AsyncClient(
+            transport=PackageTransport(verify=context, trust_env=False, limits=limits),
+            headers=HEADERS,
+        )
+    clients["httpx.AsyncClient (httpcore)"] = httpx.AsyncClient(
+        verify=context, limits=limits, headers=HEADERS
     )
-    over_httpcore = httpx.AsyncClient(verify=context, limits=limits, headers=HEADERS)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=64))
 
     async def via_bridge() -> None:
@@ -93,12 +112,9 @@ async def main(sim: Simulator, requests: int, rounds: int) -> None:
             await response.read()
             assert response.status == 200
 
-    variants: dict[str, Post] = {
-        "bridge (NoojeeClient.send)": via_bridge,
-        "httpx.AsyncClient + httpx-aiohttp": via_httpx(over_aiohttp),
-        "httpx.AsyncClient (httpcore)": via_httpx(over_httpcore),
-        "aiohttp": via_aiohttp,
-    }
+    variants: dict[str, Post] = {"bridge (NoojeeClient.send)": via_bridge}
+    variants.update({name: via_httpx(client) for name, client in clients.items()})
+    variants["aiohttp"] = via_aiohttp
     samples: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for _ in range(rounds):
@@ -106,14 +122,14 @@ async def main(sim: Simulator, requests: int, rounds: int) -> None:
                 samples[name].append(await _cpu_per_request(post, requests))
     finally:
         await bridge.aclose()
-        await over_aiohttp.aclose()
-        await over_httpcore.aclose()
+        for client in clients.values():
+            await client.aclose()
         await session.close()
     floor = statistics.median(samples["aiohttp"])
-    print(f"{'client':36s} {'us CPU/request':>15s} {'vs aiohttp':>11s}   (median of {rounds})")
+    print(f"{'client':42s} {'us CPU/request':>15s} {'vs aiohttp':>11s}   (median of {rounds})")
     for name, values in samples.items():
         median = statistics.median(values)
-        print(f"{name:36s} {median:15.0f} {median / floor:10.2f}x")
+        print(f"{name:42s} {median:15.0f} {median / floor:10.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""An httpx transport over aiohttp's connection pool, cut to what the NoojeeContact client needs.
+
+Why not httpcore (httpx's own transport): its pool costs about twice the CPU per request and
+re-scans its queue for every request, which a hangup burst turns into seconds of hold time.
+Why not the ``httpx-aiohttp`` package: it wraps every response body in an async generator
+behind httpx's streaming layer (a cost per request for a 50-byte answer) and maps every
+``aiohttp.ClientConnectionError`` (refused, reset, server gone) to ``httpx.ConnectTimeout``.
+This one reads the body, bounded, before it returns, and maps aiohttp's errors to the httpx
+exception that says what happened, with the socket or TLS error chained as the cause.
+``bench/http_client.py`` measures the three.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Final
+
+import aiohttp
+import httpx
+
+# What httpx reports as the protocol of a response (aiohttp speaks HTTP/1.1 only).
+_EXTENSIONS: Final = {"http_version": b"HTTP/1.1"}
+
+
+def _mapped(exc: aiohttp.ClientError | TimeoutError) -> httpx.TransportError:
+    """The httpx exception for an aiohttp one, its cause set to the error that says why (not
+    aiohttp's TLS errors: they subclass ssl's but lack their fields). Order matters: aiohttp's
+    classes overlap (a connect timeout is also a ServerTimeoutError, a certificate error a
+    ConnectorError)."""
+    mapped: httpx.TransportError
+    cause: BaseException = exc
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        mapped = httpx.ConnectTimeout(str(exc) or "connect timeout")
+    elif isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
+        mapped = httpx.ReadTimeout(str(exc) or "read timeout")
+    elif isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        mapped = httpx.ConnectError(str(exc))
+        cause = exc.certificate_error  # ssl.SSLCertVerificationError, with its reason
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        mapped = httpx.ConnectError(str(exc))
+        cause = exc.os_error  # ECONNREFUSED, or the ssl.SSLError of a failed handshake
+    elif isinstance(exc, aiohttp.ServerDisconnectedError):
+        mapped = httpx.RemoteProtocolError("Server disconnected without sending a response.")
+    elif isinstance(exc, aiohttp.ClientResponseError):
+        mapped = httpx.RemoteProtocolError(str(exc))  # not HTTP: a garbage status line
+    else:
+        mapped = httpx.ReadError(str(exc) or type(exc).__name__)  # reset, payload error...
+    mapped.__cause__ = cause
+    return mapped
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """One aiohttp session (a keep-alive pool), opened on first use inside the event loop.
+
+    Bodies are read whole, up to ``max_body_bytes`` (the rest is dropped with the
+    connection), so the response handed back is complete and needs no closing.
+    """
+
+    def __init__(
+        self,
+        *,
+        verify: ssl.SSLContext | bool,
+        limits: httpx.Limits,
+        max_body_bytes: int,
+    ) -> None:
+        self._ssl: Final = verify if isinstance(verify, ssl.SSLContext) else None
+        self._verify: Final = verify is not False
+        self._limits: Final = limits
+        self._max_body_bytes: Final = max_body_bytes
+        self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._limits.max_connections or 0,
+            keepalive_timeout=self._limits.keepalive_expiry,
+            ssl=self._ssl if self._ssl is not None else self._verify,
+        )
+        # trust_env=False: proxy variables in a daemon's environment must not route calls
+        # away from the source address NoojeeContact has whitelisted.
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            trust_env=False,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        return self._session
+
+    def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
+        phases = request.extensions.get("timeout", {})
+        key = (phases.get("connect"), phases.get("read"), phases.get("pool"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            # aiohttp's "connect" covers the wait for a pooled connection and the connect.
+            connect, read, pool = key
+            total_connect = None if connect is None or pool is None else connect + pool
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=total_connect, sock_connect=connect, sock_read=read
+            )
+            self._timeouts[key] = timeout
+        return timeout
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session or self._open()
+        headers = [
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw
+        ]
+        try:
+            async with session.request(
+                request.method,
+                str(request.url),
+                headers=headers,
+                data=request.content or None,
+                allow_redirects=False,
+                timeout=self._timeout(request),
+            ) as response:
+                body = await self._read(response)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            mapped = _mapped(exc)
+            raise mapped from mapped.__cause__
+        return httpx.Response(
+            response.status,
+            headers=response.raw_headers,
+            content=body,
+            request=request,
+            extensions=_EXTENSIONS,
+        )
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        limit = self._max_body_bytes
+        first = await response.content.read(limit)
+        if not first or response.content.at_eof() or len(first) >= limit:
+            return first  # the usual answer: one small chunk
+        chunks, size = [first], len(first)
+        while size < limit and (chunk := await response.content.read(limit - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
