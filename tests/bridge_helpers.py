@@ -51,14 +51,22 @@ async def running_simulator(
 
 
 @contextlib.asynccontextmanager
-async def garbage_http_server() -> AsyncIterator[int]:
-    """A peer that reads an HTTP request and answers something that is not HTTP (a broken
-    proxy); yields its port."""
+async def raw_http_server(*answers: bytes) -> AsyncIterator[int]:
+    """A peer that reads each HTTP request head and answers the next of ``answers`` verbatim,
+    whichever connection the request came on (the last is repeated); by default something
+    that is not HTTP (a broken proxy). Yields its port."""
+    replies = list(answers or (b"garbage\r\n\r\n",))
+    handlers: set[asyncio.Task[None]] = set()
+    writers: set[asyncio.StreamWriter] = set()
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"garbage\r\n\r\n")
-        await writer.drain()
+        handlers.add(asyncio.current_task())  # type: ignore[arg-type]  # always in a task
+        writers.add(writer)
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(replies.pop(0) if len(replies) > 1 else replies[0])
+                await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
@@ -66,6 +74,9 @@ async def garbage_http_server() -> AsyncIterator[int]:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+        for writer in writers:
+            writer.close()  # the handlers' reads end, and so do they
+        await asyncio.gather(*handlers, return_exceptions=True)
         await server.wait_closed()
 
 

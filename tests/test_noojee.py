@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from agi_bridge.noojee import (
     EXCERPT_MAX_CHARS,
     HASH_USED_LIFETIME,
+    MAX_RESPONSE_BYTES,
     MESSAGE_MAX_CHARS,
     NoojeeClient,
     NoojeeResult,
@@ -41,7 +42,8 @@ from agi_bridge.simulator import (
     SimulatorConfig,
     run_simulator,
 )
-from tests.bridge_helpers import garbage_http_server
+from agi_bridge.transport import AiohttpTransport
+from tests.bridge_helpers import raw_http_server
 
 KEY = "f863246a-973e-11e6-8784-08002718f5b5"
 PREFIX = "/servicemanager/rest"
@@ -77,6 +79,45 @@ def sim_clock() -> FakeClock:
 def client_clock() -> FakeClock:
     """The client's monotonic clock."""
     return FakeClock(1_000.0)
+
+
+async def test_a_huge_body_is_read_only_up_to_the_bound_and_the_next_request_works() -> None:
+    """A 2 MB error page: the client keeps MAX_RESPONSE_BYTES of it (a hostile or broken
+    server cannot make it buffer megabytes), and the next request, on a new connection since
+    that one was not read to its end, is answered normally."""
+    page = b"<html>" + b"x" * 2_000_000
+    huge = b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n%s" % (len(page), page)
+    fine = b'HTTP/1.1 200 OK\r\nContent-Length: 25\r\n\r\n{"Message":"ok","Code":0}'
+    transport = AiohttpTransport(
+        verify=False, limits=httpx.Limits(max_connections=2), max_body_bytes=MAX_RESPONSE_BYTES
+    )
+    async with raw_http_server(huge, fine) as port:
+        try:
+            url = f"http://127.0.0.1:{port}/x"
+            first = await transport.handle_async_request(httpx.Request("POST", url))
+            second = await transport.handle_async_request(httpx.Request("POST", url))
+        finally:
+            await transport.aclose()
+    assert first.status_code == 500
+    assert first.content == page[:MAX_RESPONSE_BYTES]
+    assert (second.status_code, second.content) == (200, b'{"Message":"ok","Code":0}')
+
+
+async def test_a_body_in_many_chunks_is_read_whole() -> None:
+    """A chunked answer in several pieces arrives whole (the transport reads until the end,
+    not one chunk)."""
+    pieces = [b'{"Message":', b'"Recording ', b'stopped",', b'"Code":0}']
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+    async with (
+        raw_http_server(answer) as port,
+        NoojeeClient(
+            base_url=f"http://127.0.0.1:{port}/rest", auth="apikey", api_key=KEY
+        ) as client,
+    ):
+        result = await client.send(STOP_410)
+    assert result.kind is ResultKind.OK
+    assert result.message == "Recording stopped"
 
 
 @pytest.fixture
@@ -920,7 +961,7 @@ async def test_garbage_instead_of_http_is_a_transient_transport_error() -> None:
     transient TRANSPORT result instead of raising, and the key is not in the message."""
 
     async with (
-        garbage_http_server() as port,
+        raw_http_server() as port,
         NoojeeClient(
             base_url=f"http://127.0.0.1:{port}/rest", auth="apikey", api_key=KEY
         ) as client,

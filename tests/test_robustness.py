@@ -21,8 +21,8 @@ from agi_bridge.simulator import FailureMode, NoojeeSimulator
 from tests.bridge_helpers import (
     API_KEY,
     call,
-    garbage_http_server,
     make_settings,
+    raw_http_server,
     running_bridge,
     running_simulator,
 )
@@ -272,7 +272,7 @@ async def test_garbage_from_noojee_queues_and_the_worker_survives(
     """A proxy answering garbage instead of HTTP: the call gets QUEUED (not silence), and the
     spool worker, which met the same garbage, keeps running."""
 
-    async with garbage_http_server() as port:
+    async with raw_http_server() as port:
         settings = make_settings(
             simulator, ca_file, tmp_path, noojee_url=f"http://127.0.0.1:{port}/servicemanager/rest"
         )
