@@ -463,6 +463,11 @@ class AgiConnection:
         return self._state in (_State.AWAITING_REPLY, _State.MULTILINE_REPLY)
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not consumed yet: what a driver's flow control watches."""
+        return len(self._buffer)
+
+    @property
     def environment(self) -> Environment | None:
         """The :class:`Environment` once it has been returned by :meth:`next_event`."""
         return self._environment

@@ -1,6 +1,9 @@
 """The asyncio FastAGI server: a thin driver around :mod:`agi_bridge.protocol`.
 
-One task per connection. Each session reads the environment within a deadline, routes on the
+One :class:`asyncio.Protocol` and one task per connection: the protocol feeds the bytes to the
+core as they arrive and wakes the task only when it waits for an event (no stream objects in
+between; they cost about a quarter of a minimal server's CPU per session, bench/README.md).
+Each session reads the environment within a deadline, routes on the
 script path through an explicit table, asks :class:`~agi_bridge.delivery.Delivery` to stop or
 start the recording within the route's budget, and always ends the same way: it sets
 ``NOOJEE_STATUS`` and ``NOOJEE_MESSAGE`` on the channel, then closes, which lets the dialplan go
@@ -17,7 +20,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import structlog
 
@@ -43,9 +46,10 @@ log = get_logger("agi_bridge.server")
 # The explicit route table: a script path not listed here is REJECTED, never looked up.
 ROUTES: Final[Mapping[str, Action]] = {"recording/stop": "stop", "recording/start": "start"}
 
-# An environment block is ~700 bytes and replies are one short line: one read usually takes
-# the whole thing, and the protocol core bounds what it buffers.
-READ_SIZE: Final = 65536
+# An environment block is ~700 bytes and replies are one short line. A peer that sends more
+# than this while the session is busy elsewhere (waiting for NoojeeContact) is not read from
+# until the session wants the next event: the buffer stays bounded whatever the peer does.
+MAX_UNREAD_BYTES: Final = 65536
 # Kernel accept queue: a hangup burst of a large call centre arrives within milliseconds.
 BACKLOG: Final = 1024
 # Sent instead of a command when we refuse a session: Asterisk ends the AGI with
@@ -66,27 +70,76 @@ class _Peer:
         return f"{self.host}:{self.port}"
 
 
-class _Session:
-    """Drives one connection's protocol state machine over asyncio streams."""
+class _Session(asyncio.Protocol):
+    """One connection: the protocol state machine fed by the transport, and the session task's
+    way to wait for its events and send its commands."""
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, settings: Settings
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.settings = settings
+    def __init__(self, server: AgiServer) -> None:
+        self.server = server
+        self.settings = server.settings
         self.connection = AgiConnection()
+        self.transport: asyncio.Transport | None = None
         self.hung_up = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: OSError | None = None  # the connection failed (reset): raised on next read
+        self._paused = False
+
+    # --- the transport's side (called by the event loop) ----------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.accepted(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.connection.receive_data(data)
+        if self.connection.buffered > MAX_UNREAD_BYTES and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]  # set by connection_made
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.connection.receive_data(b"")
+        self._wake()
+        return True  # a half-close: our commands may still be written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, OSError):
+            self._error = exc
+        else:
+            self.connection.receive_data(b"")  # a no-op after eof_received
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- the session task's side ----------------------------------------------------------
 
     async def _event(self) -> Environment | Reply | EndOfStream:
         while True:
             event = self.connection.next_event()
             if event is NEED_DATA:
-                self.connection.receive_data(await self.reader.read(READ_SIZE))
+                await self._data()
             elif isinstance(event, Hangup):
                 self.hung_up = True  # the call goes on in a dead channel: variables still work
             else:
                 return event  # type: ignore[return-value]  # NeedData handled above
+
+    async def _data(self) -> None:
+        """Wait until the transport has given the core more bytes (or the end)."""
+        if self._error is not None:
+            raise self._error
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        if self._error is not None:
+            raise self._error
 
     async def environment(self) -> Environment:
         async with asyncio.timeout(self.settings.environment_timeout):
@@ -96,7 +149,7 @@ class _Session:
 
     async def command(self, *words: str) -> Reply:
         """Send one command and read its reply (the caller bounds the time)."""
-        self.writer.write(self.connection.send_command(*words))
+        self.write(self.connection.send_command(*words))
         event = await self._event()
         if isinstance(event, EndOfStream):
             raise _Closed
@@ -109,6 +162,16 @@ class _Session:
         async with asyncio.timeout(2 * self.settings.command_timeout):
             await self.command("SET VARIABLE", "NOOJEE_STATUS", outcome.status.value)
             await self.command("SET VARIABLE", "NOOJEE_MESSAGE", _message(outcome.message))
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise _Closed
+        transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # buffered bytes are still sent, then the socket closes
 
 
 class AgiServer:
@@ -143,8 +206,13 @@ class AgiServer:
 
     async def start(self) -> None:
         address = self.settings.listen_address
-        self._server = await asyncio.start_server(
-            self._accept, address.host, address.port, backlog=BACKLOG, reuse_address=True
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Session(self),
+            address.host,
+            address.port,
+            backlog=BACKLOG,
+            reuse_address=True,
         )
         log.info(
             "agi.server.listening",
@@ -175,10 +243,16 @@ class AgiServer:
             address = address.ipv4_mapped
         return any(address in network for network in self._networks)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def accepted(self, session: _Session) -> None:
+        """A connection came in: its session runs in a task of its own."""
+        task = asyncio.get_running_loop().create_task(self._accept(session))
+        task.add_done_callback(_report_crash)
+
+    async def _accept(self, session: _Session) -> None:
         task = asyncio.current_task()
         assert task is not None
-        peername = writer.get_extra_info("peername") or ("?", 0)
+        assert session.transport is not None
+        peername = session.transport.get_extra_info("peername") or ("?", 0)
         peer = _Peer(str(peername[0]), int(peername[1]))
         refusal = None
         if not self._allowed(peer):
@@ -188,22 +262,21 @@ class AgiServer:
         if refusal is not None:
             self.metrics.connections_refused.labels(refusal).inc()
             log.warning("agi.connection.refused", peer=str(peer), reason=refusal)
-            with contextlib.suppress(OSError):
-                writer.write(FAILURE_LINE)
-            await _close(writer)
+            with contextlib.suppress(_Closed):
+                session.write(FAILURE_LINE)
+            session.close()
             return
         self._sessions.add(task)
         self.metrics.connections_open.inc()
         try:
-            await self._session(_Session(reader, writer, self.settings), peer)
+            await self._session(session, peer)
         except asyncio.CancelledError:
-            # Shutdown past its grace. Ending quietly: Python 3.11's streams would log the
-            # cancellation of a connection task as an error with a traceback.
+            # Shutdown past its grace: end quietly, the stop is logged once for all.
             log.info("agi.session.cancelled", peer=str(peer))
         finally:
             self._sessions.discard(task)
             self.metrics.connections_open.dec()
-            await _close(writer)
+            session.close()
 
     async def _session(self, session: _Session, peer: _Peer) -> None:
         started = time.monotonic()
@@ -280,7 +353,7 @@ def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 2)
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+def _report_crash(task: asyncio.Task[None]) -> None:
+    """A session task that ended on an exception nobody expected (a bug): say so, once."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("agi.session.crashed", exc_info=task.exception())
