@@ -13,10 +13,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import structlog
 
 from agi_bridge.app import Bridge
+from agi_bridge.delivery import Outcome
 from agi_bridge.fake_asterisk import Call, SessionResult, environment_block, run_call
-from agi_bridge.protocol import MAX_ENVIRONMENT_BYTES, MAX_LINE_BYTES
+from agi_bridge.protocol import MAX_ENVIRONMENT_BYTES, MAX_LINE_BYTES, Environment
+from agi_bridge.server import AgiServer
 from agi_bridge.simulator import FailureMode, NoojeeSimulator
 from tests.bridge_helpers import (
     API_KEY,
@@ -158,6 +161,33 @@ async def test_sessions_beyond_the_limit_are_refused_not_queued(
         done = await asyncio.gather(*busy)
     assert refused.agistatus == "FAILURE"
     assert [r.variables["NOOJEE_STATUS"] for r in done] == ["STOPPED", "STOPPED"]
+
+
+async def test_a_session_that_hits_a_bug_is_logged_and_the_next_is_served(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception nobody expected in one session closes that connection, is logged as
+    agi.session.crashed with its traceback, and the server goes on serving."""
+    dispatch = AgiServer._dispatch
+    sessions = 0
+
+    async def buggy(self: AgiServer, environment: Environment, route: str) -> Outcome:
+        nonlocal sessions
+        sessions += 1
+        if sessions == 1:
+            raise RuntimeError("a bug")
+        return await dispatch(self, environment, route)
+
+    monkeypatch.setattr(AgiServer, "_dispatch", buggy)
+    with structlog.testing.capture_logs() as logs:
+        async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+            crashed = await call(bridge, "Fred", uniqueid="9.1")
+            served = await call(bridge, "Fred", uniqueid="9.2")
+    assert crashed.variables == {}
+    assert served.variables["NOOJEE_STATUS"] == "STOPPED"
+    [crash] = [entry for entry in logs if entry["event"] == "agi.session.crashed"]
+    assert isinstance(crash["exc_info"], RuntimeError)
+    assert sessions == 2
 
 
 async def test_queued_stops_survive_a_restart(
