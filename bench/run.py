@@ -48,7 +48,7 @@ WARMUP_ID_OFFSET = 50_000_000
 @dataclass
 class Scenario:
     name: str
-    target: str  # ceiling-asyncio | ceiling-uvloop[-2set] | panoramisk | per-call | bridge
+    target: str  # ceiling-{asyncio,uvloop}[-2set|-protocol] | panoramisk | per-call | bridge
     description: str
     mode: str = "closed"  # closed | open | hold (see loadgen.py)
     n: int = 5000
@@ -80,6 +80,26 @@ SCENARIOS: list[Scenario] = [
         "ceiling-uvloop",
         "ceiling-uvloop",
         "the same minimal server on uvloop",
+        n=20000,
+        quick_n=3000,
+        http=False,
+        expect=(),
+        warmup=500,
+    ),
+    Scenario(
+        "ceiling-asyncio-protocol",
+        "ceiling-asyncio-protocol",
+        "the minimal server as a bare asyncio.Protocol (no streams), standard event loop",
+        n=20000,
+        quick_n=3000,
+        http=False,
+        expect=(),
+        warmup=500,
+    ),
+    Scenario(
+        "ceiling-uvloop-protocol",
+        "ceiling-uvloop-protocol",
+        "the bare-Protocol minimal server on uvloop (a stricter reference)",
         n=20000,
         quick_n=3000,
         http=False,
@@ -342,9 +362,10 @@ def start_target(
     env = dict(os.environ)
     kind = scenario.target
     if kind.startswith("ceiling-"):
-        loop_name, _, commands = kind.split("-", 1)[1].partition("-")
+        loop_name, _, variant = kind.split("-", 1)[1].partition("-")
         command = [PYTHON, str(BENCH / "ceiling.py"), str(port), loop_name]
-        command += ["2"] if commands == "2set" else []
+        command += ["2"] if variant == "2set" else []
+        command += ["1", "protocol"] if variant == "protocol" else []
     elif kind == "panoramisk":
         pool = str(max(64, scenario.concurrency))
         command = [PYTHON, str(BENCH / "panoramisk_target.py"), str(port), sim.base_url]
@@ -633,8 +654,13 @@ def verdicts(
         row = by.get(name)
         return None if row is None or not row["completed"] else float(row["cpu_s_per_1k"])
 
-    ceilings = [c for c in (ceiling_name, "ceiling-asyncio", "ceiling-uvloop") if cpu(c)]
-    ceilings = list(dict.fromkeys(ceilings))
+    names = (
+        ceiling_name,
+        "ceiling-asyncio",
+        "ceiling-uvloop-protocol" if ceiling_name == "ceiling-uvloop" else "",
+        "ceiling-asyncio-protocol",
+    )
+    ceilings = list(dict.fromkeys(c for c in names if cpu(c)))
     for scenario, limit in (
         ("bridge-sync-0ms", 5.0),
         ("bridge-sync-50ms", None),
