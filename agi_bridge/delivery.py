@@ -39,7 +39,7 @@ from agi_bridge.noojee import (
     ResultKind,
 )
 from agi_bridge.settings import Mode, Settings
-from agi_bridge.spool import Spool, SpoolEntry, SpoolError
+from agi_bridge.spool import Spool, SpoolEntry
 
 log = get_logger("agi_bridge.delivery")
 
@@ -238,16 +238,16 @@ class Delivery:
             self._write_ahead(attempt)
 
     async def _queued(self, store: asyncio.Future[int], why: str) -> Outcome:
-        try:
-            # Shielded: a cancelled session must not cancel the write others settle on.
-            async with asyncio.timeout(STORE_TIMEOUT):
-                await asyncio.shield(store)
-        except SpoolError as exc:
-            log.exception("spool.write.failed", error=str(exc))
-            return Outcome(Status.FAILED, f"{why}; could not queue: spool not writable")
-        except TimeoutError:
-            log.error("spool.write.slow", timeout=STORE_TIMEOUT)  # noqa: TRY400  # no traceback to show
+        # asyncio.wait never cancels what it waits for: a cancelled session leaves alone the
+        # write that others settle on (and it costs less than a timeout around a shield).
+        done, _ = await asyncio.wait((store,), timeout=STORE_TIMEOUT)
+        if not done:
+            log.error("spool.write.slow", timeout=STORE_TIMEOUT)
             return Outcome(Status.FAILED, f"{why}; could not queue: spool too slow")
+        error = store.exception()
+        if error is not None:
+            log.error("spool.write.failed", error=str(error), exc_info=error)
+            return Outcome(Status.FAILED, f"{why}; could not queue: spool not writable")
         self._work.set()
         return Outcome(Status.QUEUED, why[:MESSAGE_MAX_CHARS])
 

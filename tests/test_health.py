@@ -140,3 +140,38 @@ async def test_readyz_turns_unready_when_the_spool_disk_is_full(
     assert f"spool {data / 'spool.sqlite3'} is not writable" in unready.text
     assert "KiB free on its disk" in unready.text
     assert again.status_code == 200
+
+
+def _fill_up(path: Path) -> None:
+    """Fill the filesystem of ``path`` to the last byte it takes."""
+    with (path / "filler").open("ab", buffering=0) as filler:
+        for size in (1 << 20, 1 << 12, 1):
+            with contextlib.suppress(OSError):  # ENOSPC: on to smaller writes
+                while True:
+                    filler.write(b"\0" * size)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="!!! needs root to mount a small filesystem")
+async def test_a_full_spool_disk_answers_failed_never_queued(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """NoojeeContact down and the spool's disk full: stops are FAILED ("could not queue"),
+    never QUEUED, so QUEUED always means on disk; freeing space makes them queue again."""
+    data = tmp_path / "data"
+    simulator.set_failure(FailureMode.REFUSE)
+    with _small_filesystem(data):
+        settings = make_settings(simulator, ca_file, data, stop_mode="async")
+        async with running_bridge(settings) as bridge:
+            _fill_up(data)
+            full = [await call(bridge, "Fred", uniqueid=f"6.{n}") for n in range(40)]
+            (data / "filler").unlink()
+            freed = await call(bridge, "Fred", uniqueid="6.99")
+            stats = await bridge.spool.stats()
+    statuses = [r.variables["NOOJEE_STATUS"] for r in full]
+    assert "FAILED" in statuses
+    assert set(statuses) <= {"QUEUED", "FAILED"}
+    for result in full:
+        if result.variables["NOOJEE_STATUS"] == "FAILED":
+            assert "could not queue: spool not writable" in result.variables["NOOJEE_MESSAGE"]
+    assert freed.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert stats.pending == statuses.count("QUEUED") + 1
