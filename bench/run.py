@@ -65,56 +65,30 @@ class Scenario:
     bridge_env: dict[str, str] = field(default_factory=dict)
 
 
+def _ceiling(name: str, description: str) -> Scenario:
+    """A ceiling server in a closed loop: many short sessions, no HTTP, no status to check."""
+    return Scenario(
+        name, name, description, n=20000, quick_n=3000, http=False, expect=(), warmup=500
+    )
+
+
 SCENARIOS: list[Scenario] = [
-    Scenario(
-        "ceiling-asyncio",
+    _ceiling(
         "ceiling-asyncio",
         "minimal asyncio FastAGI server, standard event loop: env, one SET VARIABLE, close",
-        n=20000,
-        quick_n=3000,
-        http=False,
-        expect=(),
-        warmup=500,
     ),
-    Scenario(
-        "ceiling-uvloop",
-        "ceiling-uvloop",
-        "the same minimal server on uvloop",
-        n=20000,
-        quick_n=3000,
-        http=False,
-        expect=(),
-        warmup=500,
-    ),
-    Scenario(
-        "ceiling-asyncio-protocol",
+    _ceiling("ceiling-uvloop", "the same minimal server on uvloop"),
+    _ceiling(
         "ceiling-asyncio-protocol",
         "the minimal server as a bare asyncio.Protocol (no streams), standard event loop",
-        n=20000,
-        quick_n=3000,
-        http=False,
-        expect=(),
-        warmup=500,
     ),
-    Scenario(
-        "ceiling-uvloop-protocol",
+    _ceiling(
         "ceiling-uvloop-protocol",
         "the bare-Protocol minimal server on uvloop (a stricter reference)",
-        n=20000,
-        quick_n=3000,
-        http=False,
-        expect=(),
-        warmup=500,
     ),
-    Scenario(
-        "ceiling-uvloop-2set",
+    _ceiling(
         "ceiling-uvloop-2set",
         "the uvloop ceiling sending two SET VARIABLEs like the bridge (information)",
-        n=20000,
-        quick_n=3000,
-        http=False,
-        expect=(),
-        warmup=500,
     ),
     Scenario(
         "panoramisk",
@@ -613,14 +587,14 @@ def machine() -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'scenario':22} {'sessions':>8} {'err':>4} {'sess/s':>7} {'p50':>7} {'p90':>7} "
+        f"{'scenario':24} {'sessions':>8} {'err':>4} {'sess/s':>7} {'p50':>7} {'p90':>7} "
         f"{'p99':>7} {'max':>7} {'CPU s/1k':>9} {'peakRSS':>8}"
     )
-    lines = [head, f"{'':22} {'':>8} {'':>4} {'':>7} {'hold ms':>7}", "-" * len(head)]
+    lines = [head, f"{'':24} {'':>8} {'':>4} {'':>7} {'hold ms':>7}", "-" * len(head)]
     for r in rows:
         h = r["hold_ms"]
         lines.append(
-            f"{r['scenario']:22} {r['completed']:>8} {r['errors']:>4} "
+            f"{r['scenario']:24} {r['completed']:>8} {r['errors']:>4} "
             f"{r['sessions_per_second']:>7.0f} {h['p50']:>7.2f} {h['p90']:>7.2f} "
             f"{h['p99']:>7.2f} {h['max']:>7.1f} {r['cpu_s_per_1k']:>9.3f} "
             f"{r['peak_rss_mb'] or 0:>6.1f}MB"
@@ -741,7 +715,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.list:
         for s in SCENARIOS:
-            print(f"{s.name:22} {s.description}")
+            print(f"{s.name:24} {s.description}")
         return 0
     chosen = [s for s in SCENARIOS if any(fnmatch.fnmatch(s.name, p) for p in args.scenarios)]
     if not chosen:
@@ -775,7 +749,7 @@ def main() -> int:
                 rows.append(row)
                 h = row["hold_ms"]
                 print(
-                    f"  {scenario.name:22} {row['completed']:>6} sessions "
+                    f"  {scenario.name:24} {row['completed']:>6} sessions "
                     f"{row['sessions_per_second']:>7.0f}/s  p99 {h['p99']:7.2f} ms  "
                     f"CPU {row['cpu_s_per_1k']:.3f} s/1k  peak RSS {row['peak_rss_mb']:.1f} MB  "
                     f"errors {row['errors']}  others busy {row['other_cores_busy']:.2f} cores"
