@@ -5,6 +5,7 @@ must be unaffected."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import ssl
@@ -119,6 +120,33 @@ async def test_hostile_client_is_closed_cleanly_and_others_are_served(
     assert b"NOOJEE" not in answer  # no command was sent to an impostor
     assert bridge.metrics.protocol_errors._value.get() == 1
     assert [r.path for r in simulator.received] == [STOP_PATH]
+
+
+async def test_a_peer_flooding_a_busy_session_is_not_read_into_memory(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """While a session waits for NoojeeContact, its peer sends 32 MB: the bridge stops reading
+    past MAX_UNREAD_BYTES (the peer's writes block in the kernel) instead of buffering them,
+    and the session goes on (the stop is sent) before the flood ends it as a protocol error."""
+    simulator.set_failure(FailureMode.SLOW, delay=2.5)
+    settings = make_settings(simulator, ca_file, tmp_path, stop_budget=1.5)
+    async with running_bridge(settings) as bridge:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.server.port)
+        writer.write(environment_block(Call(arguments=("Fred",), port=bridge.server.port)))
+        await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+        writer.write(b"x" * (32 << 20))
+        # Unpaused, the bridge would take the 32 MB in well under a second.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(writer.drain(), timeout=0.5)
+        # The session answers QUEUED at its budget, then reads the flood as the reply, fails
+        # and closes: with bytes still unread, the kernel resets the connection.
+        with contextlib.suppress(ConnectionResetError):
+            await _read_all(reader)
+        writer.transport.abort()
+        sessions = bridge.metrics.sessions.labels("recording/stop", "QUEUED")._value.get()
+        errors = bridge.metrics.protocol_errors._value.get()
+    assert sessions == 1
+    assert errors == 0  # the environment was fine: the flood fails the command's reply
 
 
 async def test_clients_outside_the_allow_list_are_refused(
