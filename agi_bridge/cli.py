@@ -121,7 +121,7 @@ def _age(seconds: float) -> str:
 def cmd_spool(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, require_api_key=False)
     spool = Spool(settings.data_dir, fsync=settings.spool_fsync)
-    spool.open()
+    spool.open(create=False)
     try:
         if args.spool_command == "list":
             table: Literal["pending", "dead"] = "dead" if args.dead else "pending"

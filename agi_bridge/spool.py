@@ -148,10 +148,17 @@ class Spool:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Create the directory and the database, fail loudly if either is not writable."""
+    def open(self, *, create: bool = True) -> None:
+        """Create the directory and the database, fail loudly if either is not writable.
+        ``create=False`` (the operator's commands): the spool must exist already, so a mistyped
+        data directory is an error instead of an empty spool that shows nothing."""
         if self._thread is not None:
             raise SpoolError(f"the spool at {self.path} is already open")
+        if not create and not self.path.is_file():
+            raise SpoolError(
+                f"no spool at {self.path}: check data_dir (the bridge creates the spool when it "
+                "first starts)"
+            )
         connection: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -302,6 +302,22 @@ async def test_spool_unusable_data_dir_exit_1(tmp_path: Path, env: dict[str, str
     assert_no_traceback(ran)
 
 
+async def test_spool_commands_refuse_a_data_dir_without_a_spool(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A mistyped data directory: exit 1 naming the path, and nothing created there (an empty
+    spool would show nothing and look like "nothing pending")."""
+    missing = tmp_path / "var" / "lib" / "agi-brigde"
+    for command in (("list",), ("retry",), ("purge", "--dead", "--all")):
+        ran = await agi_bridge(
+            "spool", *command, env=env | {"AGI_BRIDGE_DATA_DIR": str(missing)}, cwd=tmp_path
+        )
+        assert ran.returncode == 1, command
+        assert f"no spool at {missing / 'spool.sqlite3'}: check data_dir" in ran.stderr
+        assert_no_traceback(ran)
+    assert not (tmp_path / "var").exists()
+
+
 # --- send, against the simulator over real HTTPS -----------------------------------------
 
 
