@@ -142,6 +142,8 @@ async def run_until_signal(bridge: Bridge) -> int:
     def on_signal(signum: int) -> None:
         if stopping.is_set():
             log.warning("agi.server.forced_exit", signal=signal.Signals(signum).name)
+            # Both signals may be handled before stop() began: hand the spool what is in flight.
+            bridge.server.delivery.write_ahead_in_flight()
             bridge.spool.close(timeout=FORCED_EXIT_FLUSH)
             os._exit(FORCED_EXIT)
         log.info("agi.server.signal", signal=signal.Signals(signum).name)

@@ -190,7 +190,10 @@ class Delivery:
         task.add_done_callback(self._tasks.discard)
         attempt = _SyncAttempt(request, call_uniqueid, task)
         first_wait = 0.0 if self._write_at_once else min(self._settings.write_ahead_after, budget)
-        self._unstored.add(attempt)
+        if first_wait <= 0:
+            self._write_ahead(attempt)  # shutting down, or write_ahead_after = 0
+        else:
+            self._unstored.add(attempt)
         try:
             done, _ = await asyncio.wait((task,), timeout=first_wait)
         except asyncio.CancelledError:
@@ -422,17 +425,17 @@ class Delivery:
                 await self._work.wait()
 
     async def _deliver(self, entries: list[SpoolEntry]) -> bool:
-        """One attempt for each of ``entries``, all at once; True when one failed transiently.
-        The delivered ones leave the spool in one write."""
+        """One attempt for each of ``entries``, all at once; True when one failed transiently."""
         results = await asyncio.gather(*(self._send_entry(entry) for entry in entries))
-        delivered = [entry.id for entry, result in zip(entries, results, strict=True) if result.ok]
-        if delivered:
-            await self._spool.delivered(*delivered)
         return any(result.transient for result in results)
 
     async def _send_entry(self, entry: SpoolEntry) -> NoojeeResult:
         result = await self._attempt(entry.request, from_session=False)
         if result.ok:
+            # At once, not with the rest of the batch: a delivery made must be recorded even
+            # if the batch is cut short (shutdown, kill -9), or it is sent again. The spool
+            # thread still commits the batch's deletions together.
+            await self._spool.delivered(entry.id)
             self._metrics.delivered.inc()
             log.info(
                 "spool.entry.delivered",

@@ -255,7 +255,9 @@ class AgiServer:
         peername = session.transport.get_extra_info("peername") or ("?", 0)
         peer = _Peer(str(peername[0]), int(peername[1]))
         refusal = None
-        if not self._allowed(peer):
+        if not self.serving:
+            refusal = "shutting_down"  # accepted just as stop() began: it would not wait for us
+        elif not self._allowed(peer):
             refusal = "not_allowed"
         elif len(self._sessions) >= self.settings.max_sessions:
             refusal = "too_many_sessions"
@@ -286,7 +288,7 @@ class AgiServer:
             self.metrics.protocol_errors.inc()
             reason = getattr(exc, "reason", None) or (
                 f"no environment within {self.settings.environment_timeout:g}s"
-                if isinstance(exc, TimeoutError)
+                if isinstance(exc, TimeoutError) and exc.errno is None  # ours, not ETIMEDOUT
                 else f"connection error: {exc.__class__.__name__}"
             )
             log.warning(

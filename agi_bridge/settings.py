@@ -157,7 +157,7 @@ class Settings(BaseSettings):
         ge=0,
         le=30,
         description="seconds a sync attempt may take before its request is also spooled "
-        "(0: spool every request before sending)",
+        "(0: spool every request as its attempt starts)",
     )
     dedup_window: float = Field(
         60.0,

@@ -331,12 +331,12 @@ class Spool:
             )
         )
 
-    def delivered(self, *entry_ids: int) -> asyncio.Future[None]:
-        """Forget delivered entries. Callers need not wait for the future: a crash before the
+    def delivered(self, entry_id: int) -> asyncio.Future[None]:
+        """Forget a delivered entry. Callers need not wait for the future: a crash before the
         commit only means one harmless redelivery."""
 
         def work(db: sqlite3.Connection) -> None:
-            db.executemany("DELETE FROM pending WHERE id = ?", [(id_,) for id_ in entry_ids])
+            db.execute("DELETE FROM pending WHERE id = ?", (entry_id,))
 
         return self._acall(work)
 

@@ -53,7 +53,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     """One aiohttp session (a keep-alive pool), opened on first use inside the event loop.
 
     Bodies are read whole, up to ``max_body_bytes`` (the rest is dropped with the
-    connection), so the response handed back is complete and needs no closing.
+    connection), so the response handed back is complete and needs no closing; they are
+    never decompressed (see handle_async_request).
     """
 
     def __init__(
@@ -68,9 +69,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._limits: Final = limits
         self._max_body_bytes: Final = max_body_bytes
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
+        if self._closed:
+            # A late caller after shutdown must not open a pool that nobody will close.
+            raise RuntimeError("the NoojeeContact transport is closed")
         connector = aiohttp.TCPConnector(
             limit=self._limits.max_connections or 0,
             keepalive_timeout=self._limits.keepalive_expiry,
@@ -118,9 +123,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         except (aiohttp.ClientError, TimeoutError) as exc:
             mapped = _mapped(exc)
             raise mapped from mapped.__cause__
+        answer_headers = response.raw_headers
+        if "Content-Encoding" in response.headers:
+            # We ask for identity. A server that compresses anyway gets its bytes passed on as
+            # they are: httpx would inflate them whole here, and a few KiB of gzip can become
+            # megabytes past max_body_bytes.
+            answer_headers = tuple(h for h in answer_headers if h[0].lower() != b"content-encoding")
         return httpx.Response(
             response.status,
-            headers=response.raw_headers,
+            headers=answer_headers,
             content=body,
             request=request,
             extensions=_EXTENSIONS,
@@ -138,6 +149,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return b"".join(chunks)
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None

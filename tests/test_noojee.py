@@ -8,6 +8,7 @@ error pages that echo the key back) to pin down the client's hygiene.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import logging
@@ -101,6 +102,24 @@ async def test_a_huge_body_is_read_only_up_to_the_bound_and_the_next_request_wor
     assert first.status_code == 500
     assert first.content == page[:MAX_RESPONSE_BYTES]
     assert (second.status_code, second.content) == (200, b'{"Message":"ok","Code":0}')
+
+
+async def test_a_compressed_body_is_passed_on_raw_never_inflated() -> None:
+    """We ask for identity; a server that gzips anyway (here 10 MB of zeros in ~10 KB) gets
+    its bytes passed on as they are: inflating them would buffer megabytes past the bound."""
+    bomb = gzip.compress(b"\0" * 10_000_000)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb)
+    transport = AiohttpTransport(
+        verify=False, limits=httpx.Limits(max_connections=1), max_body_bytes=MAX_RESPONSE_BYTES
+    )
+    async with raw_http_server(answer + bomb) as port:
+        try:
+            url = f"http://127.0.0.1:{port}/x"
+            response = await transport.handle_async_request(httpx.Request("POST", url))
+        finally:
+            await transport.aclose()
+    assert response.content == bomb[:MAX_RESPONSE_BYTES]
+    assert "content-encoding" not in response.headers
 
 
 async def test_a_body_in_many_chunks_is_read_whole() -> None:

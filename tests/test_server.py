@@ -13,10 +13,14 @@ import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 import structlog
 
+from agi_bridge.delivery import Delivery
 from agi_bridge.logs import configure_logging
+from agi_bridge.metrics import Metrics
+from agi_bridge.noojee import NoojeeClient, RecordingRequest
 from agi_bridge.simulator import FailureMode, NoojeeSimulator
 from agi_bridge.spool import SPOOL_FILE, Spool
 from tests.bridge_helpers import API_KEY, call, make_settings, running_bridge, running_simulator
@@ -243,6 +247,54 @@ async def test_a_stop_waiting_for_a_busy_connection_is_queued_and_sent_once(
     assert waiter.hold < budget + 0.25
     assert sorted(r["agentLoginName"] for r in _api(simulator)) == ["Barney", "Fred"]
     assert stats.pending == 0
+
+
+async def test_a_delivery_is_recorded_even_when_the_worker_batch_is_cut_short(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """The worker sends a batch at once; one answer comes back, another hangs, and shutdown
+    cancels the batch. The delivered entry is out of the spool (not sent again after the
+    restart); the hanging one stays pending."""
+    hang = asyncio.Event()
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if "agentLoginName=Barney" in str(request.url):
+            await hang.wait()  # never set: cancelled with the batch
+        return httpx.Response(200, json={"Message": "Recording stopped", "Code": 0})
+
+    settings = make_settings(simulator, ca_file, tmp_path)
+    spool = Spool(tmp_path)
+    spool.open()
+    client = NoojeeClient(
+        base_url=simulator.base_url,
+        auth="apikey",
+        api_key=API_KEY,
+        transport=httpx.MockTransport(answer),
+    )
+    delivery = Delivery(settings=settings, client=client, spool=spool, metrics=Metrics())
+    deleted = asyncio.Event()
+    record = spool.delivered
+
+    def spy(entry_id: int) -> asyncio.Future[None]:
+        write = record(entry_id)
+        write.add_done_callback(lambda _: deleted.set())
+        return write
+
+    try:
+        for agent in ("Fred", "Barney"):
+            request = RecordingRequest(action="stop", exten_or_uniqueid="410", agent=agent)
+            await spool.add(request, call_uniqueid=f"4.{agent}")
+        spool.delivered = spy  # type: ignore[method-assign]
+        worker = asyncio.create_task(delivery.run())
+        await asyncio.wait_for(deleted.wait(), timeout=5)
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+        [left] = spool.list("pending")
+    finally:
+        await client.aclose()
+        spool.close()
+    assert left.request.agent == "Barney"
 
 
 async def test_async_mode_answers_queued_and_delivers(

@@ -109,13 +109,6 @@ async def test_delivered_removes(spool: Spool, clock: FakeClock) -> None:
     assert (await spool.stats()).pending == 1
 
 
-async def test_delivered_removes_a_whole_batch_in_one_call(spool: Spool, clock: FakeClock) -> None:
-    """The worker forgets a batch at once: exactly the ids given go, the others stay."""
-    ids = [await spool.add(STOP, call_uniqueid=f"2.{n}") for n in range(4)]
-    await spool.delivered(ids[0], ids[2], ids[3])
-    assert [e.id for e in await spool.claim_due(limit=10, lease=1)] == [ids[1]]
-
-
 async def test_failed_counts_attempt_and_sets_retry_time(spool: Spool, clock: FakeClock) -> None:
     """failed() increments attempts, keeps the error and makes the entry due at retry_at."""
     entry_id = await spool.add(STOP, call_uniqueid="1.1")
