@@ -70,7 +70,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._max_body_bytes: Final = max_body_bytes
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
-        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -91,19 +90,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
         return self._session
 
-    def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
+    @staticmethod
+    def _timeout(request: httpx.Request) -> aiohttp.ClientTimeout:
         phases = request.extensions.get("timeout", {})
-        key = (phases.get("connect"), phases.get("read"), phases.get("pool"))
-        timeout = self._timeouts.get(key)
-        if timeout is None:
-            # aiohttp's "connect" covers the wait for a pooled connection and the connect.
-            connect, read, pool = key
-            total_connect = None if connect is None or pool is None else connect + pool
-            timeout = aiohttp.ClientTimeout(
-                total=None, connect=total_connect, sock_connect=connect, sock_read=read
-            )
-            self._timeouts[key] = timeout
-        return timeout
+        connect, read, pool = phases.get("connect"), phases.get("read"), phases.get("pool")
+        # aiohttp's "connect" covers the wait for a pooled connection and the connect.
+        total_connect = None if connect is None or pool is None else connect + pool
+        return aiohttp.ClientTimeout(
+            total=None, connect=total_connect, sock_connect=connect, sock_read=read
+        )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._session or self._open()
@@ -139,10 +134,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
         limit = self._max_body_bytes
-        first = await response.content.read(limit)
-        if not first or response.content.at_eof() or len(first) >= limit:
-            return first  # the usual answer: one small chunk
-        chunks, size = [first], len(first)
+        chunks: list[bytes] = []
+        size = 0
         while size < limit and (chunk := await response.content.read(limit - size)):
             chunks.append(chunk)
             size += len(chunk)
