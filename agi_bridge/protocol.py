@@ -34,6 +34,7 @@ the limit instead of being buffered without bound.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import types
 from collections.abc import Mapping
@@ -243,10 +244,14 @@ Event: TypeAlias = Environment | Reply | Hangup | EndOfStream
 # and "_" (commands starting with "_" are hidden ones) separated by single spaces.
 _COMMAND_RE: Final = re.compile(r"[A-Za-z0-9_]+(?: [A-Za-z0-9_]+)*")
 _VARIABLE_NAME_RE: Final = re.compile(r"[A-Za-z0-9_]+")
-# Command names already checked against _COMMAND_RE: a server sends a handful of distinct
-# commands, each for every session. Bounded, so a caller varying them cannot grow it forever.
-_VALID_COMMANDS: Final[set[str]] = set()
-_MAX_VALID_COMMANDS: Final = 64
+
+
+# A server sends a handful of distinct commands, each for every session: check each name once.
+# Bounded, so a caller varying them cannot grow the cache forever; refusals are not cached.
+@functools.lru_cache(maxsize=64)
+def _check_command_name(command: str) -> None:
+    if _COMMAND_RE.fullmatch(command) is None:
+        raise LocalProtocolError("invalid command name")
 
 
 def encode_command(*words: str) -> bytes:
@@ -264,11 +269,7 @@ def encode_command(*words: str) -> bytes:
     if not words:
         raise LocalProtocolError("empty command")
     command = words[0]
-    if command not in _VALID_COMMANDS:
-        if _COMMAND_RE.fullmatch(command) is None:
-            raise LocalProtocolError("invalid command name")
-        if len(_VALID_COMMANDS) < _MAX_VALID_COMMANDS:
-            _VALID_COMMANDS.add(command)
+    _check_command_name(command)
     values = words[1:]
     if command.count(" ") + 1 + len(values) > MAX_COMMAND_WORDS:
         raise LocalProtocolError(f"command has more than {MAX_COMMAND_WORDS} words")
