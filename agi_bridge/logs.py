@@ -25,7 +25,6 @@ _LEVELS: Final = {
 }
 _SECRET_QUERY: Final = re.compile(r"(?i)\b(apikey|hash|timestamp)=([^&\s\"']+)")
 MASK: Final = "***"
-_PLAIN: Final = (int, float, type(None))  # values without text to scrub (bool is an int)
 
 
 class SecretScrubber:
@@ -51,13 +50,9 @@ class SecretScrubber:
         return value
 
     def __call__(self, _logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
-        # In place (structlog hands every processor a dict of its own), and numbers, booleans
-        # and None pass without a call: this runs for every log line, one per session.
+        # In place: structlog hands every processor a dict of its own.
         for key, value in event_dict.items():
-            if value.__class__ is str:
-                event_dict[key] = self.scrub(value)
-            elif not isinstance(value, _PLAIN):
-                event_dict[key] = self._clean(value)
+            event_dict[key] = self._clean(value)
         return event_dict
 
 
