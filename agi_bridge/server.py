@@ -2,7 +2,7 @@
 
 One :class:`asyncio.Protocol` and one task per connection: the protocol feeds the bytes to the
 core as they arrive and wakes the task only when it waits for an event (no stream objects in
-between; they cost about a quarter of a minimal server's CPU per session, bench/README.md).
+between; they cost about a third of a minimal server's CPU per session, bench/README.md).
 Each session reads the environment within a deadline, routes on the
 script path through an explicit table, asks :class:`~agi_bridge.delivery.Delivery` to stop or
 start the recording within the route's budget, and always ends the same way: it sets
