@@ -82,42 +82,44 @@ def client_clock() -> FakeClock:
     return FakeClock(1_000.0)
 
 
-async def test_a_huge_body_is_read_only_up_to_the_bound_and_the_next_request_works() -> None:
+@pytest.fixture
+async def transport() -> AsyncIterator[AiohttpTransport]:
+    """The bridge's own transport, as NoojeeClient builds it, on plain HTTP."""
+    transport = AiohttpTransport(
+        verify=False, limits=httpx.Limits(max_connections=2), max_body_bytes=MAX_RESPONSE_BYTES
+    )
+    yield transport
+    await transport.aclose()
+
+
+async def test_a_huge_body_is_read_only_up_to_the_bound_and_the_next_request_works(
+    transport: AiohttpTransport,
+) -> None:
     """A 2 MB error page: the client keeps MAX_RESPONSE_BYTES of it (a hostile or broken
     server cannot make it buffer megabytes), and the next request, on a new connection since
     that one was not read to its end, is answered normally."""
     page = b"<html>" + b"x" * 2_000_000
     huge = b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n%s" % (len(page), page)
     fine = b'HTTP/1.1 200 OK\r\nContent-Length: 25\r\n\r\n{"Message":"ok","Code":0}'
-    transport = AiohttpTransport(
-        verify=False, limits=httpx.Limits(max_connections=2), max_body_bytes=MAX_RESPONSE_BYTES
-    )
     async with raw_http_server(huge, fine) as port:
-        try:
-            url = f"http://127.0.0.1:{port}/x"
-            first = await transport.handle_async_request(httpx.Request("POST", url))
-            second = await transport.handle_async_request(httpx.Request("POST", url))
-        finally:
-            await transport.aclose()
+        url = f"http://127.0.0.1:{port}/x"
+        first = await transport.handle_async_request(httpx.Request("POST", url))
+        second = await transport.handle_async_request(httpx.Request("POST", url))
     assert first.status_code == 500
     assert first.content == page[:MAX_RESPONSE_BYTES]
     assert (second.status_code, second.content) == (200, b'{"Message":"ok","Code":0}')
 
 
-async def test_a_compressed_body_is_passed_on_raw_never_inflated() -> None:
+async def test_a_compressed_body_is_passed_on_raw_never_inflated(
+    transport: AiohttpTransport,
+) -> None:
     """We ask for identity; a server that gzips anyway (here 10 MB of zeros in ~10 KB) gets
     its bytes passed on as they are: inflating them would buffer megabytes past the bound."""
     bomb = gzip.compress(b"\0" * 10_000_000)
     answer = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb)
-    transport = AiohttpTransport(
-        verify=False, limits=httpx.Limits(max_connections=1), max_body_bytes=MAX_RESPONSE_BYTES
-    )
     async with raw_http_server(answer + bomb) as port:
-        try:
-            url = f"http://127.0.0.1:{port}/x"
-            response = await transport.handle_async_request(httpx.Request("POST", url))
-        finally:
-            await transport.aclose()
+        url = f"http://127.0.0.1:{port}/x"
+        response = await transport.handle_async_request(httpx.Request("POST", url))
     assert response.content == bomb[:MAX_RESPONSE_BYTES]
     assert "content-encoding" not in response.headers
 
