@@ -194,32 +194,58 @@ def cmd_version(_args: argparse.Namespace) -> int:
 # --- parser --------------------------------------------------------------------------------
 
 
+def _global_options(default: object) -> argparse.ArgumentParser:
+    """The options every command takes, accepted before or after the command's name.
+
+    argparse shares an option's action between a parent and the parsers built from it, so the
+    top level (``default=None``) and the commands (``default=SUPPRESS``: a command must not
+    reset ``--config`` given before its name) each get their own copy of this one definition.
+    """
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        help=f"TOML settings file (default: ${CONFIG_ENV})",
+    )
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
+    common = _global_options(argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="agi-bridge",
+        parents=[_global_options(None)],
         description="FastAGI server that stops and starts NoojeeContact call recordings "
         "for the Asterisk dialplan.",
         epilog=f"Settings come from a TOML file (--config or ${CONFIG_ENV}) and AGI_BRIDGE_* "
         "environment variables; `agi-bridge check-config` shows the effective values.",
     )
-    parser.add_argument("--config", type=Path, help=f"TOML settings file (default: ${CONFIG_ENV})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the FastAGI server in the foreground")
+    serve = commands.add_parser(
+        "serve", parents=[common], help="run the FastAGI server in the foreground"
+    )
     serve.set_defaults(func=cmd_serve)
 
     demo = commands.add_parser(
-        "demo", help="run the bridge against a built-in NoojeeContact simulator (try it out)"
+        "demo",
+        parents=[common],
+        help="run the bridge against a built-in NoojeeContact simulator (try it out)",
     )
     demo.set_defaults(func=cmd_demo)
 
     check = commands.add_parser(
-        "check-config", help="validate the settings and print them (secrets masked)"
+        "check-config",
+        parents=[common],
+        help="validate the settings and print them (secrets masked)",
     )
     check.set_defaults(func=cmd_check_config)
 
     send = commands.add_parser(
-        "send", help="send one stop/start to NoojeeContact now (tests credentials, TLS, IP list)"
+        "send",
+        parents=[common],
+        help="send one stop/start to NoojeeContact now (tests credentials, TLS, IP list)",
     )
     send.add_argument("action", choices=["stop", "start"])
     target = send.add_mutually_exclusive_group(required=True)
@@ -230,14 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     send.set_defaults(func=cmd_send)
 
     spool = commands.add_parser(
-        "spool", help="inspect and manage queued and dead-lettered requests"
+        "spool", parents=[common], help="inspect and manage queued and dead-lettered requests"
     )
     spool_commands = spool.add_subparsers(dest="spool_command", required=True, metavar="ACTION")
-    listing = spool_commands.add_parser("list", help="list pending (or --dead) requests")
+    listing = spool_commands.add_parser(
+        "list", parents=[common], help="list pending (or --dead) requests"
+    )
     listing.add_argument("--dead", action="store_true", help="list the dead letters")
-    retry = spool_commands.add_parser("retry", help="move dead letters back to pending")
+    retry = spool_commands.add_parser(
+        "retry", parents=[common], help="move dead letters back to pending"
+    )
     retry.add_argument("ids", nargs="*", type=int, help="entry ids (default: all dead letters)")
-    purge = spool_commands.add_parser("purge", help="delete entries for good")
+    purge = spool_commands.add_parser("purge", parents=[common], help="delete entries for good")
     purge.add_argument("ids", nargs="*", type=int, help="entry ids")
     purge.add_argument("--dead", action="store_true", help="purge dead letters, not pending")
     purge.add_argument("--all", action="store_true", help="every entry of the table")

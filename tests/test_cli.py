@@ -122,6 +122,36 @@ async def test_check_config_ok_prints_masked_settings(tmp_path: Path, env: dict[
     assert_no_secret(ran)
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("check-config", "--config", "{config}"),
+        ("spool", "list", "--config", "{config}"),
+        ("spool", "--config", "{config}", "list"),
+    ],
+)
+async def test_config_option_after_the_command(
+    tmp_path: Path, base_env: dict[str, str], argv: tuple[str, ...]
+) -> None:
+    """--config is accepted after the command's name as well as before it."""
+    config = tmp_path / "agi-bridge.toml"
+    data = tmp_path / "from-file"
+    config.write_text(
+        f'noojee_url = "https://noojee.invalid/rest"\nnoojee_api_key = "{KEY}"\n'
+        f'data_dir = "{data}"\n',
+        encoding="utf-8",
+    )
+    empty = Spool(data, fsync=False)  # for `spool list`
+    empty.open()
+    empty.close()
+    env = {k: v for k, v in base_env.items() if k != "AGI_BRIDGE_DATA_DIR"}
+    args = [a.format(config=config) for a in argv]
+    ran = await agi_bridge(*args, env=env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    expected = f'"data_dir": "{data}"' if argv[0] == "check-config" else "pending 0 (oldest -)"
+    assert expected in ran.stdout
+
+
 async def test_check_config_key_file_not_shown(tmp_path: Path, base_env: dict[str, str]) -> None:
     """A key read from a file is masked too; only the file's path is shown."""
     key_file = tmp_path / "key"
