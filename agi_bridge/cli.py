@@ -119,7 +119,7 @@ def _age(seconds: float) -> str:
 
 
 def cmd_spool(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config, require_api_key=False)
+    settings = load_settings(args.config, for_noojee=False)
     spool = Spool(settings.data_dir, fsync=settings.spool_fsync)
     spool.open(create=False)
     try:

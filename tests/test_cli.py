@@ -182,12 +182,12 @@ async def test_check_config_problems_exit_2_all_listed(
     problems = [line for line in ran.stderr.splitlines() if line.startswith("  - ")]
     assert len(problems) == 6, ran.stderr
     for expected in (
-        "stop_budget (AGI_BRIDGE_STOP_BUDGET)",
-        "listn: unknown setting",
+        f"stop_budget (AGI_BRIDGE_STOP_BUDGET, from {config}): Input should be a valid number",
+        f"listn: unknown setting in {config}; did you mean listen?",
         "noojee_url (AGI_BRIDGE_NOOJEE_URL): Field required",
-        "noojee_auth (AGI_BRIDGE_NOOJEE_AUTH)",
+        "noojee_auth (AGI_BRIDGE_NOOJEE_AUTH, from the environment)",
         "no API key",
-        "listen 0.0.0.0:4573 is not loopback",
+        "listen (AGI_BRIDGE_LISTEN, from the environment) 0.0.0.0:4573 is not loopback",
     ):
         assert any(p.startswith(f"  - {expected}") for p in problems), (expected, ran.stderr)
 

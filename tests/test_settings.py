@@ -126,9 +126,12 @@ def test_every_problem_reported_together(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("AGI_BRIDGE_MAX_SESSIONS", "0")
     problems = problems_of(path)
     joined = "\n".join(problems)
-    assert any(p.startswith("stop_budget (AGI_BRIDGE_STOP_BUDGET)") for p in problems), joined
-    assert any(p.startswith("default_by (AGI_BRIDGE_DEFAULT_BY)") for p in problems), joined
-    assert any(p.startswith("max_sessions (AGI_BRIDGE_MAX_SESSIONS)") for p in problems), joined
+    for expected in (
+        f"stop_budget (AGI_BRIDGE_STOP_BUDGET, from {path}):",
+        f"default_by (AGI_BRIDGE_DEFAULT_BY, from {path}):",
+        "max_sessions (AGI_BRIDGE_MAX_SESSIONS, from the environment):",
+    ):
+        assert any(p.startswith(expected) for p in problems), joined
     assert any(p.startswith("listn") and "unknown setting" in p for p in problems), joined
     assert any(p.startswith("noojee_url") and "required" in p for p in problems), joined
     # A cross-field check (no API key at all) is reported with the field errors, not after.
@@ -158,7 +161,7 @@ def test_failed_field_does_not_cause_a_second_misleading_problem(
     monkeypatch.setenv("AGI_BRIDGE_ALLOW_CLIENTS", "10.0.0.5, 10.0.0.300")
     problems = problems_of()
     assert len(problems) == 1, problems
-    assert problems[0].startswith("allow_clients (AGI_BRIDGE_ALLOW_CLIENTS)")
+    assert problems[0].startswith("allow_clients (AGI_BRIDGE_ALLOW_CLIENTS, from the environment):")
     assert "'10.0.0.300' is not an address or network" in problems[0]
 
 
@@ -170,7 +173,10 @@ def test_bad_agents_json_in_environment_is_a_problem(
     monkeypatch.setenv("AGI_BRIDGE_START_MODE", "later")
     problems = problems_of()
     assert len(problems) == 2, problems
-    assert any(p.startswith("agents (AGI_BRIDGE_AGENTS): not a JSON object") for p in problems)
+    assert any(
+        p.startswith("agents (AGI_BRIDGE_AGENTS, from the environment): not a JSON object")
+        for p in problems
+    )
     assert any(p.startswith("start_mode") for p in problems)
 
 
@@ -207,7 +213,10 @@ def test_key_and_key_file_together_is_a_problem(
     key_file.write_text("other-key\n", encoding="utf-8")
     monkeypatch.setenv("AGI_BRIDGE_NOOJEE_API_KEY_FILE", str(key_file))
     [problem] = problems_of()
-    assert "both AGI_BRIDGE_NOOJEE_API_KEY and AGI_BRIDGE_NOOJEE_API_KEY_FILE are set" in problem
+    assert problem.startswith(
+        "both noojee_api_key (AGI_BRIDGE_NOOJEE_API_KEY, from the environment) and "
+        "noojee_api_key_file (AGI_BRIDGE_NOOJEE_API_KEY_FILE, from the environment) are set"
+    )
 
 
 def test_api_key_from_environment(minimal_env: None) -> None:
@@ -227,7 +236,10 @@ def test_empty_key_file_is_a_problem(
     key_file.write_text(content, encoding="utf-8")
     monkeypatch.setenv("AGI_BRIDGE_NOOJEE_URL", URL)
     monkeypatch.setenv("AGI_BRIDGE_NOOJEE_API_KEY_FILE", str(key_file))
-    assert problems_of() == [f"noojee_api_key_file {key_file} {expected}"]
+    assert problems_of() == [
+        f"noojee_api_key_file (AGI_BRIDGE_NOOJEE_API_KEY_FILE, from the environment) {key_file}"
+        f" {expected}"
+    ]
 
 
 def test_missing_key_file_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,7 +268,9 @@ def test_non_loopback_listen_without_allow_list_refused(
     """Listening on a LAN address with nobody allowed and no override is refused."""
     monkeypatch.setenv("AGI_BRIDGE_LISTEN", "10.0.0.2:4573")
     (problem,) = problems_of()
-    assert problem.startswith("listen 10.0.0.2:4573 is not loopback")
+    assert problem.startswith(
+        "listen (AGI_BRIDGE_LISTEN, from the environment) 10.0.0.2:4573 is not loopback"
+    )
     assert "AGI_BRIDGE_ALLOW_CLIENTS" in problem
     assert "AGI_BRIDGE_LISTEN_UNRESTRICTED" in problem
 
@@ -335,7 +349,7 @@ def test_url_without_scheme_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGI_BRIDGE_NOOJEE_API_KEY", KEY)
     monkeypatch.setenv("AGI_BRIDGE_NOOJEE_URL", "pbx.example/rest")
     (problem,) = problems_of()
-    assert problem.startswith("noojee_url (AGI_BRIDGE_NOOJEE_URL)")
+    assert problem.startswith("noojee_url (AGI_BRIDGE_NOOJEE_URL, from the environment):")
     assert "must start with https://" in problem
 
 
@@ -424,7 +438,9 @@ def test_bad_listen_reported_with_env_name(
     """A bad listen address is a problem naming the setting and its variable."""
     monkeypatch.setenv("AGI_BRIDGE_LISTEN", "::1")
     (problem,) = problems_of()
-    assert problem.startswith("listen (AGI_BRIDGE_LISTEN): '::1' is not host:port")
+    assert problem.startswith(
+        "listen (AGI_BRIDGE_LISTEN, from the environment): '::1' is not host:port"
+    )
 
 
 def test_misspelt_environment_variable_is_a_problem(
@@ -449,7 +465,94 @@ def test_tool_variables_are_not_settings_problems(
 
 
 def test_spool_commands_need_no_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    """require_api_key=False loads without any key, for `agi-bridge spool ...`."""
+    """for_noojee=False loads without any key, for `agi-bridge spool ...`."""
     monkeypatch.setenv("AGI_BRIDGE_NOOJEE_URL", URL)
-    assert load_settings(require_api_key=False).noojee_api_key is None
+    assert load_settings(for_noojee=False).noojee_api_key is None
     assert any("no API key" in p for p in problems_of())
+
+
+def test_spool_commands_need_only_the_data_dir(tmp_path: Path) -> None:
+    """for_noojee=False needs neither noojee_url nor a key: the data dir is all a spool needs."""
+    path = write_toml(tmp_path, 'data_dir = "/var/lib/agi-bridge"\n')
+    assert load_settings(path, for_noojee=False).data_dir == Path("/var/lib/agi-bridge")
+    problems = problems_of(path)
+    assert any(p.startswith("noojee_url (AGI_BRIDGE_NOOJEE_URL): Field required") for p in problems)
+
+
+def test_unknown_key_suggests_and_lists_the_settings(tmp_path: Path, minimal_env: None) -> None:
+    """An unknown key in the file names the file, the likely key and every valid key."""
+    path = write_toml(tmp_path, 'noojee_ca_fiel = "ca.pem"\n')
+    (problem,) = problems_of(path)
+    assert problem.startswith(
+        f"noojee_ca_fiel: unknown setting in {path}; did you mean noojee_ca_file?"
+    )
+    assert problem.endswith("the settings are: " + ", ".join(Settings.model_fields))
+
+
+def test_settings_after_the_agents_table_are_named_as_such(tmp_path: Path) -> None:
+    """Keys written after [agents] land in it (TOML): said plainly, not 'Field required'."""
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n", encoding="utf-8")
+    path = write_toml(
+        tmp_path,
+        f"""
+        [agents]
+        "410" = "Fred"
+        noojee_url = "{URL}"
+        noojee_api_key_file = "{key_file}"
+        """,
+    )
+    (problem,) = problems_of(path)
+    assert problem == (
+        f"noojee_url, noojee_api_key_file in {path} are inside the [agents] table: TOML puts "
+        "every key written after the [agents] line into it. Move [agents] and its entries to "
+        "the end of the file"
+    )
+
+
+def test_agents_entry_that_is_not_a_login_is_named(tmp_path: Path, minimal_env: None) -> None:
+    """An [agents] value that is not a string is one problem saying what to write instead."""
+    path = write_toml(tmp_path, '[agents]\n"410" = "Fred"\nstop_budgte = 2\n')
+    (problem,) = problems_of(path)
+    assert problem == (
+        f"[agents] entry stop_budgte = 2 in {path} is not a login name: write "
+        '"stop_budgte" = "Fred"; if it is a setting, it belongs before the [agents] line'
+    )
+
+
+def test_relative_paths_in_the_file_resolve_from_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Key file, CA file and data dir written relative in the file are taken from its folder."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "key").write_text(KEY + "\n", encoding="utf-8")
+    (folder / "ca.pem").write_text("not parsed here\n", encoding="utf-8")
+    path = folder / "agi-bridge.toml"
+    path.write_text(
+        f'noojee_url = "{URL}"\nnoojee_api_key_file = "key"\n'
+        'noojee_ca_file = "./ca.pem"\ndata_dir = "spool"\n',
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)  # the working directory holds none of them
+    settings = load_settings(path)
+    assert settings.api_key == KEY
+    assert settings.noojee_ca_file == folder / "ca.pem"
+    assert settings.data_dir == folder / "spool"
+
+
+def test_relative_paths_from_environment_and_defaults_stay_relative(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paths from the environment, and the default data dir, resolve from the working directory."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    path = folder / "agi-bridge.toml"
+    path.write_text(f'noojee_url = "{URL}"\n', encoding="utf-8")
+    (tmp_path / "key").write_text(KEY + "\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AGI_BRIDGE_NOOJEE_API_KEY_FILE", "key")
+    settings = load_settings(path)
+    assert settings.api_key == KEY
+    assert settings.noojee_api_key_file == Path("key")
+    assert settings.data_dir == Path("var")
