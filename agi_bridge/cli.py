@@ -17,9 +17,16 @@ from agi_bridge import __version__
 from agi_bridge.app import noojee_client, serve
 from agi_bridge.demo import DEMO_KEY, DEMO_PORT, run_demo
 from agi_bridge.fake_asterisk import DEFAULT_CHANNEL, DEFAULT_UNIQUEID, Call, run_call
-from agi_bridge.logs import configure_logging
+from agi_bridge.logs import configure_logging, get_logger
 from agi_bridge.noojee import Action, RecordingRequest
-from agi_bridge.settings import CONFIG_ENV, Address, ConfigError, Settings, load_settings
+from agi_bridge.settings import (
+    CONFIG_ENV,
+    Address,
+    ConfigError,
+    Settings,
+    load_settings,
+    settings_warnings,
+)
 from agi_bridge.simulator import SimulatorConfig, run_simulator
 from agi_bridge.spool import Spool, SpoolEntry, SpoolError
 
@@ -28,9 +35,14 @@ EXIT_FAILED: Final = 1  # the command ran and what it tried failed (send, spool)
 EXIT_CONFIG: Final = 2  # the configuration is unusable: nothing was started
 
 
+log = get_logger("agi_bridge.cli")
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=[settings.api_key])
+    for warning in settings_warnings(settings):
+        log.warning("settings.warning", problem=warning)
     return settings
 
 
@@ -55,6 +67,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     json.dump(settings.masked(), sys.stdout, indent=2, sort_keys=True)
     print()
+    for warning in settings_warnings(settings):
+        print(f"warning: {warning}", file=sys.stderr)
     print("configuration OK", file=sys.stderr)
     return EXIT_OK
 

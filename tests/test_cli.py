@@ -168,6 +168,68 @@ async def test_check_config_key_file_not_shown(tmp_path: Path, base_env: dict[st
     assert_no_secret(ran)
 
 
+@pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o604, True), (0o640, False)])
+async def test_check_config_warns_of_a_key_file_others_can_read(
+    tmp_path: Path, base_env: dict[str, str], mode: int, warned: bool
+) -> None:
+    """A key file readable by every user is a warning (exit 0 still); group-readable is not."""
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n", encoding="utf-8")
+    key_file.chmod(mode)
+    env = base_env | {
+        "AGI_BRIDGE_NOOJEE_URL": "https://noojee.invalid/rest",
+        "AGI_BRIDGE_NOOJEE_API_KEY_FILE": str(key_file),
+    }
+    ran = await agi_bridge("check-config", env=env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    warning = (
+        f"warning: noojee_api_key_file (AGI_BRIDGE_NOOJEE_API_KEY_FILE) {key_file} is readable "
+        f"by every user (mode {mode:04o}): chmod 0600 it"
+    )
+    assert (warning in ran.stderr) is warned, ran.stderr
+    assert ("warning:" in ran.stderr) is warned, ran.stderr
+    assert_no_secret(ran)
+
+
+async def test_serve_logs_a_key_file_others_can_read(
+    tmp_path: Path, base_env: dict[str, str]
+) -> None:
+    """serve logs the same warning as it starts, like ssh for a private key."""
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n", encoding="utf-8")
+    key_file.chmod(0o644)
+    env = base_env | {
+        "AGI_BRIDGE_NOOJEE_URL": "https://noojee.invalid/rest",
+        "AGI_BRIDGE_NOOJEE_API_KEY_FILE": str(key_file),
+        "AGI_BRIDGE_LISTEN": "127.0.0.1:0",
+        "AGI_BRIDGE_METRICS_LISTEN": "",
+        "AGI_BRIDGE_LOG_FORMAT": "json",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agi_bridge",
+        "serve",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert process.stderr is not None
+    events = []
+    try:
+        async with asyncio.timeout(RUN_TIMEOUT):
+            while (line := await process.stderr.readline()) and "listening" not in line.decode():
+                events.append(json.loads(line))
+    finally:
+        process.terminate()
+        await process.wait()
+    (warning,) = [e for e in events if e["event"] == "settings.warning"]
+    assert warning["level"] == "warning"
+    assert f"{key_file} is readable by every user (mode 0644)" in warning["problem"]
+
+
 async def test_check_config_problems_exit_2_all_listed(
     tmp_path: Path, base_env: dict[str, str]
 ) -> None:
