@@ -149,8 +149,9 @@ def cmd_spool(args: argparse.Namespace) -> int:
         elif args.spool_command == "retry":
             moved = spool.retry_dead(args.ids or None)
             print(
-                f"{moved} dead letter(s) moved back to pending; a running bridge sends them "
-                "within a second"
+                f"{len(moved)} dead letter(s) moved back to pending, same ids"
+                f"{': ' if moved else ''}{', '.join(map(str, moved))}; a running bridge sends "
+                "them within a second"
             )
         else:
             table = "dead" if args.dead else "pending"

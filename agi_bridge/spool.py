@@ -431,19 +431,23 @@ class Spool:
     def sync_stats(self) -> SpoolStats:
         return self._scall(_stats)
 
-    def retry_dead(self, ids: Iterable[int] | None = None) -> int:
-        """Move dead letters (all, or ``ids``) back to pending with a fresh attempt count."""
+    def retry_dead(self, ids: Iterable[int] | None = None) -> tuple[int, ...]:
+        """Move dead letters (all, or ``ids``) back to pending with a fresh attempt count, and
+        return their ids. They keep their ids, so a following ``purge`` by id finds them."""
         now = self._clock()
         selected = None if ids is None else list(ids)
 
-        def work(db: sqlite3.Connection) -> int:
+        def work(db: sqlite3.Connection) -> tuple[int, ...]:
+            moved = _existing(db, "dead", selected)
             where, params = _id_filter(selected)
             # ``where`` holds only ``?`` placeholders: no value is formatted into the SQL.
-            columns = "action, target, agent, tag, call_uniqueid"
+            # The id is copied too: pending's AUTOINCREMENT never hands out an id twice, so
+            # the one a dead letter took from pending cannot be in use there.
+            columns = "id, action, target, agent, tag, call_uniqueid"
             copy = f"INSERT INTO pending ({columns}, created, next_at, last_error) SELECT {columns}"
-            cursor = db.execute(f"{copy}, ?, ?, last_error FROM dead{where}", (now, now, *params))
+            db.execute(f"{copy}, ?, ?, last_error FROM dead{where}", (now, now, *params))
             db.execute(f"DELETE FROM dead{where}", params)  # noqa: S608
-            return cursor.rowcount
+            return moved
 
         return self._scall(work)
 
@@ -452,10 +456,29 @@ class Spool:
         selected = None if ids is None else list(ids)
 
         def work(db: sqlite3.Connection) -> int:
+            _existing(db, table, selected)
             where, params = _id_filter(selected)
             return db.execute(f"DELETE FROM {table}{where}", params).rowcount  # noqa: S608
 
         return self._scall(work)
+
+
+def _existing(
+    db: sqlite3.Connection, table: Literal["pending", "dead"], ids: list[int] | None
+) -> tuple[int, ...]:
+    """The ids of ``table`` among ``ids`` (every id when None). An id that is not there is a
+    mistake (a typo, or the wrong table): :class:`SpoolError` naming it, and nothing is changed."""
+    where, params = _id_filter(ids)
+    query = f"SELECT id FROM {table}{where} ORDER BY id"  # noqa: S608 (placeholders only)
+    found = tuple(row[0] for row in db.execute(query, params))
+    missing = sorted(set(ids or ()) - set(found))
+    if missing:
+        listing = "spool list --dead" if table == "dead" else "spool list"
+        raise SpoolError(
+            f"no {'dead letter' if table == 'dead' else 'pending entry'} with id "
+            f"{', '.join(map(str, missing))}: `agi-bridge {listing}` shows them"
+        )
+    return found
 
 
 def _stats(db: sqlite3.Connection) -> SpoolStats:

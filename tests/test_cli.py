@@ -356,7 +356,40 @@ async def test_spool_retry_one_then_all(
     ran = await agi_bridge("spool", "retry", env=env, cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.startswith("1 dead letter(s)")
-    assert spool_contents(data) == (["410", "1795811316.2", "412", "411"], [])
+    assert spool_contents(data) == (["410", "1795811316.2", "411", "412"], [])  # ids kept
+
+
+async def test_spool_retry_keeps_ids_and_refuses_unknown_ones(
+    tmp_path: Path, env: dict[str, str], prepared_spool: dict[str, int]
+) -> None:
+    """retry prints the ids it moved, which a following purge finds; an unknown id: exit 1."""
+    dead_b = prepared_spool["dead_b"]
+    ran = await agi_bridge("spool", "retry", str(dead_b), env=env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith(f"1 dead letter(s) moved back to pending, same ids: {dead_b};")
+    ran = await agi_bridge("spool", "purge", str(dead_b), env=env, cwd=tmp_path)
+    assert (ran.returncode, ran.stdout.strip()) == (0, "1 pending entry deleted for good")
+
+    for command in (("retry", "99"), ("purge", "--dead", "99")):
+        ran = await agi_bridge("spool", *command, env=env, cwd=tmp_path)
+        assert ran.returncode == 1, command
+        assert ran.stderr == (
+            "agi-bridge: no dead letter with id 99: `agi-bridge spool list --dead` shows them\n"
+        )
+        assert_no_traceback(ran)
+    assert spool_contents(tmp_path / "data") == (["410", "1795811316.2"], ["411"])
+
+
+async def test_spool_commands_need_only_the_data_dir(
+    tmp_path: Path, base_env: dict[str, str], prepared_spool: dict[str, int]
+) -> None:
+    """spool list runs with nothing but the data dir: no noojee_url, no API key."""
+    ran = await agi_bridge("spool", "list", env=base_env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert set(rows(ran.stdout)) == {
+        prepared_spool["pending_stop"],
+        prepared_spool["pending_start"],
+    }
 
 
 async def test_spool_purge(

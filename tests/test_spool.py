@@ -141,30 +141,45 @@ async def test_dead_letter_moves_with_error_and_attempts(spool: Spool, clock: Fa
 
 
 async def test_retry_dead_moves_back(spool: Spool, clock: FakeClock) -> None:
-    """retry_dead puts dead letters back as fresh pending entries, due now."""
+    """retry_dead puts dead letters back as fresh pending entries, due now, under their ids."""
     ids = [await spool.add(STOP, call_uniqueid=f"1.{n}") for n in range(3)]
     for entry_id in ids:
         await spool.failed(entry_id, "HTTP 500", retry_at=clock.now)
         await spool.dead_letter(entry_id, "HTTP 500")
     clock.now += 100
-    assert spool.retry_dead([ids[1]]) == 1
+    assert spool.retry_dead([ids[1]]) == (ids[1],)
     assert [e.call_uniqueid for e in spool.list("dead")] == ["1.0", "1.2"]
     (entry,) = await spool.claim_due(limit=10, lease=30)
     assert entry.request == STOP
     assert entry.call_uniqueid == "1.1"
+    assert entry.id == ids[1]  # `spool purge ID` after `spool retry ID` finds it
     assert entry.attempts == 0  # a fresh start: the bounded retries begin again
     assert entry.created == clock.now  # and so does the maximum age
     assert entry.last_error == "HTTP 500"  # the operator can still see why it died
-    assert spool.retry_dead() == 2
+    assert spool.retry_dead() == (ids[0], ids[2])
     assert spool.list("dead") == []
-    assert len(spool.list("pending")) == 3
+    assert [e.id for e in spool.list("pending")] == ids
+
+
+async def test_retry_or_purge_of_an_unknown_id_changes_nothing(
+    spool: Spool, clock: FakeClock
+) -> None:
+    """An id that is not in the table is an error naming it; the other ids are not touched."""
+    ids = [await spool.add(STOP, call_uniqueid=f"1.{n}") for n in range(2)]
+    await spool.dead_letter(ids[1], "HTTP 500")
+    with pytest.raises(SpoolError, match=rf"^no dead letter with id {ids[0]}, 999: "):
+        spool.retry_dead([ids[1], ids[0], 999])
+    with pytest.raises(SpoolError, match=rf"^no pending entry with id {ids[1]}: "):
+        spool.purge("pending", [ids[0], ids[1]])
+    assert [e.id for e in spool.list("pending")] == [ids[0]]
+    assert [e.id for e in spool.list("dead")] == [ids[1]]
 
 
 async def test_purge(spool: Spool, clock: FakeClock) -> None:
     """purge deletes the named entries, or the whole table, and says how many."""
     ids = [await spool.add(STOP, call_uniqueid=f"1.{n}") for n in range(4)]
     await spool.dead_letter(ids[3], "dead")
-    assert spool.purge("pending", [ids[0], ids[2], 999]) == 2
+    assert spool.purge("pending", [ids[0], ids[2]]) == 2
     assert [e.id for e in spool.list("pending")] == [ids[1]]
     assert spool.purge("dead") == 1
     assert spool.list("dead") == []
