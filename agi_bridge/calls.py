@@ -80,6 +80,16 @@ def parse_parameters(environment: Environment) -> CallParameters:
     """Merge the query string and the arguments (arguments win) and check every value."""
     merged = _pairs_to_dict(environment.query, "the AGI URL query")
     merged.update(_pairs_to_dict(_split_arguments(environment.arguments), "the AGI arguments"))
+    return _checked(merged)
+
+
+def parameters_from(pairs: Iterable[tuple[str, str]], source: str) -> CallParameters:
+    """Parameters given as ``(key, value)`` pairs elsewhere than in a call (``agi-bridge
+    send``), checked as a call's are; ``source`` says where, for the reason."""
+    return _checked(_pairs_to_dict(pairs, source))
+
+
+def _checked(merged: Mapping[str, str]) -> CallParameters:
     by = merged.get("by")
     if by is not None and by not in get_args(By):
         raise Rejected(f"by={by!r} is not one of uniqueid, extension, id")
@@ -133,8 +143,6 @@ def build_request(
     settings: Settings,
 ) -> RecordingRequest:
     """The NoojeeContact request for this call, or :class:`Rejected` saying what is missing."""
-    if parameters.tag is not None and action != "start":
-        raise Rejected("tag is only accepted by recording/start")
     by: By = parameters.by or ("id" if parameters.id is not None else settings.default_by)
     extension = extension_from_channel(environment.channel)
     if by == "id":
@@ -152,6 +160,21 @@ def build_request(
             )
         # Fix: checked like a uniqueid; agi_channel is as unchecked as agi_uniqueid.
         target = _check_text("extension", extension, MAX_IDENTIFIER_LENGTH)
+    return request_for(action, target, extension, parameters, settings)
+
+
+def request_for(
+    action: Action,
+    target: str,
+    extension: str | None,
+    parameters: CallParameters,
+    settings: Settings,
+) -> RecordingRequest:
+    """The request for ``target`` (checked): what every request goes through, from a call or
+    from ``agi-bridge send``. ``extension`` looks the agent up in ``agents`` (None: no lookup).
+    """
+    if parameters.tag is not None and action != "start":
+        raise Rejected("tag is only accepted by recording/start")
     # Fix: ``or None``: an empty default_agent (AGI_BRIDGE_DEFAULT_AGENT=) or agents value is no
     # agent; before, a stop went out with agentLoginName missing instead of being REJECTED.
     agent = (

@@ -15,6 +15,7 @@ from typing import Any, Final, Literal
 
 from agi_bridge import __version__
 from agi_bridge.app import noojee_client, serve
+from agi_bridge.calls import Rejected, parameters_from, request_for
 from agi_bridge.demo import DEMO_KEY, DEMO_PORT, run_demo
 from agi_bridge.fake_asterisk import DEFAULT_CHANNEL, DEFAULT_UNIQUEID, Call, run_call
 from agi_bridge.logs import configure_logging, get_logger
@@ -73,14 +74,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _send_request(args: argparse.Namespace, settings: Settings) -> RecordingRequest:
+    """The checks and the agent lookup of a call from the dialplan: what send tries is what
+    the bridge would send. The identifier goes out as given, which is what id= means."""
+    given = (("id", args.uniqueid or args.extension), ("agent", args.agent), ("tag", args.tag))
+    parameters = parameters_from(
+        ((key, value) for key, value in given if value is not None), "the command line"
+    )
+    if parameters.id is None:
+        raise Rejected("the extension or uniqueid is empty")
+    return request_for(args.action, parameters.id, args.extension, parameters, settings)
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    request = RecordingRequest(
-        action=args.action,
-        exten_or_uniqueid=args.uniqueid or args.extension,
-        agent=args.agent,
-        tag=args.tag,
-    )
+    try:
+        request = _send_request(args, settings)
+    except Rejected as exc:
+        print(f"agi-bridge: not sent: {exc.reason}", file=sys.stderr)
+        return EXIT_FAILED
 
     async def send() -> int:
         # One request: one connection.
@@ -266,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     target = send.add_mutually_exclusive_group(required=True)
     target.add_argument("--uniqueid", help="an Asterisk uniqueid, e.g. 1795811316.1")
     target.add_argument("--extension", help="an extension, e.g. 410")
-    send.add_argument("--agent", help="agentLoginName (required by NoojeeContact for stop)")
+    send.add_argument(
+        "--agent", help="agentLoginName (default: as for a call, from agents or default_agent)"
+    )
     send.add_argument("--tag", help="tag stored with the recording (start only)")
     send.set_defaults(func=cmd_send)
 

@@ -544,6 +544,40 @@ async def test_send_untrusted_certificate_exit_1(
     assert_no_secret(ran)
 
 
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (("stop", "--extension", "410"), "stop needs an agent"),
+        (("stop", "--uniqueid", "1.1", "--agent", "Fred", "--tag", "T"), "tag is only accepted"),
+        (("start", "--extension", "410", "--agent", "Fr\x01ed"), "agent contains control"),
+    ],
+)
+async def test_send_refuses_what_a_call_could_not_send(
+    tmp_path: Path,
+    simulator: NoojeeSimulator,
+    send_env: dict[str, str],
+    argv: tuple[str, ...],
+    reason: str,
+) -> None:
+    """send makes the AGI route's checks: a stop without agent or with a tag is not sent."""
+    ran = await agi_bridge("send", *argv, env=send_env, cwd=tmp_path)
+    assert ran.returncode == 1
+    assert ran.stderr.startswith(f"agi-bridge: not sent: {reason}"), ran.stderr
+    assert simulator.received == []
+    assert_no_traceback(ran)
+
+
+async def test_send_takes_the_agent_from_the_settings_as_a_call_does(
+    tmp_path: Path, simulator: NoojeeSimulator, send_env: dict[str, str]
+) -> None:
+    """send without --agent looks the extension up in agents, as the AGI route does."""
+    env = send_env | {"AGI_BRIDGE_AGENTS": '{"410": "Wilma"}'}
+    ran = await agi_bridge("send", "stop", "--extension", "410", env=env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    (received,) = simulator.received
+    assert received.params["agentLoginName"] == "Wilma"
+
+
 async def test_send_bad_config_exit_2(tmp_path: Path, base_env: dict[str, str]) -> None:
     """send with an unusable configuration exits 2 before sending anything."""
     ran = await agi_bridge(
