@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import ssl
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -23,6 +24,12 @@ KEY = "f863246a-973e-11e6-8784-08002718f5b5"
 STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
 # Generous: a cold interpreter importing httpx, pydantic and structlog on a loaded CI box.
 RUN_TIMEOUT = 30.0
+REPO = Path(__file__).resolve().parent.parent
+# Where the documentation names an agent: `send --agent X`, `agent=X`, `NOOJEE_AGENT=X`, the
+# lone AGI argument (`recording/stop,X`, `fake-call recording/stop X`), the agents map's JSON.
+DOCUMENTED_AGENT = re.compile(
+    r'(?:--agent |\bagent=|NOOJEE_AGENT=|recording/stop[, ]|"\d+": ")([A-Za-z]\w*)'
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +269,20 @@ async def test_check_config_invalid_toml(tmp_path: Path, env: dict[str, str]) ->
     assert ran.returncode == 2
     assert f"config file {config} is not valid TOML" in ran.stderr
     assert_no_traceback(ran)
+
+
+def test_documented_agents_are_the_demos() -> None:
+    """Every agent the README and the dialplan's docs name is one the demo simulator knows, case
+    included, so each example works against `agi-bridge demo` as written."""
+    known = set(SimulatorConfig().agents)
+    documents = ("README.md", "dialplan/README.md", "dialplan/extensions.conf")
+    named = {
+        (document, match)
+        for document in documents
+        for match in DOCUMENTED_AGENT.findall((REPO / document).read_text(encoding="utf-8"))
+    }
+    assert {agent for _, agent in named} >= {"Fred", "Pebbles"}  # the pattern finds them
+    assert {(document, agent) for document, agent in named if agent not in known} == set()
 
 
 # --- spool ---------------------------------------------------------------------------------
