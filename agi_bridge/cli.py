@@ -210,6 +210,8 @@ def cmd_fake_call(args: argparse.Namespace) -> int:
     for name, value in result.variables.items():
         print(f"{name}={value}")
     print(f"held the channel {result.hold * 1000:.1f} ms", file=sys.stderr)
+    if result.reason:
+        print(f"agi-bridge: {result.reason}", file=sys.stderr)
     return EXIT_OK if result.agistatus == "SUCCESS" else EXIT_FAILED
 
 

@@ -105,6 +105,8 @@ class SessionResult:
     commands: list[str] = field(default_factory=list)
     hold: float = 0.0  # connect to server close, what the dialplan waits
     agistatus: str = "SUCCESS"
+    # Why AGISTATUS is FAILURE, for a person (Asterisk itself only logs "FastAGI failed").
+    reason: str = ""
 
 
 async def run_call(
@@ -121,11 +123,21 @@ async def run_call(
     """
     result = SessionResult()
     started = time.perf_counter()
+    where = f"[{call.host}]:{call.port}" if ":" in call.host else f"{call.host}:{call.port}"
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             reader, writer = await asyncio.open_connection(call.host, call.port)
-    except (OSError, TimeoutError):
+    except TimeoutError:
         result.agistatus = "FAILURE"  # Asterisk: "FastAGI failed", the dialplan continues
+        result.reason = f"no connection to {where} within {CONNECT_TIMEOUT:g} s"
+        return result
+    except ConnectionRefusedError:
+        result.agistatus = "FAILURE"
+        result.reason = f"connection refused at {where}: is the bridge running, on that port?"
+        return result
+    except OSError as exc:
+        result.agistatus = "FAILURE"
+        result.reason = f"cannot connect to {where}: {exc.strerror or exc}"
         return result
     try:
         writer.write(environment_block(call) + (b"HANGUP\n" if hangup_before_commands else b""))
@@ -134,11 +146,20 @@ async def run_call(
                 text = line.decode("utf-8", "replace").rstrip("\n")
                 if text.startswith("failure"):
                     result.agistatus = "FAILURE"
+                    result.reason = (
+                        f"the bridge at {where} refused the session (it answered 'failure'): "
+                        "not in allow_clients, too many sessions, or shutting down; its log "
+                        "says which (agi.connection.refused)"
+                    )
                     break
                 result.commands.append(text)
                 writer.write(_answer(text, result))
-    except (ConnectionError, TimeoutError):
+    except ConnectionError as exc:
         result.agistatus = "FAILURE"
+        result.reason = f"the connection to {where} broke: {exc.strerror or exc}"
+    except TimeoutError:
+        result.agistatus = "FAILURE"
+        result.reason = f"the session with {where} did not end within {deadline:g} s"
     finally:
         result.hold = time.perf_counter() - started
         if sighup and result.agistatus == "SUCCESS":

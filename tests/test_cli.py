@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -19,6 +20,7 @@ from agi_bridge import __version__
 from agi_bridge.noojee import RecordingRequest
 from agi_bridge.simulator import NoojeeSimulator, SimulatorConfig
 from agi_bridge.spool import Spool
+from tests.bridge_helpers import make_settings, running_bridge
 
 KEY = "f863246a-973e-11e6-8784-08002718f5b5"
 STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
@@ -607,3 +609,48 @@ async def test_send_bad_config_exit_2(tmp_path: Path, base_env: dict[str, str]) 
     assert ran.returncode == 2
     assert "noojee_url" in ran.stderr
     assert_no_traceback(ran)
+
+
+# --- fake-call ----------------------------------------------------------------------------
+
+
+async def test_fake_call_says_the_bridge_is_not_listening(
+    tmp_path: Path, base_env: dict[str, str]
+) -> None:
+    """fake-call to a port nobody listens on says connection refused at host:port, exit 1."""
+    with socket.socket() as probe:  # a port that was free a moment ago, and is closed now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ran = await agi_bridge(
+        "fake-call",
+        "recording/stop",
+        "Fred",
+        "--to",
+        f"127.0.0.1:{port}",
+        env=base_env,
+        cwd=tmp_path,
+    )
+    assert ran.returncode == 1
+    assert ran.stdout == "AGISTATUS=FAILURE\n"
+    assert (
+        f"agi-bridge: connection refused at 127.0.0.1:{port}: is the bridge running" in ran.stderr
+    )
+
+
+async def test_fake_call_says_the_bridge_refused_the_session(
+    tmp_path: Path, base_env: dict[str, str], simulator: NoojeeSimulator, ca_file: Path
+) -> None:
+    """fake-call from outside allow_clients says the bridge answered failure, and why it may."""
+    settings = make_settings(simulator, ca_file, tmp_path / "data", allow_clients=["10.0.0.5"])
+    async with running_bridge(settings) as bridge:
+        to = f"127.0.0.1:{bridge.server.port}"
+        ran = await agi_bridge(
+            "fake-call", "recording/stop", "Fred", "--to", to, env=base_env, cwd=tmp_path
+        )
+    assert ran.returncode == 1
+    assert ran.stdout == "AGISTATUS=FAILURE\n"
+    assert (
+        f"agi-bridge: the bridge at {to} refused the session (it answered 'failure'): "
+        "not in allow_clients" in ran.stderr
+    )
+    assert simulator.received == []
