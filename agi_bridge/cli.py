@@ -16,7 +16,7 @@ from typing import Any, Final, Literal
 from agi_bridge import __version__
 from agi_bridge.app import noojee_client, serve
 from agi_bridge.calls import Rejected, parameters_from, request_for
-from agi_bridge.demo import DEMO_KEY, DEMO_PORT, run_demo
+from agi_bridge.demo import DEMO_DATA_DIR, DEMO_KEY, DEMO_PORT, run_demo
 from agi_bridge.fake_asterisk import DEFAULT_CHANNEL, DEFAULT_UNIQUEID, Call, run_call
 from agi_bridge.logs import configure_logging, get_logger
 from agi_bridge.noojee import Action, RecordingRequest
@@ -25,6 +25,7 @@ from agi_bridge.settings import (
     Address,
     ConfigError,
     Settings,
+    env_name,
     load_settings,
     settings_warnings,
 )
@@ -257,10 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=cmd_serve)
 
+    defaults = Settings.model_fields
     demo = commands.add_parser(
         "demo",
         parents=[common],
         help="run the bridge against a built-in NoojeeContact simulator (try it out)",
+        description=f"The bridge on {defaults['listen'].default} (metrics, health: "
+        f"{defaults['metrics_listen'].default}; {env_name('listen')} and "
+        f"{env_name('metrics_listen')} change them), NoojeeContact's simulator on "
+        f"127.0.0.1:{DEMO_PORT} (plain HTTP, key {DEMO_KEY}), the spool in "
+        f"{DEMO_DATA_DIR}/ under the working directory whatever the settings say, so it never "
+        f"mixes with a real one: `AGI_BRIDGE_DATA_DIR={DEMO_DATA_DIR} agi-bridge spool list` "
+        "shows it. Stop with Ctrl-C.",
     )
     demo.set_defaults(func=cmd_demo)
 

@@ -105,6 +105,24 @@ async def test_help(tmp_path: Path, base_env: dict[str, str]) -> None:
     assert ran.stdout.startswith("usage: agi-bridge")
 
 
+async def test_demo_help_says_where_the_demo_listens_and_spools(
+    tmp_path: Path, base_env: dict[str, str]
+) -> None:
+    """demo --help names its ports, its simulator's key and its spool, and its options."""
+    ran = await agi_bridge("demo", "--help", env=base_env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    text = " ".join(ran.stdout.split())  # argparse wraps the description
+    for expected in (
+        "127.0.0.1:4573",
+        "127.0.0.1:9573",
+        "127.0.0.1:8089",
+        "key demo-key",
+        "AGI_BRIDGE_DATA_DIR=var/demo agi-bridge spool list",
+        "--config CONFIG",
+    ):
+        assert expected in text, expected
+
+
 async def test_version(tmp_path: Path, base_env: dict[str, str]) -> None:
     """version prints the package version and exits 0 without needing a configuration."""
     ran = await agi_bridge("version", env=base_env, cwd=tmp_path)
