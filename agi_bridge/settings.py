@@ -403,24 +403,24 @@ def _lift_out_of_agents(values: dict[str, Any], path: Path) -> list[str]:
     if not isinstance(agents, dict):
         return []
     problems = []
-    settings = [key for key in agents if key in Settings.model_fields]
-    if settings:
+    misplaced = [key for key in agents if key in Settings.model_fields]
+    if misplaced:
         problems.append(
-            f"{', '.join(settings)} in {path} {'is' if len(settings) == 1 else 'are'} inside the "
+            f"{', '.join(misplaced)} in {path} {'is' if len(misplaced) == 1 else 'are'} inside the "
             "[agents] table: TOML puts every key written after the [agents] line into it. "
             "Move [agents] and its entries to the end of the file"
         )
-        for key in settings:
+        for key in misplaced:
             values.setdefault(key, agents[key])
     logins = [
-        key for key, value in agents.items() if key not in settings and not isinstance(value, str)
+        key for key, value in agents.items() if key not in misplaced and not isinstance(value, str)
     ]
     problems.extend(
         f"[agents] entry {key} = {agents[key]!r} in {path} is not a login name: write "
         f'"{key}" = "Fred"; if it is a setting, it belongs before the [agents] line'
         for key in logins
     )
-    values["agents"] = {k: v for k, v in agents.items() if k not in settings and k not in logins}
+    values["agents"] = {k: v for k, v in agents.items() if k not in misplaced and k not in logins}
     return problems
 
 
