@@ -46,6 +46,7 @@ def noojee_client(settings: Settings, *, max_connections: int | None = None) -> 
         api_key=settings.api_key,
         ca_file=settings.noojee_ca_file,
         verify=settings.noojee_verify_tls,
+        tls_strict=settings.noojee_tls_strict,
         connect_timeout=settings.noojee_connect_timeout,
         request_timeout=settings.noojee_timeout,
         max_connections=max_connections or settings.noojee_max_connections,

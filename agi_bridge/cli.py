@@ -27,10 +27,12 @@ from agi_bridge.settings import (
     Settings,
     env_name,
     load_settings,
+    setting_name,
     settings_warnings,
 )
 from agi_bridge.simulator import SimulatorConfig, run_simulator
 from agi_bridge.spool import Spool, SpoolEntry, SpoolError
+from agi_bridge.tls import STRICT_ADVICE, cas_without_key_usage, strict_by_default, verify_advice
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1  # the command ran and what it tried failed (send, spool)
@@ -69,7 +71,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     json.dump(settings.masked(), sys.stdout, indent=2, sort_keys=True)
     print()
-    for warning in settings_warnings(settings):
+    for warning in (*settings_warnings(settings), *_tls_warnings(settings)):
         print(f"warning: {warning}", file=sys.stderr)
     print("configuration OK", file=sys.stderr)
     return EXIT_OK
@@ -85,6 +87,29 @@ def _send_request(args: argparse.Namespace, settings: Settings) -> RecordingRequ
     if parameters.id is None:
         raise Rejected("the extension or uniqueid is empty")
     return request_for(args.action, parameters.id, args.extension, parameters, settings)
+
+
+def _tls_warnings(settings: Settings) -> list[str]:
+    """CA certificates this Python's strict X.509 mode will refuse (3.13+, a CA without keyUsage).
+
+    Warnings, not problems: the file may hold other CAs besides the one NoojeeContact's
+    certificate chains to, and only a handshake (``send``) tells for sure.
+    """
+    ca_file = settings.noojee_ca_file
+    if ca_file is None or not (
+        settings.noojee_verify_tls and settings.noojee_tls_strict and strict_by_default()
+    ):
+        return []
+    where = f"{setting_name('noojee_ca_file')} {ca_file}"
+    try:
+        subjects = cas_without_key_usage(ca_file)
+    except OSError as exc:  # ssl.SSLError included: not PEM certificates
+        return [f"{where} cannot be loaded as PEM certificates: {exc}"]
+    return [
+        f"{where}: the CA {subject} has no keyUsage extension, so requests will fail with "
+        f"'CA cert does not include key usage extension': {STRICT_ADVICE}"
+        for subject in subjects
+    ]
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -122,6 +147,8 @@ def cmd_send(args: argparse.Namespace) -> int:
                 else "permanent: fix the request or NoojeeContact's settings",
                 file=sys.stderr,
             )
+            if result.tls_verify_failed:
+                print(f"what to do: {verify_advice(result.message)}", file=sys.stderr)
         return EXIT_OK if result.ok else EXIT_FAILED
 
     return _run(send)

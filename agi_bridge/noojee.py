@@ -64,6 +64,7 @@ from urllib.parse import quote
 
 import httpx
 
+from agi_bridge.tls import client_context
 from agi_bridge.transport import AiohttpTransport
 
 __all__ = [
@@ -445,6 +446,7 @@ class NoojeeClient:
         api_key: str,
         ca_file: Path | None = None,
         verify: bool = True,
+        tls_strict: bool = True,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -483,9 +485,10 @@ class NoojeeClient:
             pool=request_timeout,
         )
         verify_arg: ssl.SSLContext | bool = verify
-        if verify and ca_file is not None:
-            # Trust exactly the operator's CA (typical for an on-premises NoojeeContact).
-            verify_arg = ssl.create_default_context(cafile=str(ca_file))
+        if verify and (ca_file is not None or not tls_strict):
+            # Trust exactly the operator's CA (typical for an on-premises NoojeeContact);
+            # tls_strict=False clears only Python 3.13's strict X.509 flag (agi_bridge.tls).
+            verify_arg = client_context(ca_file, strict=tls_strict)
         limits = httpx.Limits(
             max_connections=max_connections,
             max_keepalive_connections=max_connections,

@@ -182,6 +182,13 @@ class Settings(BaseSettings):
     noojee_verify_tls: bool = Field(
         True, description="verify NoojeeContact's TLS certificate (leave on)"
     )
+    # Python 3.13 verifies in OpenSSL's strict X.509 mode, which refuses older internal CAs
+    # that 3.11 and 3.12 accept (no keyUsage extension): false clears that flag alone.
+    noojee_tls_strict: bool = Field(
+        True,
+        description="keep Python's default X.509 checks (strict from Python 3.13); false "
+        "accepts an older CA without keyUsage and still verifies the certificate",
+    )
     noojee_connect_timeout: float = Field(
         2.0, gt=0, description="seconds to open a connection to NoojeeContact"
     )

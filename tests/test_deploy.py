@@ -538,3 +538,19 @@ def test_readme_settings_table_is_current() -> None:
         pytest.skip("!!! README.md has no <!-- settings-table:start/end --> markers yet")
     result = _settings_table("--check", str(README))
     assert result.returncode == 0, result.stderr
+
+
+# --- the Pythons ------------------------------------------------------------------------------
+
+
+def test_python_classifiers_are_the_versions_scripts_test_runs() -> None:
+    """pyproject's Python 3.x classifiers, requires-python and scripts/test name the same ones."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    prefix = "Programming Language :: Python :: "
+    classified = [c.removeprefix(prefix) for c in project["classifiers"] if c.startswith(prefix)]
+    versions = [v for v in classified if re.fullmatch(r"3\.\d+", v)]
+    script = (REPO / "scripts" / "test").read_text(encoding="utf-8")
+    loop = re.search(r"for version in ([\d. ]+); do", script)
+    assert loop, "scripts/test: the loop over Python versions is gone"
+    assert loop.group(1).split() == versions
+    assert project["requires-python"] == f">={versions[0]}"
