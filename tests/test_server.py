@@ -392,3 +392,62 @@ async def test_logs_never_contain_secrets(
         assert value not in text
     for line in text.splitlines():
         json.loads(line)  # every line is one JSON object
+
+
+async def test_repeat_after_queued_reports_the_delivery_made_since(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """QUEUED (NoojeeContact too slow), then confirmed late: the agent's repeat hears STOPPED,
+    not the first answer, and nothing is sent twice."""
+    settings = make_settings(simulator, ca_file, tmp_path, stop_budget=0.3)
+    simulator.set_failure(FailureMode.SLOW, delay=0.6)
+    async with running_bridge(settings) as bridge:
+        first = await call(bridge, "Fred", uniqueid="1795811871.30")
+        await bridge.server.delivery.drain(5)  # the late answer settled the spool entry
+        repeat = await call(bridge, "Fred", uniqueid="1795811871.30")
+    assert first.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert repeat.variables == {
+        "NOOJEE_STATUS": "STOPPED",
+        "NOOJEE_MESSAGE": "repeat within 60s, sent once: delivered since it was queued",
+    }
+    assert len(_api(simulator)) == 1
+
+
+async def test_repeat_after_queued_reports_still_queued(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """QUEUED while NoojeeContact is down, and still down at the repeat: QUEUED again, saying
+    that the request is still waiting (the recording may still be running)."""
+    simulator.set_failure(FailureMode.HTTP_503)
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        first = await call(bridge, "Fred", uniqueid="1795811871.31")
+        repeat = await call(bridge, "Fred", uniqueid="1795811871.31")
+        simulator.set_failure(FailureMode.NONE)
+        await simulator.wait_for(1, predicate=lambda r: r.answered_code == 0)
+    assert first.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert repeat.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert "sent once: still queued: " in repeat.variables["NOOJEE_MESSAGE"]
+
+
+async def test_repeat_after_queued_reports_the_failure_since(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """QUEUED while NoojeeContact is down; once back it refuses the stop for good (Barney may
+    not stop): the repeat hears FAILED with the reason, not QUEUED."""
+    simulator.set_failure(FailureMode.HTTP_503)
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        first = await call(bridge, "Barney", uniqueid="1795811871.32")
+        simulator.set_failure(FailureMode.NONE)
+        await simulator.wait_for(1, predicate=lambda r: r.answered_code == -1)
+        # Until the worker has recorded the refusal: a write inside the bridge, no event to
+        # wait on; bounded by the timeout.
+        async with asyncio.timeout(10):
+            while (await bridge.spool.stats()).dead == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        repeat = await call(bridge, "Barney", uniqueid="1795811871.32")
+    assert first.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert repeat.variables == {
+        "NOOJEE_STATUS": "FAILED",
+        "NOOJEE_MESSAGE": "repeat within 60s, sent once: failed since it was queued: "
+        "Permission denied",
+    }
