@@ -489,6 +489,19 @@ class Delivery:
         if result.transient and not exhausted:
             self._metrics.retries.inc()
             return self._spool.failed(entry_id, result.message, retry_at=self._wall_clock())
+        if result.kind is ResultKind.NOT_FOUND and request.action == "stop":
+            # No such call: a stop that reached NoojeeContact after the call (and its recording)
+            # ended. Nobody can fix or retry that, so it pages nobody as a dead letter; it is
+            # still a WARNING and counted (agi_bridge_noojee_errors{kind="not_found"}), so that
+            # a site where EVERY stop ends here (a wrong identifier) sees it.
+            log.warning(
+                "spool.entry.not_found",
+                id=entry_id,
+                target=request.exten_or_uniqueid,
+                attempts=attempts + 1,
+                error=result.message,
+            )
+            return self._spool.delivered(entry_id)
         self._metrics.dead_letters.inc()
         log.error(
             "spool.entry.dead",

@@ -451,3 +451,38 @@ async def test_repeat_after_queued_reports_the_failure_since(
         "NOOJEE_MESSAGE": "repeat within 60s, sent once: failed since it was queued: "
         "Permission denied",
     }
+
+
+async def test_a_queued_stop_for_a_call_noojee_does_not_know_is_settled_not_dead(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A hangup stop (async) answered "Call not found": the call ended before the stop arrived.
+    Not retried, not a dead letter (nobody to page), but counted by kind and logged."""
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        result = await call(bridge, "Fred", "by=id", "id=404", "mode=async")
+        [request] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+        await bridge.server.delivery.drain(5)
+        async with asyncio.timeout(10):  # the worker's write, inside the bridge: no event
+            while (await bridge.spool.stats()).pending:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        stats = await bridge.spool.stats()
+        errors = bridge.metrics.registry.get_sample_value(
+            "agi_bridge_noojee_errors_total", {"kind": "not_found"}
+        )
+    assert result.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert (request.params["extenOrUniqueId"], request.answered_code) == ("404", -1)
+    assert (stats.pending, stats.dead) == (0, 0)
+    assert errors == 1
+    assert len(_api(simulator)) == 1
+
+
+async def test_a_live_stop_for_a_call_noojee_does_not_know_is_failed(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """The same answer to a live stop (*2) is FAILED: the agent must not take it for stopped."""
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        result = await call(bridge, "Fred", "by=id", "id=404")
+        await bridge.server.delivery.drain(5)
+        stats = await bridge.spool.stats()
+    assert result.variables == {"NOOJEE_STATUS": "FAILED", "NOOJEE_MESSAGE": "Call not found"}
+    assert (stats.pending, stats.dead) == (0, 0)
