@@ -47,13 +47,26 @@ async def _call(ami: Ami, queue: str, **variables: str) -> tuple[str, str]:
     customer, _ = await ami.originate(
         CUSTOMER, application="Wait", data="40", variables={"TEST_QUEUE": queue, **variables}
     )
-    prefix = QUEUES[queue][0]
+    return customer, await _member(ami, customer, QUEUES[queue][0])
+
+
+async def _member(ami: Ami, customer: str, prefix: str) -> str:
+    """The uniqueid of the member channel (``prefix...;1``) Queue created for the call."""
     member = await ami.wait_event(
         lambda e: e.event == "Newchannel" and e.get("Linkedid") == customer
         and str(e.get("Channel", "")).startswith(prefix) and str(e["Channel"]).endswith(";1"),
         what=f"the member channel {prefix}...;1",
     )  # fmt: skip
-    return customer, str(member["Uniqueid"])
+    return str(member["Uniqueid"])
+
+
+async def _logged(ami: Ami, uniqueid: str, text: str) -> None:
+    """The channel ran an application whose data contains ``text`` (the handler's Verbose)."""
+    await ami.wait_event(
+        lambda e: e.event == "Newexten" and e.get("Uniqueid") == uniqueid
+        and text in str(e.get("AppData", "")),
+        what=f"'{text}' on {uniqueid}",
+    )  # fmt: skip
 
 
 async def _connected(ami: Ami, member: str) -> Message:
@@ -84,21 +97,22 @@ async def test_agent_hangs_up_first_one_stop_by_linkedid(
     assert (session["route"], session["status"]) == ("recording/stop", "QUEUED")
 
 
+@pytest.mark.parametrize("queue", DUAL)
 async def test_caller_hangs_up_first_one_stop_by_linkedid(
-    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, queue: str
 ) -> None:
     """The customer hangs up first: the member's leg ends too, its handler sends the one stop."""
-    customer, member = await _call(ami, "test-chain", TEST_AGENT_STAY="30")
+    customer, member = await _call(ami, queue, TEST_AGENT_STAY="30")
     await _connected(ami, member)
     await ami.hangup(customer)
     await ami.wait_hangup(member)
     [stop] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
     assert stop.params["extenOrUniqueId"] == customer
-    assert stop.params["agentLoginName"] == "Fred"
+    assert stop.params["agentLoginName"] == QUEUES[queue][1]
     await bridge.wait_drained()
     assert simulator.received == [stop]
     [session] = bridge.sessions(member)
-    assert session["channel"].startswith("Local/410@test-member-dial-")  # not the phone's chain
+    assert session["channel"].startswith(QUEUES[queue][0])  # not a channel of the phone's chain
 
 
 @pytest.mark.parametrize("queue", DUAL)
@@ -110,11 +124,7 @@ async def test_feature_code_stop_then_hangup_sends_exactly_one_stop(
     customer, member = await _call(ami, queue, TEST_DTMF="*2", TEST_AGENT_STAY="2")
     await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=member)
     await ami.wait_hangup(member)
-    await ami.wait_event(
-        lambda e: e.event == "Newexten" and e.get("Uniqueid") == member
-        and "already stopped on this call" in str(e.get("AppData", "")),
-        what="the hangup handler's skip",
-    )  # fmt: skip
+    await _logged(ami, member, "already stopped on this call")  # the hangup handler skipped
     await ami.wait_hangup(customer)
     await bridge.wait_drained()
     [stop] = simulator.received
@@ -169,18 +179,8 @@ async def test_ringall_member_that_never_answered_sends_nothing(
 ) -> None:
     """Queue rings 410 and 411; 410 answers: 411's channel, hung up unanswered, sends no stop."""
     customer, member = await _call(ami, "test-ringall", TEST_AGENT_STAY="1")
-    other = await ami.wait_event(
-        lambda e: e.event == "Newchannel" and e.get("Linkedid") == customer
-        and str(e.get("Channel", "")).startswith("Local/411@test-no-answer-")
-        and str(e["Channel"]).endswith(";1"),
-        what="411's member channel",
-    )  # fmt: skip
-    unanswered = str(other["Uniqueid"])
-    await ami.wait_event(
-        lambda e: e.event == "Newexten" and e.get("Uniqueid") == unanswered
-        and "never answered" in str(e.get("AppData", "")),
-        what="411's hangup handler skipping",
-    )  # fmt: skip
+    unanswered = await _member(ami, customer, "Local/411@test-no-answer-")
+    await _logged(ami, unanswered, "never answered")  # 411's hangup handler skipped
     await ami.wait_hangup(member)
     [stop] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
     await ami.wait_hangup(customer)
