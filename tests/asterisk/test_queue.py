@@ -97,6 +97,20 @@ async def test_agent_hangs_up_first_one_stop_by_linkedid(
     assert (session["route"], session["status"]) == ("recording/stop", "QUEUED")
 
 
+async def test_the_hangup_stop_identifier_is_a_parameter(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+) -> None:
+    """NOOJEE_QUEUE_STOP_BY=uniqueid (here set on the call before Queue()): the hangup stop
+    names the member leg's own uniqueid instead of the linkedid."""
+    customer, member = await _call(ami, "test-direct", TEST_AGENT_STAY="1", TEST_STOP_BY="uniqueid")
+    await ami.wait_hangup(member)
+    [stop] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+    assert (stop.params["extenOrUniqueId"], stop.params["agentLoginName"]) == (member, "Wilma")
+    await ami.wait_hangup(customer)
+    await bridge.wait_drained()
+    assert simulator.received == [stop]
+
+
 @pytest.mark.parametrize("queue", DUAL)
 async def test_caller_hangs_up_first_one_stop_by_linkedid(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, queue: str
