@@ -250,3 +250,44 @@ async def test_failed_stop_plays_the_error_beep_and_the_hangup_stop_follows(
     ]
     assert got == [(EXT, "Fred", 404), (customer, "Fred", 200)]
     assert all(r.path == STOP_PATH for r in simulator.received)
+
+
+async def test_toggle_state_survives_a_transfer_to_another_agent(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+) -> None:
+    """Agent 410 toggles (stops), then blind-transfers the customer to 411: 410's hangup
+    handler sends nothing (the call's recording is stopped), 411's toggle STARTS (it sees the
+    call's state, not its own fresh channel's), and the customer hanging up stops by linkedid."""
+    customer, member = await _call(
+        ami, "test-chain", TEST_DTMF="*1", TEST_AGENT_STAY="30", TEST_DTMF_411="*1"
+    )
+    await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=customer)
+    await ami.wait_event(
+        lambda e: e.event == "Newexten" and e.get("Uniqueid") == member
+        and e.get("Context") == "agi-bridge-feature" and e.get("Application") == "Return",
+        what="the end of the toggle on 410",
+    )  # fmt: skip
+    action = {
+        "Action": "BlindTransfer", "Channel": ami.channel_name(member),
+        "Context": "test-transfer", "Exten": "411",
+    }  # fmt: skip
+    resp = await ami.manager.send_action(action, as_list=False)
+    assert resp.get("Response") == "Success", dict(resp)
+    await ami.wait_hangup(member)
+    await _logged(ami, member, "already stopped on this call")
+    second = await _member(ami, customer, "Local/411@test-member-")
+    await ami.wait_var("NOOJEE_STATUS", "STARTED", uniqueid=second)
+    await ami.wait_var("NOOJEE_CALL_RECORDING", "started", uniqueid=customer)
+    await ami.hangup(customer)
+    await ami.wait_hangup(second)
+    await simulator.wait_for(3)
+    await bridge.wait_drained()
+    got = [
+        (r.path, r.params["extenOrUniqueId"], r.params.get("agentLoginName"))
+        for r in simulator.received
+    ]
+    assert got == [
+        (STOP_PATH, EXT, "Fred"),
+        (START_PATH, "411", "Wilma"),
+        (STOP_PATH, customer, "Wilma"),
+    ]
