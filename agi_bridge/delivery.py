@@ -39,7 +39,7 @@ from agi_bridge.noojee import (
     ResultKind,
 )
 from agi_bridge.settings import Mode, Settings
-from agi_bridge.spool import Spool, SpoolEntry
+from agi_bridge.spool import Spool, SpoolEntry, SpoolError
 
 log = get_logger("agi_bridge.delivery")
 
@@ -68,6 +68,7 @@ class Status(enum.StrEnum):
 class Outcome:
     status: Status
     message: str
+    entry: int | None = None  # QUEUED: the spool entry that holds the request
 
 
 def _log_write_failure(write: asyncio.Future[Any]) -> None:
@@ -158,6 +159,10 @@ class Delivery:
             repeated = await _outcome_of(earlier)
             if repeated is not None:
                 self._metrics.duplicates.inc()
+                if repeated.entry is not None:
+                    # QUEUED then: the agent pressing again wants to know where the request
+                    # stands NOW, not what the bridge knew when it first answered.
+                    repeated = await self._now(request, repeated)
                 window = self._settings.dedup_window
                 message = f"repeat within {window:g}s, sent once: {repeated.message}"
                 return Outcome(repeated.status, message[:MESSAGE_MAX_CHARS])
@@ -219,6 +224,21 @@ class Delivery:
             return await self._queued(store, result.message)
         return Outcome(Status.FAILED, result.message)
 
+    async def _now(self, request: RecordingRequest, queued: Outcome) -> Outcome:
+        """Where a queued request stands: delivered, still queued, or failed for good."""
+        assert queued.entry is not None
+        try:
+            found = await self._spool.where(queued.entry)
+        except SpoolError as exc:
+            log.exception("spool.read.failed", error=str(exc))
+            return queued  # what the bridge knew; the spool's failure is logged
+        if found is None:
+            return Outcome(_done_status(request), "delivered since it was queued")
+        table, error = found
+        if table == "dead":
+            return Outcome(Status.FAILED, f"failed since it was queued: {error}")
+        return Outcome(Status.QUEUED, f"still queued: {error or 'not confirmed yet'}", queued.entry)
+
     def _write_ahead(self, attempt: _SyncAttempt) -> asyncio.Future[int]:
         """Spool a sync request (once) while its attempt goes on; the entry is leased to the
         attempt, and what becomes of the attempt is recorded once the entry is stored."""
@@ -252,7 +272,7 @@ class Delivery:
             log.error("spool.write.failed", error=str(error), exc_info=error)
             return Outcome(Status.FAILED, f"{why}; could not queue: spool not writable")
         self._work.set()
-        return Outcome(Status.QUEUED, why[:MESSAGE_MAX_CHARS])
+        return Outcome(Status.QUEUED, why[:MESSAGE_MAX_CHARS], store.result())
 
     def _settle_when_stored(
         self,
@@ -469,6 +489,19 @@ class Delivery:
         if result.transient and not exhausted:
             self._metrics.retries.inc()
             return self._spool.failed(entry_id, result.message, retry_at=self._wall_clock())
+        if result.kind is ResultKind.NOT_FOUND and request.action == "stop":
+            # No such call: a stop that reached NoojeeContact after the call (and its recording)
+            # ended. Nobody can fix or retry that, so it pages nobody as a dead letter; it is
+            # still a WARNING and counted (agi_bridge_noojee_errors{kind="not_found"}), so that
+            # a site where EVERY stop ends here (a wrong identifier) sees it.
+            log.warning(
+                "spool.entry.not_found",
+                id=entry_id,
+                target=request.exten_or_uniqueid,
+                attempts=attempts + 1,
+                error=result.message,
+            )
+            return self._spool.delivered(entry_id)
         self._metrics.dead_letters.inc()
         log.error(
             "spool.entry.dead",

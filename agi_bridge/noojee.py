@@ -139,6 +139,10 @@ class ResultKind(enum.StrEnum):
     OK = "ok"  # 2xx and Code 0, or 2xx with a non-JSON body
     WARNING = "warning"  # 2xx and Code > 0: success, but log it
     API_ERROR = "api_error"  # JSON Code < 0 (any status): Message says why. Not transient
+    # JSON Code < 0 saying NoojeeContact knows no such call: typical of a stop sent after the
+    # call ended (its recording ended with it), or of an identifier it does not record under.
+    # Not transient, and not a fault an operator can fix for that one call.
+    NOT_FOUND = "not_found"
     HTTP_ERROR = "http_error"  # non-2xx. 5xx (and 429) transient, other statuses not
     TIMEOUT = "timeout"  # transient
     TRANSPORT = "transport"  # refused, reset, TLS failure...: transient, except TLS verification
@@ -276,6 +280,10 @@ _HTTPX_LOG.addFilter(_HTTPX_FILTER)  # once, at import
 _E = TypeVar("_E", bound=BaseException)
 # A Java server may serialise the code as a string; accept that, but only plain integers.
 _CODE_STRING_RE: Final = re.compile(r"\s*-?\d{1,9}\s*")
+# NoojeeContact's wording for an unknown call is undocumented ("Call not found" is what its
+# simulator and the field answer): the call must be named, so that "Agent not found", a real
+# configuration error, stays an API_ERROR.
+_NO_SUCH_CALL_RE: Final = re.compile(r"(?i)\bcall\b.*\bnot found\b|\bno such call\b")
 
 
 def _json_envelope(body: bytes) -> tuple[int | None, str | None] | None:
@@ -314,7 +322,9 @@ def classify_response(status: int, body: bytes, *, secret: str | None = None) ->
         if code is not None and (code < 0 or success):
             text = _message(raw, secret) if raw else ""
             if code < 0:
-                return NoojeeResult(ResultKind.API_ERROR, text or f"Code {code}", code, status)
+                no_call = _NO_SUCH_CALL_RE.search(text) is not None
+                kind = ResultKind.NOT_FOUND if no_call else ResultKind.API_ERROR
+                return NoojeeResult(kind, text or f"Code {code}", code, status)
             kind = ResultKind.OK if code == 0 else ResultKind.WARNING
             return NoojeeResult(kind, text or f"Code {code}", code, status)
     if success:

@@ -364,6 +364,23 @@ class Spool:
         )
         return cast("float | None", row[0])
 
+    async def where(self, entry_id: int) -> tuple[Literal["pending", "dead"], str | None] | None:
+        """Which table holds entry ``entry_id`` and its last error; None when neither does
+        (delivered, or purged by the operator)."""
+
+        def work(db: sqlite3.Connection) -> tuple[Literal["pending", "dead"], str | None] | None:
+            tables: tuple[Literal["pending", "dead"], ...] = ("pending", "dead")
+            for table in tables:
+                row = db.execute(
+                    f"SELECT last_error FROM {table} WHERE id = ?",  # noqa: S608
+                    (entry_id,),
+                ).fetchone()
+                if row is not None:
+                    return table, cast("str | None", row[0])
+            return None
+
+        return await self._acall(work)
+
     def failed(self, entry_id: int, error: str, *, retry_at: float) -> asyncio.Future[object]:
         """Count a failed attempt and set when to try again."""
         return self._acall(

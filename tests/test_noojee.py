@@ -369,14 +369,15 @@ async def test_pair_is_renewed_before_the_server_would_expire_it(
         ),
         (
             RecordingRequest("start", "404"),
-            NoojeeResult(ResultKind.API_ERROR, "Call not found", -1, 200),
+            NoojeeResult(ResultKind.NOT_FOUND, "Call not found", -1, 200),
         ),
     ],
 )
 async def test_json_codes_are_classified(
     make_client: MakeClient, request_: RecordingRequest, expected: NoojeeResult
 ) -> None:
-    """Code > 0 is a warning (still ok), Code < 0 an API error carrying Message (permanent)."""
+    """Code > 0 is a warning (still ok), Code < 0 an API error carrying Message (permanent;
+    NOT_FOUND when it names the call unknown)."""
     client = await make_client()
     result = await client.send(request_)
     assert result == expected
@@ -728,6 +729,9 @@ def test_classify_response_never_raises_and_messages_stay_clean(status: int, bod
         (200, b"done", ResultKind.OK, None, "HTTP 200 with a non-JSON body: done"),
         (204, b"", ResultKind.OK, None, "HTTP 204 with an empty body"),
         (500, b'{"Message":"Boom","Code":-3}', ResultKind.API_ERROR, -3, "Boom"),
+        (200, b'{"Message":"Call not found","Code":-1}', ResultKind.NOT_FOUND, -1, None),
+        (200, b'{"Message":"No such call","Code":-2}', ResultKind.NOT_FOUND, -2, None),
+        (200, b'{"Message":"Agent not found","Code":-1}', ResultKind.API_ERROR, -1, None),
         (502, b"\x00bad\tgate\nway\x7f", ResultKind.HTTP_ERROR, None, "HTTP 502: bad gate way"),
         (200, b"[" * 100_000, ResultKind.OK, None, None),
         (

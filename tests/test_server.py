@@ -392,3 +392,97 @@ async def test_logs_never_contain_secrets(
         assert value not in text
     for line in text.splitlines():
         json.loads(line)  # every line is one JSON object
+
+
+async def test_repeat_after_queued_reports_the_delivery_made_since(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """QUEUED (NoojeeContact too slow), then confirmed late: the agent's repeat hears STOPPED,
+    not the first answer, and nothing is sent twice."""
+    settings = make_settings(simulator, ca_file, tmp_path, stop_budget=0.3)
+    simulator.set_failure(FailureMode.SLOW, delay=0.6)
+    async with running_bridge(settings) as bridge:
+        first = await call(bridge, "Fred", uniqueid="1795811871.30")
+        await bridge.server.delivery.drain(5)  # the late answer settled the spool entry
+        repeat = await call(bridge, "Fred", uniqueid="1795811871.30")
+    assert first.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert repeat.variables == {
+        "NOOJEE_STATUS": "STOPPED",
+        "NOOJEE_MESSAGE": "repeat within 60s, sent once: delivered since it was queued",
+    }
+    assert len(_api(simulator)) == 1
+
+
+async def test_repeat_after_queued_reports_still_queued(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """QUEUED while NoojeeContact is down, and still down at the repeat: QUEUED again, saying
+    that the request is still waiting (the recording may still be running)."""
+    simulator.set_failure(FailureMode.HTTP_503)
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        first = await call(bridge, "Fred", uniqueid="1795811871.31")
+        repeat = await call(bridge, "Fred", uniqueid="1795811871.31")
+        simulator.set_failure(FailureMode.NONE)
+        await simulator.wait_for(1, predicate=lambda r: r.answered_code == 0)
+    assert first.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert repeat.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert "sent once: still queued: " in repeat.variables["NOOJEE_MESSAGE"]
+
+
+async def test_repeat_after_queued_reports_the_failure_since(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """QUEUED while NoojeeContact is down; once back it refuses the stop for good (Barney may
+    not stop): the repeat hears FAILED with the reason, not QUEUED."""
+    simulator.set_failure(FailureMode.HTTP_503)
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        first = await call(bridge, "Barney", uniqueid="1795811871.32")
+        simulator.set_failure(FailureMode.NONE)
+        await simulator.wait_for(1, predicate=lambda r: r.answered_code == -1)
+        # Until the worker has recorded the refusal: a write inside the bridge, no event to
+        # wait on; bounded by the timeout.
+        async with asyncio.timeout(10):
+            while (await bridge.spool.stats()).dead == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        repeat = await call(bridge, "Barney", uniqueid="1795811871.32")
+    assert first.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert repeat.variables == {
+        "NOOJEE_STATUS": "FAILED",
+        "NOOJEE_MESSAGE": "repeat within 60s, sent once: failed since it was queued: "
+        "Permission denied",
+    }
+
+
+async def test_a_queued_stop_for_a_call_noojee_does_not_know_is_settled_not_dead(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A hangup stop (async) answered "Call not found": the call ended before the stop arrived.
+    Not retried, not a dead letter (nobody to page), but counted by kind and logged."""
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        result = await call(bridge, "Fred", "by=id", "id=404", "mode=async")
+        [request] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+        await bridge.server.delivery.drain(5)
+        async with asyncio.timeout(10):  # the worker's write, inside the bridge: no event
+            while (await bridge.spool.stats()).pending:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        stats = await bridge.spool.stats()
+        errors = bridge.metrics.registry.get_sample_value(
+            "agi_bridge_noojee_errors_total", {"kind": "not_found"}
+        )
+    assert result.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert (request.params["extenOrUniqueId"], request.answered_code) == ("404", -1)
+    assert (stats.pending, stats.dead) == (0, 0)
+    assert errors == 1
+    assert len(_api(simulator)) == 1
+
+
+async def test_a_live_stop_for_a_call_noojee_does_not_know_is_failed(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """The same answer to a live stop (*2) is FAILED: the agent must not take it for stopped."""
+    async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
+        result = await call(bridge, "Fred", "by=id", "id=404")
+        await bridge.server.delivery.drain(5)
+        stats = await bridge.spool.stats()
+    assert result.variables == {"NOOJEE_STATUS": "FAILED", "NOOJEE_MESSAGE": "Call not found"}
+    assert (stats.pending, stats.dead) == (0, 0)

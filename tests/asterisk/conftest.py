@@ -53,6 +53,7 @@ REPO = HERE.parent.parent
 SANDBOX_SCRIPT = REPO / "scripts" / "asterisk-sandbox"
 EXTRA_EXTENSIONS = HERE / "sandbox-extensions.conf"
 EXTRA_FEATURES = HERE / "sandbox-features.conf"
+EXTRA_QUEUES = HERE / "sandbox-queues.conf"
 DEFAULT_ROOT = "/var/cache/agi-bridge/asterisk-sid"
 
 # WARNING lines that tests provoke on purpose (an unreachable bridge). Anything else at
@@ -183,6 +184,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         str(SANDBOX_SCRIPT), "--instance", instance, "start", "--no-provision",
         "--owner-pid", str(os.getpid()),
         "--extensions", str(EXTRA_EXTENSIONS), "--features", str(EXTRA_FEATURES),
+        "--queues", str(EXTRA_QUEUES),
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
     if res.returncode != 0:
@@ -286,6 +288,24 @@ class Ami:
             if e.event == "VarSet" and e.get("Variable") == variable
             and e.get("Uniqueid") == uniqueid
         ]  # fmt: skip
+
+    def ran(self, uniqueid: str, application: str) -> list[str]:
+        """AppData of every ``application`` the channel ran so far, in order (Newexten)."""
+        return [
+            str(e.get("AppData", ""))
+            for e in self.events
+            if e.event == "Newexten" and e.get("Uniqueid") == uniqueid
+            and e.get("Application") == application
+        ]  # fmt: skip
+
+    async def wait_app(self, uniqueid: str, application: str, within: float = 10.0) -> Message:
+        """The first Newexten of ``application`` on the channel (already seen or to come)."""
+        return await self.wait_event(
+            lambda e: e.event == "Newexten" and e.get("Uniqueid") == uniqueid
+            and e.get("Application") == application,
+            within,
+            f"{application} on {uniqueid}",
+        )  # fmt: skip
 
     async def wait_hangup(self, uniqueid: str, within: float = 15.0) -> Message:
         return await self.wait_event(

@@ -18,9 +18,12 @@ pytestmark = pytest.mark.asterisk
 
 SHIPPED_CONTEXTS = (
     "agi-bridge-recording",
+    "agi-bridge-call-recording",
     "agi-bridge-feedback",
     "agi-bridge-feature",
     "agi-bridge-agent-call",
+    "agi-bridge-queue-member",
+    "agi-bridge-queue-connected",
     "agi-bridge-hangup",
     "agi-bridge-h",
     "agi-bridge-dialled",
@@ -50,6 +53,7 @@ def test_feature_codes_are_registered(sandbox: Sandbox) -> None:
     out = sandbox.cli("features show")
     assert re.search(r"^agi_bridge_stop\s+no def\s+\*2\s*$", out, re.M), out
     assert re.search(r"^agi_bridge_start\s+no def\s+\*3\s*$", out, re.M), out
+    assert re.search(r"^agi_bridge_toggle\s+no def\s+\*1\s*$", out, re.M), out
 
 
 async def test_applicationmap_substitutes_variables(ami: Ami, fake_bridge: FakeBridge) -> None:

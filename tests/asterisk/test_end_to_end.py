@@ -232,7 +232,7 @@ async def test_server_error_is_queued_then_delivered_once_noojee_is_back(
     simulator.set_failure(FailureMode.HTTP_500)
     agent = await _dial_stop(ami)
     await ami.wait_var("NOOJEE_STATUS", "QUEUED", uniqueid=agent)
-    await ami.wait_var("PLAYBACKSTATUS", "SUCCESS", uniqueid=agent)
+    await ami.wait_app(agent, "PlayTones")  # the pending sound: not confirmed
     await ami.wait_hangup(agent)
     first = requests_for(simulator, STOP_PATH)[0]
     assert (first.http_status, first.params["extenOrUniqueId"]) == (500, EXT)
@@ -282,7 +282,7 @@ async def test_slow_noojee_holds_the_call_no_longer_than_the_budget(
     assert session["status"] == "QUEUED"
     assert "did not answer within 0.5s" in session["message"]
     assert BUDGET * 1000 <= session["held_ms"] < BUDGET * 1000 + 500, session
-    await ami.wait_var("PLAYBACKSTATUS", "SUCCESS", uniqueid=agent)
+    await ami.wait_app(agent, "PlayTones")  # the pending sound: not confirmed
     await ami.wait_hangup(agent)  # the call went on and ended normally
     await bridge.wait_drained()  # the late answer (after 3 s) settled the spool entry
     [stop] = requests_for(simulator, STOP_PATH)

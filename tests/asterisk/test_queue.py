@@ -1,0 +1,293 @@
+"""Queue calls on Asterisk 22 + the real agi-bridge + the NoojeeContact simulator.
+
+A customer (``Local/0412345678@test-inbound/n``: its ;1 half is the customer's phone, whose
+uniqueid is the call's linkedid) calls queue ``test-direct`` or ``test-chain``
+(tests/asterisk/sandbox-queues.conf), armed as dialplan/README.md's contact-centre recipe says:
+the shipped ``[agi-bridge-queue-member]`` as Queue's predial subroutine and
+``[agi-bridge-queue-connected]`` as its connected-call subroutine.
+
+The direct member is a Local channel that answers itself (``Local/410@test-member/n``): the
+channel Queue dials and bridges is the agent's phone, as ``PJSIP/410`` would be; it carries the
+DTMF, the feature code and the hangup handler. (A PJSIP member needs two SIP stacks over
+loopback; what this case must prove, that everything happens on the one channel Queue dialled,
+does not depend on the channel driver.) The FreePBX-style member (``Local/410@test-member-dial/n``)
+reaches the same phone through a second Local chain, so the agent's DTMF crosses two more
+channels that must NOT act on it.
+
+Every test asserts exactly which requests NoojeeContact received, and how many.
+"""
+
+from __future__ import annotations
+
+import pytest
+from panoramisk.message import Message
+
+from agi_bridge.simulator import FailureMode, NoojeeSimulator
+
+from .conftest import AGENTS, START_PATH, STOP_PATH, Ami, BridgeProcess
+
+pytestmark = pytest.mark.asterisk
+
+EXT = "410"
+CUSTOMER = "Local/0412345678@test-inbound/n"
+# queue -> (the answering member's channel prefix, the agent's login the stop must carry)
+QUEUES = {
+    # unnamed member: the bridge's agents setting (410 -> Wilma)
+    "test-direct": ("Local/410@test-member-", AGENTS[EXT]),
+    # member named Fred: MEMBERNAME through the connected-call subroutine
+    "test-chain": ("Local/410@test-member-dial-", "Fred"),
+    # 410 (Fred, answers) and 411 (Barney, never answers), rung at once
+    "test-ringall": ("Local/410@test-member-", "Fred"),
+}
+DUAL = ["test-direct", "test-chain"]  # the two member types
+
+
+async def _call(ami: Ami, queue: str, **variables: str) -> tuple[str, str]:
+    """A customer calls ``queue``; (the customer's phone = the linkedid, the member's channel)."""
+    customer, _ = await ami.originate(
+        CUSTOMER, application="Wait", data="40", variables={"TEST_QUEUE": queue, **variables}
+    )
+    return customer, await _member(ami, customer, QUEUES[queue][0])
+
+
+async def _member(ami: Ami, customer: str, prefix: str) -> str:
+    """The uniqueid of the member channel (``prefix...;1``) Queue created for the call."""
+    member = await ami.wait_event(
+        lambda e: e.event == "Newchannel" and e.get("Linkedid") == customer
+        and str(e.get("Channel", "")).startswith(prefix) and str(e["Channel"]).endswith(";1"),
+        what=f"the member channel {prefix}...;1",
+    )  # fmt: skip
+    return str(member["Uniqueid"])
+
+
+async def _logged(ami: Ami, uniqueid: str, text: str) -> None:
+    """The channel ran an application whose data contains ``text`` (the handler's Verbose)."""
+    await ami.wait_event(
+        lambda e: e.event == "Newexten" and e.get("Uniqueid") == uniqueid
+        and text in str(e.get("AppData", "")),
+        what=f"'{text}' on {uniqueid}",
+    )  # fmt: skip
+
+
+async def _connected(ami: Ami, member: str) -> Message:
+    """The member answered and Queue ran the connected-call subroutine on it."""
+    return await ami.wait_event(
+        lambda e: e.event == "Newexten" and e.get("Uniqueid") == member
+        and e.get("Context") == "agi-bridge-queue-connected",
+        what=f"agi-bridge-queue-connected on {member}",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("queue", DUAL)
+async def test_agent_hangs_up_first_one_stop_by_linkedid(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, queue: str
+) -> None:
+    """The agent hangs up: one stop, from the member's hangup handler, by the call's linkedid."""
+    customer, member = await _call(ami, queue, TEST_AGENT_STAY="1")
+    await ami.wait_hangup(member)
+    await ami.wait_var("NOOJEE_STATUS", "QUEUED", uniqueid=member)
+    [stop] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+    assert stop.params["extenOrUniqueId"] == customer
+    assert stop.params["agentLoginName"] == QUEUES[queue][1]
+    assert stop.answered_code == 0
+    await ami.wait_hangup(customer)
+    await bridge.wait_drained()
+    assert simulator.received == [stop]
+    [session] = bridge.sessions(member)
+    assert (session["route"], session["status"]) == ("recording/stop", "QUEUED")
+
+
+async def test_the_hangup_stop_identifier_is_a_parameter(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+) -> None:
+    """NOOJEE_QUEUE_STOP_BY=uniqueid (here set on the call before Queue()): the hangup stop
+    names the member leg's own uniqueid instead of the linkedid."""
+    customer, member = await _call(ami, "test-direct", TEST_AGENT_STAY="1", TEST_STOP_BY="uniqueid")
+    await ami.wait_hangup(member)
+    [stop] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+    assert (stop.params["extenOrUniqueId"], stop.params["agentLoginName"]) == (member, "Wilma")
+    await ami.wait_hangup(customer)
+    await bridge.wait_drained()
+    assert simulator.received == [stop]
+
+
+@pytest.mark.parametrize("queue", DUAL)
+async def test_caller_hangs_up_first_one_stop_by_linkedid(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, queue: str
+) -> None:
+    """The customer hangs up first: the member's leg ends too, its handler sends the one stop."""
+    customer, member = await _call(ami, queue, TEST_AGENT_STAY="30")
+    await _connected(ami, member)
+    await ami.hangup(customer)
+    await ami.wait_hangup(member)
+    [stop] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+    assert stop.params["extenOrUniqueId"] == customer
+    assert stop.params["agentLoginName"] == QUEUES[queue][1]
+    await bridge.wait_drained()
+    assert simulator.received == [stop]
+    [session] = bridge.sessions(member)
+    assert session["channel"].startswith(QUEUES[queue][0])  # not a channel of the phone's chain
+
+
+@pytest.mark.parametrize("queue", DUAL)
+async def test_feature_code_stop_then_hangup_sends_exactly_one_stop(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, queue: str
+) -> None:
+    """*2 runs on the member's own channel (not on the phone's at the end of a Local chain):
+    one stop for 410 with the member's login, one beep; the hangup handler then skips."""
+    customer, member = await _call(ami, queue, TEST_DTMF="*2", TEST_AGENT_STAY="2")
+    await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=member)
+    await ami.wait_hangup(member)
+    await _logged(ami, member, "already stopped on this call")  # the hangup handler skipped
+    await ami.wait_hangup(customer)
+    await bridge.wait_drained()
+    [stop] = simulator.received
+    assert stop.path == STOP_PATH
+    assert stop.params["extenOrUniqueId"] == EXT
+    assert stop.params["agentLoginName"] == QUEUES[queue][1]
+    assert stop.answered_code == 0
+    assert ami.ran(member, "Playback") == ["beep"]
+    # the one session of the call ran on the member's leg, none on the phone's
+    finished = [line for line in bridge.since_mark() if line["event"] == "agi.session.finished"]
+    assert [line["uniqueid"] for line in finished] == [member]
+
+
+async def test_toggle_twice_stops_then_starts_then_hangup_stops(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+) -> None:
+    """*1 twice: the first press stops (a call starts recorded), the second starts; the state
+    lives on the customer's channel (the linkedid); at hangup the running recording is stopped
+    by the linkedid."""
+    customer, member = await _call(
+        ami, "test-chain", TEST_DTMF="*1", TEST_DTMF2="*1", TEST_DTMF2_AFTER="2",
+        TEST_AGENT_STAY="2",
+    )  # fmt: skip
+    await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=customer)
+    await ami.wait_var("NOOJEE_CALL_RECORDING", "started", uniqueid=customer)
+    await ami.wait_hangup(member)
+    await simulator.wait_for(3)
+    await ami.wait_hangup(customer)
+    await bridge.wait_drained()
+    got = [
+        (r.path, r.params["extenOrUniqueId"], r.params["agentLoginName"], r.answered_code)
+        for r in simulator.received
+    ]
+    assert got == [
+        (STOP_PATH, EXT, "Fred", 0),
+        (START_PATH, EXT, "Fred", 0),
+        (STOP_PATH, customer, "Fred", 0),
+    ]
+    assert ami.ran(member, "Playback") == ["beep", "beep&beep"]
+    assert "NOOJEE_CALL_RECORDING" not in (await _globals(ami))  # nothing left behind
+
+
+async def _globals(ami: Ami) -> str:
+    resp = await ami.manager.send_action(
+        {"Action": "Command", "Command": "dialplan show globals"}, as_list=False
+    )
+    return str(resp.get("Output", resp))
+
+
+async def test_ringall_member_that_never_answered_sends_nothing(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+) -> None:
+    """Queue rings 410 and 411; 410 answers: 411's channel, hung up unanswered, sends no stop."""
+    customer, member = await _call(ami, "test-ringall", TEST_AGENT_STAY="1")
+    unanswered = await _member(ami, customer, "Local/411@test-no-answer-")
+    await _logged(ami, unanswered, "never answered")  # 411's hangup handler skipped
+    await ami.wait_hangup(member)
+    [stop] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+    await ami.wait_hangup(customer)
+    await bridge.wait_drained()
+    assert simulator.received == [stop]
+    assert (stop.params["extenOrUniqueId"], stop.params["agentLoginName"]) == (customer, "Fred")
+    assert bridge.sessions(unanswered) == []
+
+
+async def test_pending_sound_then_a_repeat_hears_the_stop_went_through(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+) -> None:
+    """NoojeeContact confirms too late: *2 plays the pending pips (QUEUED, not confirmed); the
+    same code pressed once the stop went through plays the stopped beep (sent once)."""
+    simulator.set_failure(FailureMode.SLOW, delay=1.5)  # > BUDGET: the first answer is QUEUED
+    customer, member = await _call(
+        ami, "test-chain", TEST_DTMF="*2", TEST_DTMF2="*2", TEST_DTMF2_AFTER="4",
+        TEST_AGENT_STAY="2",
+    )  # fmt: skip
+    await ami.wait_var("NOOJEE_STATUS", "QUEUED", uniqueid=member)
+    await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=member, within=15)
+    await ami.wait_hangup(member, within=20)
+    await ami.wait_hangup(customer)
+    await bridge.wait_drained()
+    assert [v for v in ami.values("NOOJEE_STATUS", member) if v] == ["QUEUED", "STOPPED"]
+    assert ami.ran(member, "PlayTones") == ["!425/150,!0/150,!425/150,!0/150,!425/150"]
+    assert ami.ran(member, "Playback") == ["beep"]
+    first, repeat = bridge.sessions(member)
+    assert "did not answer within" in first["message"]
+    assert repeat["message"].endswith("sent once: delivered since it was queued")
+    [stop] = simulator.received  # and the hangup handler skipped
+    assert (stop.params["extenOrUniqueId"], stop.params["agentLoginName"]) == (EXT, "Fred")
+    assert stop.answered_code == 0
+
+
+async def test_failed_stop_plays_the_error_beep_and_the_hangup_stop_follows(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+) -> None:
+    """*2 refused for good (an HTTP 404): the error beep, the recording counts as running, so
+    the hangup handler still sends its stop by the linkedid."""
+    simulator.set_failure(FailureMode.HTML_404)
+    customer, member = await _call(ami, "test-chain", TEST_DTMF="*2", TEST_AGENT_STAY="3")
+    await ami.wait_var("NOOJEE_STATUS", "FAILED", uniqueid=member)
+    simulator.set_failure(FailureMode.NONE)
+    await ami.wait_hangup(member)
+    await simulator.wait_for(2)
+    await ami.wait_hangup(customer)
+    await bridge.wait_drained()
+    assert ami.ran(member, "Playback") == ["beeperr"]
+    got = [
+        (r.params["extenOrUniqueId"], r.params["agentLoginName"], r.http_status)
+        for r in simulator.received
+    ]
+    assert got == [(EXT, "Fred", 404), (customer, "Fred", 200)]
+    assert all(r.path == STOP_PATH for r in simulator.received)
+
+
+async def test_toggle_state_survives_a_transfer_to_another_agent(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+) -> None:
+    """Agent 410 toggles (stops), then blind-transfers the customer to 411: 410's hangup
+    handler sends nothing (the call's recording is stopped), 411's toggle STARTS (it sees the
+    call's state, not its own fresh channel's), and the customer hanging up stops by linkedid."""
+    customer, member = await _call(
+        ami, "test-chain", TEST_DTMF="*1", TEST_AGENT_STAY="30", TEST_DTMF_411="*1"
+    )
+    await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=customer)
+    await ami.wait_event(
+        lambda e: e.event == "Newexten" and e.get("Uniqueid") == member
+        and e.get("Context") == "agi-bridge-feature" and e.get("Application") == "Return",
+        what="the end of the toggle on 410",
+    )  # fmt: skip
+    action = {
+        "Action": "BlindTransfer", "Channel": ami.channel_name(member),
+        "Context": "test-transfer", "Exten": "411",
+    }  # fmt: skip
+    resp = await ami.manager.send_action(action, as_list=False)
+    assert resp.get("Response") == "Success", dict(resp)
+    await ami.wait_hangup(member)
+    await _logged(ami, member, "already stopped on this call")
+    second = await _member(ami, customer, "Local/411@test-member-")
+    await ami.wait_var("NOOJEE_STATUS", "STARTED", uniqueid=second)
+    await ami.wait_var("NOOJEE_CALL_RECORDING", "started", uniqueid=customer)
+    await ami.hangup(customer)
+    await ami.wait_hangup(second)
+    await simulator.wait_for(3)
+    await bridge.wait_drained()
+    got = [
+        (r.path, r.params["extenOrUniqueId"], r.params.get("agentLoginName"))
+        for r in simulator.received
+    ]
+    assert got == [
+        (STOP_PATH, EXT, "Fred"),
+        (START_PATH, "411", "Wilma"),
+        (STOP_PATH, customer, "Wilma"),
+    ]
