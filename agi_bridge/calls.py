@@ -13,9 +13,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, get_args
 
-from agi_bridge.noojee import Action, RecordingRequest
 from agi_bridge.protocol import Environment
 from agi_bridge.settings import By, Mode, Settings
+from agi_bridge.vocabulary import Action, RecordingRequest
 
 KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode"})
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,15 +30,17 @@ import stamina
 
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
-from agi_bridge.noojee import (
-    MESSAGE_MAX_CHARS,
-    NoojeeClient,
-    NoojeeResult,
-    RecordingRequest,
-    ResultKind,
-)
+from agi_bridge.noojee import NoojeeClient
 from agi_bridge.settings import Mode, Settings
 from agi_bridge.spool import Spool, SpoolEntry
+from agi_bridge.vocabulary import (
+    MESSAGE_MAX_CHARS,
+    NoojeeResult,
+    Outcome,
+    RecordingRequest,
+    ResultKind,
+    Status,
+)
 
 log = get_logger("agi_bridge.delivery")
 
@@ -52,22 +53,6 @@ IDLE_POLL: Final = 1.0
 # After an unexpected error in the worker loop (the spool failing, say), wait this long before
 # trying again rather than spin or die.
 WORKER_ERROR_PAUSE: Final = 1.0
-
-
-class Status(enum.StrEnum):
-    """The values of NOOJEE_STATUS."""
-
-    STOPPED = "STOPPED"
-    STARTED = "STARTED"
-    QUEUED = "QUEUED"
-    FAILED = "FAILED"
-    REJECTED = "REJECTED"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    status: Status
-    message: str
 
 
 def _log_write_failure(write: asyncio.Future[Any]) -> None:

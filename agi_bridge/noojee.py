@@ -45,7 +45,6 @@ Design:
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import html
 import json
@@ -56,7 +55,6 @@ import ssl
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar, cast
@@ -65,21 +63,17 @@ from urllib.parse import quote
 import httpx
 
 from agi_bridge.transport import AiohttpTransport
+from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, NoojeeResult, RecordingRequest, ResultKind
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_REQUEST_TIMEOUT",
-    "Action",
     "NoojeeClient",
-    "NoojeeResult",
-    "RecordingRequest",
-    "ResultKind",
     "classify_response",
     "redact_url",
 ]
 
-Action = Literal["start", "stop"]
 AuthScheme = Literal["apikey", "hash"]
 
 # --- Limits and timeouts -------------------------------------------------------------------
@@ -111,8 +105,6 @@ HASH_USED_LIFETIME: Final = 55 * 60.0
 MAX_RESPONSE_BYTES: Final = 64 * 1024
 # An epoch in milliseconds has 13 digits; anything much longer is not a time stamp.
 MAX_TIME_BODY_CHARS: Final = 32
-# Result messages end up in a channel variable and a log line: one short line.
-MESSAGE_MAX_CHARS: Final = 200
 # Excerpts of unexpected bodies: enough to recognise "Service Unavailable" or a servlet error.
 EXCERPT_MAX_CHARS: Final = 80
 
@@ -130,62 +122,6 @@ _HEADERS: Final[dict[str, str]] = {
     "User-Agent": "agi-bridge (NoojeeContact recording client)",
 }
 _EMPTY: Final = b""
-
-
-class ResultKind(enum.StrEnum):
-    """What happened to one request, split by whose fault it was."""
-
-    OK = "ok"  # 2xx and Code 0, or 2xx with a non-JSON body
-    WARNING = "warning"  # 2xx and Code > 0: success, but log it
-    API_ERROR = "api_error"  # JSON Code < 0 (any status): Message says why. Not transient
-    HTTP_ERROR = "http_error"  # non-2xx. 5xx (and 429) transient, other statuses not
-    TIMEOUT = "timeout"  # transient
-    TRANSPORT = "transport"  # refused, reset, TLS failure...: transient, except TLS verification
-
-
-@dataclass(frozen=True, slots=True)
-class RecordingRequest:
-    """One stop or start call. ``tag`` is only sent with start; ``None`` fields are omitted."""
-
-    action: Action
-    exten_or_uniqueid: str  # -> extenOrUniqueId
-    agent: str | None = None  # -> agentLoginName
-    tag: str | None = None  # -> tag (start only)
-
-    def __post_init__(self) -> None:
-        if self.action not in _PATHS:
-            raise ValueError(f"action must be 'start' or 'stop', not {self.action!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class NoojeeResult:
-    """The outcome of :meth:`NoojeeClient.send`; ``message`` is safe for logs and channel vars."""
-
-    kind: ResultKind
-    message: str
-    code: int | None = None  # JSON Code when present
-    http_status: int | None = None
-    # Set for TRANSPORT failures caused by certificate verification: retrying cannot help,
-    # an operator has to fix the CA file or the server's certificate.
-    tls_verify_failed: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """True when the server did what was asked (possibly with a warning)."""
-        return self.kind is ResultKind.OK or self.kind is ResultKind.WARNING
-
-    @property
-    def transient(self) -> bool:
-        """True when the same request may succeed later without anybody changing anything."""
-        kind = self.kind
-        if kind is ResultKind.TIMEOUT:
-            return True
-        if kind is ResultKind.TRANSPORT:
-            return not self.tls_verify_failed
-        if kind is ResultKind.HTTP_ERROR:
-            status = self.http_status or 0
-            return status >= 500 or status == 429
-        return False
 
 
 # --- Text hygiene --------------------------------------------------------------------------

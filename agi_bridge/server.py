@@ -25,10 +25,10 @@ from typing import Final, cast
 import structlog
 
 from agi_bridge.calls import Rejected, build_request, parse_parameters
-from agi_bridge.delivery import Delivery, Outcome, Status
+from agi_bridge.delivery import Delivery
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
-from agi_bridge.noojee import MESSAGE_MAX_CHARS, Action, NoojeeClient
+from agi_bridge.noojee import NoojeeClient
 from agi_bridge.protocol import (
     NEED_DATA,
     AgiConnection,
@@ -40,6 +40,7 @@ from agi_bridge.protocol import (
 )
 from agi_bridge.settings import Settings
 from agi_bridge.spool import Spool
+from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, Action, Outcome, Status
 
 log = get_logger("agi_bridge.server")
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, TypeVar, cast
 
-from agi_bridge.noojee import Action, RecordingRequest
+from agi_bridge.vocabulary import Action, RecordingRequest
 
 T = TypeVar("T")
 

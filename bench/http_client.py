@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import API_KEY, Simulator  # bench/run.py: certificates, simulator
 
-from agi_bridge.noojee import MAX_RESPONSE_BYTES, NoojeeClient, RecordingRequest
+from agi_bridge.noojee import MAX_RESPONSE_BYTES, NoojeeClient
 from agi_bridge.transport import AiohttpTransport
+from agi_bridge.vocabulary import RecordingRequest
 
 try:
     from httpx_aiohttp import AiohttpTransport as PackageTransport

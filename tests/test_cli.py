@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from agi_bridge import __version__
-from agi_bridge.noojee import RecordingRequest
 from agi_bridge.simulator import NoojeeSimulator, SimulatorConfig
 from agi_bridge.spool import Spool
+from agi_bridge.vocabulary import RecordingRequest
 
 KEY = "f863246a-973e-11e6-8784-08002718f5b5"
 STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
