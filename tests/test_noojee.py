@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agi_bridge.noojee import (
+from agi_bridge.noojee.client import (
     EXCERPT_MAX_CHARS,
     HASH_USED_LIFETIME,
     MAX_RESPONSE_BYTES,
@@ -32,6 +32,7 @@ from agi_bridge.noojee import (
     classify_response,
     redact_url,
 )
+from agi_bridge.noojee.transport import AiohttpTransport
 from agi_bridge.simulator import (
     FailureMode,
     NoojeeSimulator,
@@ -39,7 +40,6 @@ from agi_bridge.simulator import (
     SimulatorConfig,
     run_simulator,
 )
-from agi_bridge.transport import AiohttpTransport
 from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, NoojeeResult, RecordingRequest, ResultKind
 from tests.bridge_helpers import raw_http_server
 

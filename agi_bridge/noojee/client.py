@@ -14,11 +14,11 @@ Design:
 
 * One shared httpx transport, built once and called directly with :class:`httpx.Request`
   objects (no :class:`httpx.AsyncClient`: its layers are unused here, and cost a fifth more
-  CPU per request). By default :class:`agi_bridge.transport.AiohttpTransport`: a keep-alive pool
-  sized by ``max_connections``, HTTP/1.1 only, an explicit :class:`httpx.Timeout` for every
-  phase, and no proxy variables from the environment, which could silently route calls away
-  from the whitelisted source address NoojeeContact insists on. Tests pass an
-  :class:`httpx.MockTransport` instead.
+  CPU per request). By default :class:`~agi_bridge.noojee.transport.AiohttpTransport`: a
+  keep-alive pool sized by ``max_connections``, HTTP/1.1 only, an explicit
+  :class:`httpx.Timeout` for every phase, and no proxy variables from the environment, which
+  could silently route calls away from the whitelisted source address NoojeeContact insists
+  on. Tests pass an :class:`httpx.MockTransport` instead.
 * :meth:`NoojeeClient.send` never raises for anything the network or the server does: every
   outcome is a :class:`NoojeeResult` whose ``kind`` says whose fault it was and whose
   ``transient`` says whether retrying later may help (timeouts, transport errors, 5xx and 429).
@@ -62,7 +62,7 @@ from urllib.parse import quote
 
 import httpx
 
-from agi_bridge.transport import AiohttpTransport
+from agi_bridge.noojee.transport import AiohttpTransport
 from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, NoojeeResult, RecordingRequest, ResultKind
 
 __all__ = [
@@ -428,7 +428,7 @@ class NoojeeClient:
             keepalive_expiry=KEEPALIVE_EXPIRY,
         )
         if transport is None:
-            # aiohttp's connection pool under httpx's API (see agi_bridge.transport).
+            # aiohttp's connection pool under httpx's API (see agi_bridge.noojee.transport).
             transport = AiohttpTransport(
                 verify=verify_arg, limits=limits, max_body_bytes=MAX_RESPONSE_BYTES
             )
