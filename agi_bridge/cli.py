@@ -15,12 +15,12 @@ from typing import Any, Final, Literal
 
 from agi_bridge import __version__
 from agi_bridge.app import noojee_client, serve
-from agi_bridge.demo import DEMO_KEY, DEMO_PORT, run_demo
-from agi_bridge.fake_asterisk import DEFAULT_CHANNEL, DEFAULT_UNIQUEID, Call, run_call
 from agi_bridge.logs import configure_logging
 from agi_bridge.settings import CONFIG_ENV, Address, ConfigError, Settings, load_settings
-from agi_bridge.simulator import SimulatorConfig, run_simulator
 from agi_bridge.spool import Spool, SpoolEntry, SpoolError
+from agi_bridge.testing.demo import DEMO_KEY, DEMO_PORT, run_demo
+from agi_bridge.testing.fake_asterisk import DEFAULT_CHANNEL, DEFAULT_UNIQUEID, Call, run_call
+from agi_bridge.testing.simulator import SimulatorConfig, run_simulator
 from agi_bridge.vocabulary import Action, RecordingRequest
 
 EXIT_OK: Final = 0

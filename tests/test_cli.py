@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from agi_bridge import __version__
-from agi_bridge.simulator import NoojeeSimulator, SimulatorConfig
 from agi_bridge.spool import Spool
+from agi_bridge.testing.simulator import NoojeeSimulator, SimulatorConfig
 from agi_bridge.vocabulary import RecordingRequest
 
 KEY = "f863246a-973e-11e6-8784-08002718f5b5"

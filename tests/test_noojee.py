@@ -33,7 +33,7 @@ from agi_bridge.noojee.client import (
     redact_url,
 )
 from agi_bridge.noojee.transport import AiohttpTransport
-from agi_bridge.simulator import (
+from agi_bridge.testing.simulator import (
     FailureMode,
     NoojeeSimulator,
     ReceivedRequest,

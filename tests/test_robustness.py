@@ -17,10 +17,10 @@ import pytest
 import structlog
 
 from agi_bridge.app import Bridge
-from agi_bridge.fake_asterisk import Call, SessionResult, environment_block, run_call
 from agi_bridge.protocol import MAX_ENVIRONMENT_BYTES, MAX_LINE_BYTES, Environment
 from agi_bridge.server import AgiServer
-from agi_bridge.simulator import FailureMode, NoojeeSimulator
+from agi_bridge.testing.fake_asterisk import Call, SessionResult, environment_block, run_call
+from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 from agi_bridge.vocabulary import Outcome
 from tests.bridge_helpers import (
     API_KEY,

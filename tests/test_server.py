@@ -21,8 +21,8 @@ from agi_bridge.delivery import Delivery
 from agi_bridge.logs import configure_logging
 from agi_bridge.metrics import Metrics
 from agi_bridge.noojee import NoojeeClient
-from agi_bridge.simulator import FailureMode, NoojeeSimulator
 from agi_bridge.spool import SPOOL_FILE, Spool
+from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 from agi_bridge.vocabulary import RecordingRequest
 from tests.bridge_helpers import API_KEY, call, make_settings, running_bridge, running_simulator
 

@@ -11,9 +11,9 @@ from pydantic import SecretStr
 from agi_bridge.app import Bridge, run_until_signal
 from agi_bridge.logs import configure_logging, get_logger
 from agi_bridge.settings import Settings, load_settings
-from agi_bridge.simulator import NoojeeSimulator, ReceivedRequest, SimulatorConfig
+from agi_bridge.testing.simulator import NoojeeSimulator, ReceivedRequest, SimulatorConfig
 
-log = get_logger("agi_bridge.demo")
+log = get_logger("agi_bridge.testing.demo")
 
 DEMO_PORT: Final = 8089  # the simulator's loopback port, fixed so the README's curl lines work
 DEMO_KEY: Final = "demo-key"  # the simulator's own key, published on purpose
