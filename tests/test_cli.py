@@ -96,6 +96,62 @@ async def test_help(tmp_path: Path, base_env: dict[str, str]) -> None:
     assert ran.stdout.startswith("usage: agi-bridge")
 
 
+async def imported_by(*args: str, cwd: Path, env: Mapping[str, str]) -> set[str]:
+    """The modules ``python -X importtime ARGS`` imported (importtime lists each on stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-X",
+        "importtime",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(env),
+        cwd=cwd,
+    )
+    async with asyncio.timeout(RUN_TIMEOUT):
+        _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()[-2000:]
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in err.decode().splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
+
+
+TESTING_TOOLS = {
+    "agi_bridge.testing.simulator",
+    "agi_bridge.testing.fake_asterisk",
+    "agi_bridge.testing.demo",
+}
+
+
+async def test_help_loads_no_http_client_and_no_testing_tool(
+    tmp_path: Path, base_env: dict[str, str]
+) -> None:
+    """--help imports neither httpx, aiohttp nor the server, and none of the testing tools."""
+    modules = await imported_by("-m", "agi_bridge", "--help", cwd=tmp_path, env=base_env)
+    assert "agi_bridge.cli" in modules  # the listing is what it claims to be
+    assert not modules & {"httpx", "aiohttp", "agi_bridge.app", "agi_bridge.server"}
+    assert not modules & TESTING_TOOLS
+
+
+async def test_serve_loads_no_testing_tool(tmp_path: Path, base_env: dict[str, str]) -> None:
+    """What `serve` imports (the CLI and the assembled app) holds none of the testing tools."""
+    modules = await imported_by(
+        "-c", "import agi_bridge.cli, agi_bridge.app", cwd=tmp_path, env=base_env
+    )
+    assert {"agi_bridge.app", "agi_bridge.server", "httpx"} <= modules
+    assert not modules & TESTING_TOOLS
+
+
+async def test_spool_loads_no_http_client(tmp_path: Path, base_env: dict[str, str]) -> None:
+    """The SQLite spool needs neither httpx nor aiohttp (the spool commands start fast)."""
+    modules = await imported_by("-c", "import agi_bridge.spool", cwd=tmp_path, env=base_env)
+    assert "agi_bridge.spool" in modules
+    assert not modules & {"httpx", "aiohttp", "agi_bridge.noojee"}
+
+
 async def test_version(tmp_path: Path, base_env: dict[str, str]) -> None:
     """version prints the package version and exits 0 without needing a configuration."""
     ran = await agi_bridge("version", env=base_env, cwd=tmp_path)
@@ -120,6 +176,30 @@ async def test_check_config_ok_prints_masked_settings(tmp_path: Path, env: dict[
     assert shown["stop_budget"] == 0.25  # the environment wins
     assert "configuration OK" in ran.stderr
     assert_no_secret(ran)
+
+
+async def test_check_config_into_a_closed_pipe_exits_0(tmp_path: Path, env: dict[str, str]) -> None:
+    """A reader that left (`check-config | head`) is not a failure: exit 0, nothing on stderr."""
+    reader, writer = os.pipe()
+    os.close(reader)  # every write to the pipe now fails with EPIPE
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agi_bridge",
+            "check-config",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=writer,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=tmp_path,
+        )
+    finally:
+        os.close(writer)
+    async with asyncio.timeout(RUN_TIMEOUT):
+        _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    assert "Broken pipe" not in err.decode()
 
 
 async def test_check_config_key_file_not_shown(tmp_path: Path, base_env: dict[str, str]) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from agi_bridge.settings import CONFIG_ENV, Settings, env_name, load_settings
-from agi_bridge.testing.demo import DEMO_KEY
+from agi_bridge.testing.defaults import DEMO_KEY
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
