@@ -33,6 +33,7 @@ from agi_bridge.metrics import Metrics
 from agi_bridge.noojee import NoojeeClient
 from agi_bridge.settings import Mode, Settings
 from agi_bridge.spool import Spool, SpoolEntry
+from agi_bridge.tasks import finish_within
 from agi_bridge.vocabulary import (
     MESSAGE_MAX_CHARS,
     NoojeeResult,
@@ -502,17 +503,17 @@ class Delivery:
                     raise _Unavailable
 
     async def drain(self, grace: float) -> None:
-        """Wait up to ``grace`` seconds for attempts that outlived their session, then cancel
-        them (their entries stay pending and are sent after the restart); then wait for the
-        spool writes that record what became of them."""
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        """Within ``grace`` seconds: let the attempts that outlived their session end, and
+        cancel those still running at the deadline (their entries stay pending and are sent
+        after the restart); then wait for the spool writes that record what became of them."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await finish_within(self._tasks, grace)
         await asyncio.sleep(0)  # let the attempts' done-callbacks run
         if self._settling:
-            await asyncio.wait(set(self._settling), timeout=STORE_TIMEOUT)
+            left = max(0.0, deadline - loop.time())
+            await asyncio.wait(set(self._settling), timeout=min(STORE_TIMEOUT, left))
         await asyncio.sleep(0)  # and the stores' callbacks submit their writes
         if self._writes:
-            await asyncio.wait(set(self._writes), timeout=STORE_TIMEOUT)
+            left = max(0.0, deadline - loop.time())
+            await asyncio.wait(set(self._writes), timeout=min(STORE_TIMEOUT, left))

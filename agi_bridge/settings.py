@@ -119,8 +119,14 @@ class Settings(BaseSettings):
     max_sessions: int = Field(
         4096, ge=1, description="concurrent AGI sessions; more are refused with 'failure'"
     )
+    # One deadline for the whole stop (sessions, deliveries in flight, the worker's batch);
+    # 20 s plus the spool's last flush (2 s) stays well under the 30 s that the systemd unit
+    # and the compose file allow before SIGKILL.
     shutdown_grace: float = Field(
-        10.0, ge=0, description="seconds in-flight sessions get to finish on SIGTERM"
+        20.0,
+        ge=0,
+        description="seconds the whole stop on SIGTERM may take: sessions and deliveries in "
+        "flight finish within it, what is left stays queued",
     )
 
     # --- Routes -----------------------------------------------------------------------------
