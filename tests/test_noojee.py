@@ -30,9 +30,9 @@ from agi_bridge.noojee.client import (
     MAX_RESPONSE_BYTES,
     NoojeeClient,
     classify_response,
-    redact_url,
 )
 from agi_bridge.noojee.transport import AiohttpTransport
+from agi_bridge.redact import redact_url
 from agi_bridge.testing.simulator import (
     FailureMode,
     NoojeeSimulator,

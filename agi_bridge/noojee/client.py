@@ -34,9 +34,8 @@ Design:
   filter to the ``httpx`` logger that redacts those values (it costs nothing while INFO is
   disabled, the default).
 * Result messages are single-line, printable, at most 200 characters, free of ``"`` and
-  ``\\`` (so they fit in an AGI ``SET VARIABLE`` argument), and scrubbed of secrets: the key,
-  any 64-hex-digit hash, and ``apiKey=``/``hash=`` query values, whatever the server or an
-  exception string echoes back.
+  ``\\`` (so they fit in an AGI ``SET VARIABLE`` argument), and scrubbed of secrets by
+  :mod:`agi_bridge.redact`, whatever the server or an exception string echoes back.
 * Per-request work is kept small because the benchmark runs this thousands of times per second:
   URLs prefixes, the auth suffix and the headers are precomputed; the common answer (a short
   JSON object) takes the fast path through the classifier.
@@ -63,6 +62,7 @@ from urllib.parse import quote
 import httpx
 
 from agi_bridge.noojee.transport import AiohttpTransport
+from agi_bridge.redact import redact_url, scrub
 from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, NoojeeResult, RecordingRequest, ResultKind
 
 __all__ = [
@@ -71,7 +71,6 @@ __all__ = [
     "DEFAULT_REQUEST_TIMEOUT",
     "NoojeeClient",
     "classify_response",
-    "redact_url",
 ]
 
 AuthScheme = Literal["apikey", "hash"]
@@ -126,12 +125,6 @@ _EMPTY: Final = b""
 
 # --- Text hygiene --------------------------------------------------------------------------
 
-# Values of the two secret parameters, wherever a URL appears in a text.
-_SECRET_PARAM_RE: Final = re.compile(r"(?i)((?:^|[?&;\s])(?:apikey|hash)=)[^&#\s\"'<>]*")
-# user:password@ in a URL's authority.
-_USERINFO_RE: Final = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/@\s:]*:)[^/@\s]*@")
-# A sha256 hex digest anywhere (the hash of the hash scheme, echoed back by some page).
-_HEX64_RE: Final = re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{64}(?![0-9a-fA-F])")
 # Whole blocks whose text is noise in an excerpt: the head (servlet error pages repeat its
 # title in an h1, and carry inline CSS), scripts, styles and comments.
 _HTML_NOISE_RE: Final = re.compile(r"(?is)<(head|script|style)\b.*?</\1\s*>|<!--.*?-->")
@@ -139,13 +132,6 @@ _HTML_TAG_RE: Final = re.compile(r"<[^>]*>")
 _SPACES_RE: Final = re.compile(r"\s+")
 # '"' and '\' would break the quoting of an AGI SET VARIABLE argument.
 _QUOTES: Final = str.maketrans({'"': "'", "\\": "/"})
-
-
-def redact_url(url: str | httpx.URL) -> str:
-    """Return ``url`` with the values of ``apiKey`` and ``hash`` (and any password) as ``***``."""
-    text = str(url)
-    text = _SECRET_PARAM_RE.sub(r"\1***", text)
-    return _USERINFO_RE.sub(r"\1***@", text)
 
 
 def _clean(text: str, limit: int) -> str:
@@ -163,23 +149,8 @@ def _clean(text: str, limit: int) -> str:
     return text
 
 
-def _scrub(text: str, secret: str | None) -> str:
-    """Remove secrets from text that came from the server or from an exception."""
-    if secret:
-        if secret in text:
-            text = text.replace(secret, "***")
-        quoted = quote(secret, safe="")  # as it appears in an echoed URL
-        if quoted != secret and quoted in text:
-            text = text.replace(quoted, "***")
-    if "=" in text or "@" in text:
-        text = redact_url(text)
-    if len(text) >= 64:
-        text = _HEX64_RE.sub("***", text)
-    return text
-
-
 def _message(text: str, secret: str | None, limit: int = MESSAGE_MAX_CHARS) -> str:
-    return _clean(_scrub(text, secret), limit)
+    return _clean(scrub(text, (secret,) if secret else ()), limit)
 
 
 def _excerpt(body: bytes, secret: str | None) -> str:

@@ -55,6 +55,8 @@ from urllib.parse import parse_qsl
 
 import h11
 
+from agi_bridge.redact import MASK, SECRET_PARAMETERS, scrub
+
 __all__ = [
     "Action",
     "FailureMode",
@@ -164,12 +166,15 @@ class ReceivedRequest:
     at: float  # the config clock when the request arrived
 
     def to_json(self, *, redact: bool = False) -> dict[str, Any]:
-        """A JSON-able dict; ``redact`` hides apiKey and hash values."""
+        """A JSON-able dict; ``redact`` masks what :mod:`agi_bridge.redact` masks (the
+        secret parameters' values, and the key and a hash wherever they appear)."""
         params = dict(self.params)
         if redact:
-            for name in ("apiKey", "hash"):
-                if name in params:
-                    params[name] = "***"
+            secrets = [self.params[name] for name in self.params if name.casefold() == "apikey"]
+            params = {
+                name: MASK if name.casefold() in SECRET_PARAMETERS else scrub(value, secrets)
+                for name, value in params.items()
+            }
         return {
             "method": self.method,
             "path": self.path,
