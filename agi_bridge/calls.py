@@ -119,8 +119,8 @@ def extension_from_channel(channel: str) -> str | None:
     if not dash:
         return None
     endpoint = endpoint.rsplit("/", 1)[-1]  # DAHDI/i<span>/<number>-<n>
-    # Fix: "10.0.0.1:4569" (IAX2 <ip:port>) is an address, not an extension NoojeeContact could
-    # know; before, it was sent as extenOrUniqueId. No endpoint name contains ":".
+    # "10.0.0.1:4569" (IAX2 <ip:port>) is an address, not an extension NoojeeContact could
+    # know. No endpoint name contains ":".
     if ":" in endpoint:
         return None
     return endpoint or None
@@ -150,10 +150,10 @@ def build_request(
             raise Rejected(
                 f"no extension in channel {environment.channel!r}: use by=uniqueid or by=id"
             )
-        # Fix: checked like a uniqueid; agi_channel is as unchecked as agi_uniqueid.
+        # Checked like a uniqueid: agi_channel is as unchecked as agi_uniqueid.
         target = _check_text("extension", extension, MAX_IDENTIFIER_LENGTH)
-    # Fix: ``or None``: an empty default_agent (AGI_BRIDGE_DEFAULT_AGENT=) or agents value is no
-    # agent; before, a stop went out with agentLoginName missing instead of being REJECTED.
+    # ``or None``: an empty default_agent (AGI_BRIDGE_DEFAULT_AGENT=) or agents value is no
+    # agent, so a stop without one is REJECTED rather than sent without agentLoginName.
     agent = (
         parameters.agent or _agent_for(extension, settings.agents) or settings.default_agent
     ) or None

@@ -326,8 +326,12 @@ class AgiServer:
             request = build_request(action, environment, parameters, self.settings)
         except Rejected as exc:
             return Outcome(Status.REJECTED, exc.reason)
-        mode = parameters.mode or getattr(self.settings, f"{action}_mode")
-        budget: float = getattr(self.settings, f"{action}_budget")
+        settings = self.settings
+        if action == "stop":
+            mode, budget = settings.stop_mode, settings.stop_budget
+        else:
+            mode, budget = settings.start_mode, settings.start_budget
+        mode = parameters.mode or mode
         return await self.delivery.submit(
             request, call_uniqueid=environment.uniqueid, mode=mode, budget=budget
         )

@@ -55,8 +55,8 @@ class Address:
     @classmethod
     def parse(cls, text: str) -> Address:
         host, sep, port_text = text.rpartition(":")
-        # Fix: an IPv6 host must be bracketed. Before, "::1" parsed as host ":" port 1,
-        # "::1:80" and "[::1:80" were guessed at and "[]:80" gave an empty host.
+        # An IPv6 host must be bracketed: "::1", "::1:80" and "[::1:80" are ambiguous or
+        # broken, and "[]:80" has no host; all are refused rather than guessed at.
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         elif ":" in host or "[" in host or "]" in host:
@@ -232,8 +232,8 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, list | tuple):
-            # Fix: parsed here so that a bad entry is one clear problem; left to the
-            # IPv4Network | IPv6Network union, it gave two problems with unreadable locations.
+            # Parsed here so that a bad entry is one clear problem; the IPv4Network |
+            # IPv6Network union would report two, at unreadable locations.
             networks: list[object] = []
             for part in value:
                 if isinstance(part, str):
@@ -480,9 +480,9 @@ def load_settings(config_file: Path | None = None, *, require_api_key: bool = Tr
         settings: Settings = Settings(**values)
     except ValidationError as exc:
         problems.extend(_describe(error) for error in exc.errors())
-        # Fix: the cross-field checks used to run only when every field was valid, so an
-        # operator fixed a typo and only then learnt that, say, the API key was missing.
-        # Validate what is left without the failed fields and run the checks on that.
+        # The cross-field checks run even when some fields are invalid, so that an operator
+        # learns of a typo and, say, a missing API key in one go: validate what is left
+        # without the failed fields and run the checks on that.
         failed = frozenset(str(error["loc"][0]) for error in exc.errors() if error["loc"])
         partial = _without(values, failed)
         if partial is None:

@@ -1,7 +1,7 @@
 """NoojeeContact recording client: stop and start recordings over the documented REST API.
 
-The contract is ``/work/shared/reference/noojee-api.md`` (NoojeeContact "07.0 Start Recording",
-"08.0 Stop Recording", "01.0/01.1 Authentication"). In short:
+The contract is NoojeeContact's REST API documentation ("07.0 Start Recording", "08.0 Stop
+Recording", "01.0/01.1 Authentication"). In short:
 
 * ``POST <base>/CallManagementAPI/stop|start`` with every parameter in the query string and an
   empty ``application/x-www-form-urlencoded`` body ("The API will only accept POST requests").

@@ -1,6 +1,6 @@
 """A NoojeeContact simulator: the recording API over real HTTP/1.1 (optionally TLS).
 
-It implements the contract in ``/work/shared/reference/noojee-api.md`` closely enough to be the
+It implements NoojeeContact's documented REST API closely enough to be the
 backend of our tests (instead of mocks), of local demos (``agi-bridge simulate-noojee``) and of
 the benchmark:
 
