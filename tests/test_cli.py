@@ -32,12 +32,10 @@ class Ran:
     stderr: str
 
 
-async def agi_bridge(*args: str, env: Mapping[str, str], cwd: Path) -> Ran:
-    """Run ``python -m agi_bridge ARGS`` without blocking the event loop (the simulator)."""
+async def python(*args: str, env: Mapping[str, str], cwd: Path) -> Ran:
+    """Run ``python ARGS`` without blocking the event loop (the simulator)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "agi_bridge",
         *args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -54,6 +52,11 @@ async def agi_bridge(*args: str, env: Mapping[str, str], cwd: Path) -> Ran:
         raise
     assert process.returncode is not None
     return Ran(process.returncode, out.decode(), err.decode())
+
+
+async def agi_bridge(*args: str, env: Mapping[str, str], cwd: Path) -> Ran:
+    """Run ``python -m agi_bridge ARGS``."""
+    return await python("-m", "agi_bridge", *args, env=env, cwd=cwd)
 
 
 @pytest.fixture
@@ -98,23 +101,11 @@ async def test_help(tmp_path: Path, base_env: dict[str, str]) -> None:
 
 async def imported_by(*args: str, cwd: Path, env: Mapping[str, str]) -> set[str]:
     """The modules ``python -X importtime ARGS`` imported (importtime lists each on stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-X",
-        "importtime",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=dict(env),
-        cwd=cwd,
-    )
-    async with asyncio.timeout(RUN_TIMEOUT):
-        _, err = await process.communicate()
-    assert process.returncode == 0, err.decode()[-2000:]
+    ran = await python("-X", "importtime", *args, env=env, cwd=cwd)
+    assert ran.returncode == 0, ran.stderr[-2000:]
     return {
         line.rsplit("|", 1)[1].strip()
-        for line in err.decode().splitlines()
+        for line in ran.stderr.splitlines()
         if line.startswith("import time:") and line.count("|") == 2
     }
 
