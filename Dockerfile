@@ -9,8 +9,9 @@
 # Inside a container the FastAGI listener must leave loopback, so the image listens on 0.0.0.0
 # and the bridge refuses to start until AGI_BRIDGE_ALLOW_CLIENTS says who may connect.
 #
-# Stopping takes up to 2 x shutdown_grace (sessions, then queued deliveries): give it
-# `docker run --stop-timeout 30` / compose `stop_grace_period: 30s` (Docker's default is 10 s).
+# Stopping takes up to shutdown_grace (20 s) plus 2 s for the spool's last flush. Plain
+# `docker run` sends SIGKILL 10 s after SIGTERM: give it `docker run --stop-timeout 30`
+# (docker-compose.yml sets `stop_grace_period: 30s`).
 
 ARG PYTHON_IMAGE=python:3.11-slim
 

@@ -24,26 +24,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agi_bridge.noojee import (
+from agi_bridge.noojee.client import (
     EXCERPT_MAX_CHARS,
     HASH_USED_LIFETIME,
     MAX_RESPONSE_BYTES,
-    MESSAGE_MAX_CHARS,
     NoojeeClient,
-    NoojeeResult,
-    RecordingRequest,
-    ResultKind,
     classify_response,
-    redact_url,
 )
-from agi_bridge.simulator import (
+from agi_bridge.noojee.transport import AiohttpTransport
+from agi_bridge.redact import redact_url
+from agi_bridge.testing.simulator import (
     FailureMode,
     NoojeeSimulator,
     ReceivedRequest,
     SimulatorConfig,
     run_simulator,
 )
-from agi_bridge.transport import AiohttpTransport
+from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, NoojeeResult, RecordingRequest, ResultKind
 from tests.bridge_helpers import raw_http_server
 
 KEY = "f863246a-973e-11e6-8784-08002718f5b5"

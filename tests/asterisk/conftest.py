@@ -46,7 +46,12 @@ import pytest_asyncio
 from panoramisk import Manager
 from panoramisk.message import Message
 
-from agi_bridge.simulator import FailureMode, NoojeeSimulator, ReceivedRequest, SimulatorConfig
+from agi_bridge.testing.simulator import (
+    FailureMode,
+    NoojeeSimulator,
+    ReceivedRequest,
+    SimulatorConfig,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent

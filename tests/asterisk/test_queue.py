@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 from panoramisk.message import Message
 
-from agi_bridge.simulator import FailureMode, NoojeeSimulator
+from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 
 from .conftest import AGENTS, START_PATH, STOP_PATH, Ami, BridgeProcess
 

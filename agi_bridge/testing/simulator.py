@@ -1,6 +1,6 @@
 """A NoojeeContact simulator: the recording API over real HTTP/1.1 (optionally TLS).
 
-It implements the contract in ``/work/shared/reference/noojee-api.md`` closely enough to be the
+It implements NoojeeContact's documented REST API closely enough to be the
 backend of our tests (instead of mocks), of local demos (``agi-bridge simulate-noojee``) and of
 the benchmark:
 
@@ -54,6 +54,8 @@ from typing import Any, Final, Literal, Self, TextIO
 from urllib.parse import parse_qsl
 
 import h11
+
+from agi_bridge.redact import MASK, SECRET_PARAMETERS, scrub
 
 __all__ = [
     "Action",
@@ -164,12 +166,15 @@ class ReceivedRequest:
     at: float  # the config clock when the request arrived
 
     def to_json(self, *, redact: bool = False) -> dict[str, Any]:
-        """A JSON-able dict; ``redact`` hides apiKey and hash values."""
+        """A JSON-able dict; ``redact`` masks what :mod:`agi_bridge.redact` masks (the
+        secret parameters' values, and the key and a hash wherever they appear)."""
         params = dict(self.params)
         if redact:
-            for name in ("apiKey", "hash"):
-                if name in params:
-                    params[name] = "***"
+            secrets = [self.params[name] for name in self.params if name.casefold() == "apikey"]
+            params = {
+                name: MASK if name.casefold() in SECRET_PARAMETERS else scrub(value, secrets)
+                for name, value in params.items()
+            }
         return {
             "method": self.method,
             "path": self.path,
