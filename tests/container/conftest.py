@@ -96,6 +96,8 @@ def _build_image() -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session: pytest.Session) -> None:
     """Build before the first test (so per-test timeouts do not count it)."""
+    if session.config.option.collectonly:
+        return
     if any(item.get_closest_marker("container") for item in session.items):
         _build_image()
 
