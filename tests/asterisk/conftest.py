@@ -101,9 +101,8 @@ def _provision() -> None:
                 f"PROVISIONING FAILED (scripts/asterisk-sandbox provision): {last}\n{out[-1500:]}"
             )
         else:
-            sys.stderr.write(
-                f"\nasterisk sandbox provisioned/reused in {time.monotonic() - t0:.1f} s\n"
-            )
+            outcome = _parse_state(res.stdout)["PROVISION"]  # reused or provisioned
+            sys.stderr.write(f"\nasterisk sandbox {outcome} in {time.monotonic() - t0:.1f} s\n")
     _provision_state["error"] = reason
 
 
