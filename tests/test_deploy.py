@@ -477,10 +477,14 @@ README_PIP = "/opt/agi-bridge/venv/bin/pip install '/path/to/agi-bridge[fast]'"
 INSTALLED_PATH = re.compile(r"(?<![\w.])/(?:etc|opt|var)/")
 
 
+def _readme_install_section() -> str:
+    text = README.read_text(encoding="utf-8")
+    return text.split("\n## Installing for real\n", 1)[1].split("\n## ", 1)[0]
+
+
 def _readme_install_blocks() -> list[list[str]]:
     """The sh blocks of README's "Installing for real": commands, continuations joined."""
-    text = README.read_text(encoding="utf-8")
-    section = text.split("\n## Installing for real\n", 1)[1].split("\n## ", 1)[0]
+    section = _readme_install_section()
     blocks = re.findall(r"^```sh\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
     return [
         [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
@@ -526,6 +530,13 @@ def test_install_paths_agree_across_readme_example_and_unit() -> None:
     assert f"install -m 0644 {UNIT.relative_to(REPO)} /etc/systemd/system/" in map(
         _command, service
     )
+
+
+def test_readme_names_both_compose_commands() -> None:
+    """README's install names Compose v2 and v1 (docker-compose, what many distributions ship)."""
+    section = _readme_install_section()
+    assert "`docker compose up --build`" in section
+    assert "`docker-compose up --build`" in section
 
 
 def test_readme_install_in_a_scratch_root_passes_check_config(tmp_path: Path) -> None:
