@@ -29,19 +29,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.preparation import Preparation
+
 REPO = Path(__file__).resolve().parent.parent.parent
 DOCKER_BASE = REPO / "scripts" / "docker-base"
 IMAGE = f"agi-bridge:pytest-{os.getpid()}"
-# Read once at import: the suite's autouse fixture clears AGI_BRIDGE_* variables for each test.
-REQUIRED = os.environ.get("AGI_BRIDGE_REQUIRE_DOCKER", "") not in ("", "0", "no")
 # Building from a cached base: ~50 s on 2 busy cores (pip install from the index); a cold
 # base adds debootstrap (~3 min). Generous, so that only a hang fails here.
 BUILD_TIMEOUT = 900
 # One docker CLI call (run, stop, inspect, exec): the engine answers within seconds; docker
 # stop waits for the container's own shutdown, bounded by the stop timeout below.
 DOCKER_TIMEOUT = 120
-
-_build: dict[str, str | None] = {"error": None, "done": None}
 
 
 def _cannot_run_reason() -> str | None:
@@ -63,10 +61,8 @@ def _cannot_run_reason() -> str | None:
     return None
 
 
-def _build_image() -> None:
-    if _build["done"]:
-        return
-    _build["done"] = "yes"
+def _build_image() -> str | None:
+    """Load the base image and build this checkout's: why the tests cannot run, or None."""
     reason = _cannot_run_reason()
     if reason is None:
         t0 = time.monotonic()
@@ -90,7 +86,10 @@ def _build_image() -> None:
             else:
                 steps = base.stderr.strip().replace("\n", "; ")
                 sys.stderr.write(f"\n{steps}; image built in {time.monotonic() - t0:.1f} s\n")
-    _build["error"] = reason
+    return reason
+
+
+BUILT_IMAGE = Preparation("CONTAINER IMAGE TESTS", "AGI_BRIDGE_REQUIRE_DOCKER", _build_image)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -99,12 +98,12 @@ def pytest_runtestloop(session: pytest.Session) -> None:
     if session.config.option.collectonly:
         return
     if any(item.get_closest_marker("container") for item in session.items):
-        _build_image()
+        BUILT_IMAGE.run()
 
 
 def pytest_sessionfinish() -> None:
     """The image of this run goes; the cached base image stays for the next run."""
-    if _build["done"] and _build["error"] is None:
+    if BUILT_IMAGE.succeeded:
         subprocess.run(
             ["docker", "image", "rm", "--force", IMAGE], capture_output=True, check=False
         )
@@ -113,12 +112,7 @@ def pytest_sessionfinish() -> None:
 @pytest.fixture(scope="session")
 def image() -> str:
     """The tag of the image built from this checkout's Dockerfile."""
-    _build_image()  # no-op when pytest_runtestloop did it
-    if _build["error"]:
-        msg = f"CONTAINER IMAGE TESTS NOT RUN: {_build['error']}"
-        if REQUIRED:
-            pytest.fail(msg + " (AGI_BRIDGE_REQUIRE_DOCKER is set)", pytrace=False)
-        pytest.skip(msg)
+    BUILT_IMAGE.check()  # builds only if pytest_runtestloop did not
     return IMAGE
 
 
