@@ -16,7 +16,7 @@ import pytest
 class Preparation:
     """``setup()`` returns why the tests cannot run, or None; it is called at most once."""
 
-    def __init__(self, tests: str, require_env: str, setup: Callable[[], str | None]) -> None:
+    def __init__(self, tests: str, *, require_env: str, setup: Callable[[], str | None]) -> None:
         self.tests = tests
         self.require_env = require_env
         # Read now, at conftest import: the suite's autouse fixture clears AGI_BRIDGE_*

@@ -37,7 +37,9 @@ README = REPO / "README.md"
 INSTALLED_EXEC_START = "/opt/agi-bridge/venv/bin/agi-bridge serve"
 ENV_NAME = re.compile(r"AGI_BRIDGE_[A-Z0-9_]*[A-Z0-9]")
 # Variables read by the project's tools rather than by Settings (e.g. the Asterisk sandbox).
-TOOL_ENV_LOOKUP = re.compile(r"""(?:environ\.get\(|environ\[|getenv\()\s*["'](AGI_BRIDGE_\w+)""")
+TOOL_ENV_LOOKUP = re.compile(
+    r"""(?:environ\.get\(|environ\[|getenv\(|require_env=)\s*["'](AGI_BRIDGE_\w+)"""
+)
 # Stopping takes up to shutdown_grace for sessions plus as long again for queued deliveries.
 WORST_CASE_STOP = 2 * float(Settings.model_fields["shutdown_grace"].default)
 

@@ -99,7 +99,9 @@ def _provision() -> str | None:
     return reason
 
 
-SANDBOX_ROOT = Preparation("ASTERISK END-TO-END TESTS", "AGI_BRIDGE_REQUIRE_ASTERISK", _provision)
+SANDBOX_ROOT = Preparation(
+    "ASTERISK END-TO-END TESTS", require_env="AGI_BRIDGE_REQUIRE_ASTERISK", setup=_provision
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

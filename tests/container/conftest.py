@@ -89,7 +89,9 @@ def _build_image() -> str | None:
     return reason
 
 
-BUILT_IMAGE = Preparation("CONTAINER IMAGE TESTS", "AGI_BRIDGE_REQUIRE_DOCKER", _build_image)
+BUILT_IMAGE = Preparation(
+    "CONTAINER IMAGE TESTS", require_env="AGI_BRIDGE_REQUIRE_DOCKER", setup=_build_image
+)
 
 
 @pytest.hookimpl(tryfirst=True)
