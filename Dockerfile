@@ -2,7 +2,8 @@
 #
 #   docker build -t agi-bridge .
 #   docker run --rm agi-bridge --help
-#   docker compose up          # the bridge plus a NoojeeContact simulator (docker-compose.yml)
+#   docker compose up          # the bridge plus a NoojeeContact simulator (docker-compose.yml;
+#                              # `docker-compose up` with Compose v1)
 #
 # Every setting is an AGI_BRIDGE_* environment variable (or a key of the TOML file named by
 # AGI_BRIDGE_CONFIG); `docker run --rm -e ... agi-bridge check-config` shows the effective values.

@@ -12,7 +12,9 @@ import gzip
 import hashlib
 import json
 import logging
+import signal
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -969,6 +971,37 @@ async def test_run_simulator_prints_redacted_json_lines(
     assert KEY not in out
     assert record.read_text().splitlines() == [line]
     assert json.loads(err.splitlines()[0])["event"] == "simulator.listening"
+
+
+# SIGTERM to the finished process: a stop signal ends it at once, this only bounds a hang.
+SIMULATOR_EXIT_DEADLINE = 10.0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_simulate_noojee_process_exits_0_on_stop_signal(signum: signal.Signals) -> None:
+    """`agi-bridge simulate-noojee` ends with status 0 on SIGTERM/SIGINT, as docker stop needs."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agi_bridge", "simulate-noojee", "--listen", "127.0.0.1:0",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(SIMULATOR_EXIT_DEADLINE):
+            listening = json.loads(await process.stderr.readline())
+            assert listening["event"] == "simulator.listening", listening
+            process.send_signal(signum)
+            rest = (await process.stderr.read()).decode()
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == 0, rest
+    assert json.loads(rest.splitlines()[-1]) == {
+        "event": "simulator.stopping",
+        "signal": signum.name,
+    }
 
 
 def test_received_request_is_frozen() -> None:
