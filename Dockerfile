@@ -2,15 +2,17 @@
 #
 #   docker build -t agi-bridge .
 #   docker run --rm agi-bridge --help
-#   docker compose up          # the bridge plus a NoojeeContact simulator (docker-compose.yml)
+#   docker compose up          # the bridge plus a NoojeeContact simulator (docker-compose.yml;
+#                              # `docker-compose up` with Compose v1)
 #
 # Every setting is an AGI_BRIDGE_* environment variable (or a key of the TOML file named by
 # AGI_BRIDGE_CONFIG); `docker run --rm -e ... agi-bridge check-config` shows the effective values.
 # Inside a container the FastAGI listener must leave loopback, so the image listens on 0.0.0.0
 # and the bridge refuses to start until AGI_BRIDGE_ALLOW_CLIENTS says who may connect.
 #
-# Stopping takes up to 2 x shutdown_grace (sessions, then queued deliveries): give it
-# `docker run --stop-timeout 30` / compose `stop_grace_period: 30s` (Docker's default is 10 s).
+# Stopping takes up to shutdown_grace (20 s) plus 2 s for the spool's last flush. Plain
+# `docker run` sends SIGKILL 10 s after SIGTERM: give it `docker run --stop-timeout 30`
+# (docker-compose.yml sets `stop_grace_period: 30s`).
 
 ARG PYTHON_IMAGE=python:3.11-slim
 

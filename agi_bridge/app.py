@@ -1,17 +1,26 @@
-"""Assembly: one :class:`Bridge` owns the settings, the NoojeeContact client, the spool, the
-delivery worker, the FastAGI server and the health listener, and starts and stops them in order.
+"""Assembly: one :class:`Bridge` builds the NoojeeContact client, the spool, the delivery and
+its worker, the FastAGI server and the health listener from the settings, and starts and stops
+them in order.
+
+Stopping spends one deadline, ``shutdown_grace``, on the whole sequence (as uvicorn's
+``timeout_graceful_shutdown`` does): sessions, then the attempts that outlived them and the
+writes recording them, then the worker's batch in hand each get what is left of it, and
+whatever still runs at the deadline is cancelled (its request stays in the spool). Only the
+final flush of the spool comes after, bounded by :data:`SPOOL_FLUSH_TIMEOUT`. So a stop takes
+at most ``shutdown_grace + SPOOL_FLUSH_TIMEOUT`` plus the health listener's close, which the
+service managers' stop timeouts (deploy/agi-bridge.service, docker-compose.yml) cover.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
 
 from prometheus_client import generate_latest
 
+from agi_bridge.delivery import Delivery
 from agi_bridge.health import HealthServer
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
@@ -19,23 +28,16 @@ from agi_bridge.noojee import NoojeeClient
 from agi_bridge.server import AgiServer
 from agi_bridge.settings import Settings
 from agi_bridge.spool import Spool
+from agi_bridge.tasks import finish_within
 
 log = get_logger("agi_bridge.app")
 
 # Exit status after a second signal: the operator asked twice, we stop without waiting.
 FORCED_EXIT = 130
-# Even then the spool commits what it was handed (milliseconds on a healthy disk: requests
-# written ahead at shutdown), but a stalled disk must not turn "at once" into a hang.
-FORCED_EXIT_FLUSH = 2.0
-
-
-async def _finish(task: asyncio.Task[None], grace: float) -> None:
-    """Let ``task`` end by itself within ``grace`` seconds, then cancel it."""
-    done, _ = await asyncio.wait((task,), timeout=grace)
-    if not done:
-        task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+# The spool's last commit, after the deadline of a graceful stop and on a forced exit alike:
+# milliseconds on a healthy disk (the requests written ahead at shutdown), but a stalled disk
+# must not turn a bounded stop into a hang.
+SPOOL_FLUSH_TIMEOUT = 2.0
 
 
 def noojee_client(settings: Settings, *, max_connections: int | None = None) -> NoojeeClient:
@@ -61,9 +63,10 @@ class Bridge:
         self.metrics = Metrics()
         self.client = noojee_client(settings)
         self.spool = Spool(settings.data_dir, fsync=settings.spool_fsync)
-        self.server = AgiServer(
-            settings, client=self.client, spool=self.spool, metrics=self.metrics
+        self.delivery = Delivery(
+            settings=settings, client=self.client, spool=self.spool, metrics=self.metrics
         )
+        self.server = AgiServer(settings, delivery=self.delivery, metrics=self.metrics)
         address = settings.metrics_address
         self.health = (
             None
@@ -79,7 +82,7 @@ class Bridge:
             released = await self.spool.release_leases()
             if released:
                 log.info("spool.replay", pending=released)
-            self._worker = asyncio.create_task(self.server.delivery.run(), name="spool-worker")
+            self._worker = asyncio.create_task(self.delivery.run(), name="spool-worker")
             await self.server.start()
             if self.health is not None:
                 await self.health.start()
@@ -88,23 +91,30 @@ class Bridge:
             raise
 
     async def stop(self) -> None:
-        """Stop accepting, let sessions finish within the grace period, keep the rest queued.
-        Each step runs even when an earlier one fails: the spool is closed last, always."""
+        """Stop accepting, let sessions and deliveries finish within ``shutdown_grace`` in all,
+        keep the rest queued. Each step runs even when an earlier one fails: the spool is
+        closed last, always."""
         grace = self.settings.shutdown_grace
-        delivery = self.server.delivery
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
+        delivery = self.delivery
         delivery.write_ahead_in_flight()
         log.info("agi.server.stopping", grace=grace)
         try:
-            await self.server.stop(grace)
+            await self.server.stop(left())
             delivery.stop_worker()
-            await delivery.drain(grace)
+            await delivery.drain(left())
             if self._worker is not None:
-                await _finish(self._worker, grace)
+                await finish_within((self._worker,), left())
             if self.health is not None:
                 await self.health.stop()
         finally:
             await self.client.aclose()
-            self.spool.close()
+            self.spool.close(timeout=SPOOL_FLUSH_TIMEOUT)
         log.info("agi.server.stopped")
 
     async def metrics_text(self) -> bytes:
@@ -122,7 +132,7 @@ class Bridge:
         if self._worker is None or self._worker.done():
             problems.append("the spool worker is not running: queued requests are not sent")
         problems.extend(await self.spool.problems())
-        delivery = self.server.delivery
+        delivery = self.delivery
         if delivery.last_failure is not None and (
             delivery.last_success is None or delivery.last_success < delivery.last_failure
         ):
@@ -144,8 +154,8 @@ async def run_until_signal(bridge: Bridge) -> int:
         if stopping.is_set():
             log.warning("agi.server.forced_exit", signal=signal.Signals(signum).name)
             # Both signals may be handled before stop() began: hand the spool what is in flight.
-            bridge.server.delivery.write_ahead_in_flight()
-            bridge.spool.close(timeout=FORCED_EXIT_FLUSH)
+            bridge.delivery.write_ahead_in_flight()
+            bridge.spool.close(timeout=SPOOL_FLUSH_TIMEOUT)
             os._exit(FORCED_EXIT)
         log.info("agi.server.signal", signal=signal.Signals(signum).name)
         stopping.set()

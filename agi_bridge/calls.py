@@ -13,9 +13,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, get_args
 
-from agi_bridge.noojee import Action, RecordingRequest
 from agi_bridge.protocol import Environment
 from agi_bridge.settings import By, Mode, Settings
+from agi_bridge.vocabulary import Action, RecordingRequest
 
 KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode", "channel"})
 
@@ -134,8 +134,8 @@ def extension_from_channel(channel: str) -> str | None:
     if not dash:
         return None
     endpoint = endpoint.rsplit("/", 1)[-1]  # DAHDI/i<span>/<number>-<n>
-    # Fix: "10.0.0.1:4569" (IAX2 <ip:port>) is an address, not an extension NoojeeContact could
-    # know; before, it was sent as extenOrUniqueId. No endpoint name contains ":".
+    # "10.0.0.1:4569" (IAX2 <ip:port>) is an address, not an extension NoojeeContact could
+    # know. No endpoint name contains ":".
     if ":" in endpoint:
         return None
     return endpoint or None
@@ -167,7 +167,7 @@ def build_request(
     else:
         if extension is None:
             raise Rejected(f"no extension in channel {channel!r}: use by=uniqueid or by=id")
-        # Fix: checked like a uniqueid; agi_channel is as unchecked as agi_uniqueid.
+        # Checked like a uniqueid: agi_channel is as unchecked as agi_uniqueid.
         target = _check_text("extension", extension, MAX_IDENTIFIER_LENGTH)
     return request_for(action, target, extension, parameters, settings)
 
@@ -184,8 +184,8 @@ def request_for(
     """
     if parameters.tag is not None and action != "start":
         raise Rejected("tag is only accepted by recording/start")
-    # Fix: ``or None``: an empty default_agent (AGI_BRIDGE_DEFAULT_AGENT=) or agents value is no
-    # agent; before, a stop went out with agentLoginName missing instead of being REJECTED.
+    # ``or None``: an empty default_agent (AGI_BRIDGE_DEFAULT_AGENT=) or agents value is no
+    # agent, so a stop without one is REJECTED rather than sent without agentLoginName.
     agent = (
         parameters.agent or _agent_for(extension, settings.agents) or settings.default_agent
     ) or None

@@ -1,5 +1,8 @@
 """``agi-bridge``: the command line. Every setting lives in :mod:`agi_bridge.settings`; the CLI
-only adds ``--config`` and the arguments of one-off commands, so nothing is defined twice."""
+only adds ``--config`` and the arguments of one-off commands, so nothing is defined twice.
+
+Each command imports what it needs when it runs: ``--help`` loads neither the HTTP client nor
+the server, and ``serve`` loads none of the testing tools."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -14,12 +18,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from agi_bridge import __version__
-from agi_bridge.app import noojee_client, serve
 from agi_bridge.calls import Rejected, parameters_from, request_for
-from agi_bridge.demo import DEMO_DATA_DIR, DEMO_KEY, DEMO_PORT, run_demo
-from agi_bridge.fake_asterisk import DEFAULT_CHANNEL, DEFAULT_UNIQUEID, Call, run_call
-from agi_bridge.logs import configure_logging, get_logger
-from agi_bridge.noojee import Action, RecordingRequest
 from agi_bridge.settings import (
     CONFIG_ENV,
     Address,
@@ -30,21 +29,28 @@ from agi_bridge.settings import (
     setting_name,
     settings_warnings,
 )
-from agi_bridge.simulator import SimulatorConfig, run_simulator
 from agi_bridge.spool import Spool, SpoolEntry, SpoolError
+from agi_bridge.testing.defaults import (
+    DEFAULT_CHANNEL,
+    DEFAULT_UNIQUEID,
+    DEMO_DATA_DIR,
+    DEMO_KEY,
+    DEMO_PORT,
+)
 from agi_bridge.tls import STRICT_ADVICE, cas_without_key_usage, strict_by_default, verify_advice
+from agi_bridge.vocabulary import Action, RecordingRequest
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1  # the command ran and what it tried failed (send, spool)
 EXIT_CONFIG: Final = 2  # the configuration is unusable: nothing was started
 
 
-log = get_logger("agi_bridge.cli")
-
-
 def _settings(args: argparse.Namespace) -> Settings:
+    from agi_bridge.logs import configure_logging, get_logger
+
     settings = load_settings(args.config)
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=[settings.api_key])
+    log = get_logger("agi_bridge.cli")
     for warning in settings_warnings(settings):
         log.warning("settings.warning", problem=warning)
     return settings
@@ -63,6 +69,8 @@ def _run(main: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from agi_bridge.app import serve
+
     settings = _settings(args)
     return _run(lambda: serve(settings))
 
@@ -113,6 +121,8 @@ def _tls_warnings(settings: Settings) -> list[str]:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    from agi_bridge.app import noojee_client
+
     settings = _settings(args)
     try:
         request = _send_request(args, settings)
@@ -206,6 +216,8 @@ def cmd_spool(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from agi_bridge.testing.simulator import SimulatorConfig, run_simulator
+
     config = SimulatorConfig(api_key=args.api_key)
     if args.agent:
         both: frozenset[Action] = frozenset({"start", "stop"})
@@ -224,6 +236,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_fake_call(args: argparse.Namespace) -> int:
+    from agi_bridge.testing.fake_asterisk import Call, run_call
+
     address = Address.parse(args.to)
     call = Call(
         script=args.script,
@@ -386,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from agi_bridge.testing.demo import run_demo
+
     return _run(lambda: run_demo(args.config))
 
 
@@ -399,12 +415,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpoolError as exc:
         print(f"agi-bridge: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # `agi-bridge check-config | head`: the reader left; nothing is wrong with us. Before
+        # OSError, of which it is a subclass. Output still buffered for the closed pipe would
+        # fail again at exit: point stdout at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except OSError as exc:  # e.g. the listen address is in use or not ours
         print(f"agi-bridge: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return EXIT_OK
-    except BrokenPipeError:
-        # `agi-bridge check-config | head`: the reader left; nothing is wrong with us.
-        sys.stderr.close()
         return EXIT_OK

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,15 +30,18 @@ import stamina
 
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
-from agi_bridge.noojee import (
-    MESSAGE_MAX_CHARS,
-    NoojeeClient,
-    NoojeeResult,
-    RecordingRequest,
-    ResultKind,
-)
+from agi_bridge.noojee import NoojeeClient
 from agi_bridge.settings import Mode, Settings
 from agi_bridge.spool import Spool, SpoolEntry, SpoolError
+from agi_bridge.tasks import finish_within
+from agi_bridge.vocabulary import (
+    MESSAGE_MAX_CHARS,
+    NoojeeResult,
+    Outcome,
+    RecordingRequest,
+    ResultKind,
+    Status,
+)
 
 log = get_logger("agi_bridge.delivery")
 
@@ -52,23 +54,6 @@ IDLE_POLL: Final = 1.0
 # After an unexpected error in the worker loop (the spool failing, say), wait this long before
 # trying again rather than spin or die.
 WORKER_ERROR_PAUSE: Final = 1.0
-
-
-class Status(enum.StrEnum):
-    """The values of NOOJEE_STATUS."""
-
-    STOPPED = "STOPPED"
-    STARTED = "STARTED"
-    QUEUED = "QUEUED"
-    FAILED = "FAILED"
-    REJECTED = "REJECTED"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    status: Status
-    message: str
-    entry: int | None = None  # QUEUED: the spool entry that holds the request
 
 
 def _log_write_failure(write: asyncio.Future[Any]) -> None:
@@ -550,17 +535,17 @@ class Delivery:
                     raise _Unavailable
 
     async def drain(self, grace: float) -> None:
-        """Wait up to ``grace`` seconds for attempts that outlived their session, then cancel
-        them (their entries stay pending and are sent after the restart); then wait for the
-        spool writes that record what became of them."""
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        """Within ``grace`` seconds: let the attempts that outlived their session end, and
+        cancel those still running at the deadline (their entries stay pending and are sent
+        after the restart); then wait for the spool writes that record what became of them."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await finish_within(self._tasks, grace)
         await asyncio.sleep(0)  # let the attempts' done-callbacks run
         if self._settling:
-            await asyncio.wait(set(self._settling), timeout=STORE_TIMEOUT)
+            left = max(0.0, deadline - loop.time())
+            await asyncio.wait(set(self._settling), timeout=min(STORE_TIMEOUT, left))
         await asyncio.sleep(0)  # and the stores' callbacks submit their writes
         if self._writes:
-            await asyncio.wait(set(self._writes), timeout=STORE_TIMEOUT)
+            left = max(0.0, deadline - loop.time())
+            await asyncio.wait(set(self._writes), timeout=min(STORE_TIMEOUT, left))

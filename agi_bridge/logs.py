@@ -1,15 +1,14 @@
 """Structured logs: JSON lines for machines, readable lines on a terminal, secrets never.
 
 Event names are stable dotted names (``agi.session.finished``); context such as the uniqueid,
-channel, peer and route is bound once per session. A last processor scrubs the API key and any
-``apiKey=``/``hash=`` query value from every string, so even an exception text that quotes a URL
-cannot leak a secret.
+channel, peer and route is bound once per session. A last processor applies
+:func:`agi_bridge.redact.scrub` (the API key, secret query values, passwords in URLs) to every
+string, so even an exception text that quotes a URL cannot leak a secret.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import Iterable
 from typing import Final, TextIO
@@ -17,32 +16,25 @@ from typing import Final, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from agi_bridge.redact import scrub
+
 _LEVELS: Final = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-_SECRET_QUERY: Final = re.compile(r"(?i)\b(apikey|hash|timestamp)=([^&\s\"']+)")
-MASK: Final = "***"
 
 
 class SecretScrubber:
-    """A structlog processor that masks known secret values and secret query parameters."""
+    """A structlog processor that applies :func:`agi_bridge.redact.scrub` to every string."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets = tuple(s for s in secrets if s)
 
-    def scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, MASK)
-        if "=" in text:
-            text = _SECRET_QUERY.sub(lambda m: f"{m.group(1)}={MASK}", text)
-        return text
-
     def _clean(self, value: object) -> object:
         if isinstance(value, str):
-            return self.scrub(value)
+            return scrub(value, self._secrets)
         if isinstance(value, dict):
             return {k: self._clean(v) for k, v in value.items()}
         if isinstance(value, list | tuple):

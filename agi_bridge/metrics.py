@@ -13,7 +13,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
-from agi_bridge.noojee import NoojeeResult
+from agi_bridge.vocabulary import NoojeeResult
 
 _M = TypeVar("_M", bound=MetricWrapperBase)
 

@@ -25,10 +25,9 @@ from typing import Final, cast
 import structlog
 
 from agi_bridge.calls import Rejected, build_request, parse_parameters
-from agi_bridge.delivery import Delivery, Outcome, Status
+from agi_bridge.delivery import Delivery
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
-from agi_bridge.noojee import MESSAGE_MAX_CHARS, Action, NoojeeClient
 from agi_bridge.protocol import (
     NEED_DATA,
     AgiConnection,
@@ -39,7 +38,8 @@ from agi_bridge.protocol import (
     Reply,
 )
 from agi_bridge.settings import Settings
-from agi_bridge.spool import Spool
+from agi_bridge.tasks import finish_within
+from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, Action, Outcome, Status
 
 log = get_logger("agi_bridge.server")
 
@@ -175,19 +175,12 @@ class _Session(asyncio.Protocol):
 
 
 class AgiServer:
-    """The FastAGI listener, its sessions, and the delivery machinery behind them."""
+    """The FastAGI listener and its sessions; each session hands its request to ``delivery``."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        client: NoojeeClient,
-        spool: Spool,
-        metrics: Metrics,
-    ) -> None:
+    def __init__(self, settings: Settings, *, delivery: Delivery, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.delivery = Delivery(settings=settings, client=client, spool=spool, metrics=metrics)
+        self.delivery = delivery
         self._networks = settings.allow_clients
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
@@ -224,11 +217,7 @@ class AgiServer:
         """Stop accepting, give sessions ``grace`` seconds, then cancel what is left."""
         if self._server is not None:
             self._server.close()
-        if self._sessions:
-            _, pending = await asyncio.wait(set(self._sessions), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await finish_within(self._sessions, grace)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -337,8 +326,12 @@ class AgiServer:
             request = build_request(action, environment, parameters, self.settings)
         except Rejected as exc:
             return Outcome(Status.REJECTED, exc.reason)
-        mode = parameters.mode or getattr(self.settings, f"{action}_mode")
-        budget: float = getattr(self.settings, f"{action}_budget")
+        settings = self.settings
+        if action == "stop":
+            mode, budget = settings.stop_mode, settings.stop_budget
+        else:
+            mode, budget = settings.start_mode, settings.start_budget
+        mode = parameters.mode or mode
         return await self.delivery.submit(
             request, call_uniqueid=environment.uniqueid, mode=mode, budget=budget
         )

@@ -55,8 +55,8 @@ class Address:
     @classmethod
     def parse(cls, text: str) -> Address:
         host, sep, port_text = text.rpartition(":")
-        # Fix: an IPv6 host must be bracketed. Before, "::1" parsed as host ":" port 1,
-        # "::1:80" and "[::1:80" were guessed at and "[]:80" gave an empty host.
+        # An IPv6 host must be bracketed: "::1", "::1:80" and "[::1:80" are ambiguous or
+        # broken, and "[]:80" has no host; all are refused rather than guessed at.
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         elif ":" in host or "[" in host or "]" in host:
@@ -119,8 +119,14 @@ class Settings(BaseSettings):
     max_sessions: int = Field(
         4096, ge=1, description="concurrent AGI sessions; more are refused with 'failure'"
     )
+    # One deadline for the whole stop (sessions, deliveries in flight, the worker's batch);
+    # 20 s plus the spool's last flush (2 s) stays well under the 30 s that the systemd unit
+    # and the compose file allow before SIGKILL.
     shutdown_grace: float = Field(
-        10.0, ge=0, description="seconds in-flight sessions get to finish on SIGTERM"
+        20.0,
+        ge=0,
+        description="seconds the whole stop on SIGTERM may take: sessions and deliveries in "
+        "flight finish within it, what is left stays queued",
     )
 
     # --- Routes -----------------------------------------------------------------------------
@@ -233,8 +239,8 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, list | tuple):
-            # Fix: parsed here so that a bad entry is one clear problem; left to the
-            # IPv4Network | IPv6Network union, it gave two problems with unreadable locations.
+            # Parsed here so that a bad entry is one clear problem; the IPv4Network |
+            # IPv6Network union would report two, at unreadable locations.
             networks: list[object] = []
             for part in value:
                 if isinstance(part, str):
@@ -597,9 +603,9 @@ def load_settings(config_file: Path | None = None, *, for_noojee: bool = True) -
         settings: Settings = Settings(**values)
     except ValidationError as exc:
         problems.extend(_describe(error, sources) for error in exc.errors())
-        # Fix: the cross-field checks used to run only when every field was valid, so an
-        # operator fixed a typo and only then learnt that, say, the API key was missing.
-        # Validate what is left without the failed fields and run the checks on that.
+        # The cross-field checks run even when some fields are invalid, so that an operator
+        # learns of a typo and, say, a missing API key in one go: validate what is left
+        # without the failed fields and run the checks on that.
         failed = frozenset(str(error["loc"][0]) for error in exc.errors() if error["loc"])
         unchecked |= failed
         partial = _without(values, failed)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, TypeVar, cast
 
-from agi_bridge.noojee import Action, RecordingRequest
+from agi_bridge.vocabulary import Action, RecordingRequest
 
 T = TypeVar("T")
 
@@ -170,7 +170,8 @@ class Spool:
             connection.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
             connection.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
-            # Fix: close what was opened (it leaked, a ResourceWarning on Python 3.13+).
+            # Close what was opened: a connection left to the garbage collector is a leaked
+            # file descriptor (a ResourceWarning on Python 3.13+).
             if connection is not None:
                 connection.close()
             raise SpoolError(f"cannot open the spool at {self.path}: {exc}") from exc

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from agi_bridge.fake_asterisk import Call, SessionResult, environment_block, run_call
+from agi_bridge.testing.fake_asterisk import Call, SessionResult, environment_block, run_call
 
 API_KEY = "fault-key"
 # Hard bounds so the script always ends, whatever the bridge does.

@@ -9,8 +9,8 @@ bridge's HTTP leg goes, and which transport the client should use (issue 6).
 Variants:
 
 * ``bridge``: :meth:`agi_bridge.noojee.NoojeeClient.send`, as the bridge runs it (httpx
-  ``Request``/``Response`` handed straight to :class:`agi_bridge.transport.AiohttpTransport`,
-  then classification);
+  ``Request``/``Response`` handed straight to
+  :class:`agi_bridge.noojee.transport.AiohttpTransport`, then classification);
 * ``httpx.AsyncClient + agi_bridge transport``: the same transport under an
   ``httpx.AsyncClient`` (what the client layer costs);
 * ``httpx.AsyncClient + httpx-aiohttp``: the ``httpx-aiohttp`` package's transport (what the
@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import API_KEY, Simulator  # bench/run.py: certificates, simulator
 
-from agi_bridge.noojee import MAX_RESPONSE_BYTES, NoojeeClient, RecordingRequest
-from agi_bridge.transport import AiohttpTransport
+from agi_bridge.noojee.client import MAX_RESPONSE_BYTES, NoojeeClient
+from agi_bridge.noojee.transport import AiohttpTransport
+from agi_bridge.vocabulary import RecordingRequest
 
 try:
     from httpx_aiohttp import AiohttpTransport as PackageTransport

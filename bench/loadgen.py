@@ -1,7 +1,7 @@
 """FastAGI load generator: plays Asterisk 22 against a target, in its own process.
 
 Each session connects, sends the environment block exactly as Asterisk 22 does
-(:func:`agi_bridge.fake_asterisk.environment_block`, one distinct uniqueid and channel per
+(:func:`agi_bridge.testing.fake_asterisk.environment_block`, one distinct uniqueid and channel per
 session so the bridge's de-duplication never short-circuits a request), answers every command
 the way a live channel does (``SET VARIABLE`` -> ``200 result=1``, ``GET VARIABLE`` -> ``200
 result=0``, unknown -> ``510``), and when the server closes it writes the trailing ``HANGUP``
@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agi_bridge.fake_asterisk import Call, environment_block
+from agi_bridge.testing.fake_asterisk import Call, environment_block
 
 SESSION_TIMEOUT = 10.0
 

@@ -1,6 +1,6 @@
 """The NoojeeContact simulator as the benchmark's backend, in its own process.
 
-HTTPS with keep-alive (:class:`agi_bridge.simulator.NoojeeSimulator`), on uvloop, with no
+HTTPS with keep-alive (:class:`agi_bridge.testing.simulator.NoojeeSimulator`), on uvloop, with no
 per-request output (``agi-bridge simulate-noojee`` prints a JSON line per request, which would
 cost CPU the target competes for on a 2-core machine). Controlled by lines on stdin, one answer
 line on stdout each:
@@ -20,7 +20,7 @@ import os
 import ssl
 import sys
 
-from agi_bridge.simulator import NoojeeSimulator, ReceivedRequest, SimulatorConfig
+from agi_bridge.testing.simulator import NoojeeSimulator, ReceivedRequest, SimulatorConfig
 
 
 async def main(port: int, cert: str, api_key: str) -> None:

@@ -12,9 +12,9 @@ from typing import Any
 from pydantic import SecretStr
 
 from agi_bridge.app import Bridge
-from agi_bridge.fake_asterisk import Call, SessionResult, run_call
 from agi_bridge.settings import Settings
-from agi_bridge.simulator import NoojeeSimulator, SimulatorConfig
+from agi_bridge.testing.fake_asterisk import Call, SessionResult, run_call
+from agi_bridge.testing.simulator import NoojeeSimulator, SimulatorConfig
 
 API_KEY = "f863246a-973e-11e6-8784-08002718f5b5"
 

@@ -21,10 +21,10 @@ from agi_bridge.calls import (
     extension_from_channel,
     parse_parameters,
 )
-from agi_bridge.fake_asterisk import Call, environment_block
-from agi_bridge.noojee import Action, RecordingRequest
 from agi_bridge.protocol import AgiConnection, Environment
 from agi_bridge.settings import Settings
+from agi_bridge.testing.fake_asterisk import Call, environment_block
+from agi_bridge.vocabulary import Action, RecordingRequest
 
 UNIQUEID = "1795811316.1"
 

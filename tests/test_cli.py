@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from agi_bridge import __version__
-from agi_bridge.noojee import RecordingRequest
-from agi_bridge.simulator import NoojeeSimulator, SimulatorConfig
 from agi_bridge.spool import Spool
+from agi_bridge.testing.simulator import NoojeeSimulator, SimulatorConfig
+from agi_bridge.vocabulary import RecordingRequest
 from tests.bridge_helpers import make_settings, running_bridge
 
 KEY = "f863246a-973e-11e6-8784-08002718f5b5"
@@ -41,12 +41,10 @@ class Ran:
     stderr: str
 
 
-async def agi_bridge(*args: str, env: Mapping[str, str], cwd: Path) -> Ran:
-    """Run ``python -m agi_bridge ARGS`` without blocking the event loop (the simulator)."""
+async def python(*args: str, env: Mapping[str, str], cwd: Path) -> Ran:
+    """Run ``python ARGS`` without blocking the event loop (the simulator)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "agi_bridge",
         *args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -63,6 +61,11 @@ async def agi_bridge(*args: str, env: Mapping[str, str], cwd: Path) -> Ran:
         raise
     assert process.returncode is not None
     return Ran(process.returncode, out.decode(), err.decode())
+
+
+async def agi_bridge(*args: str, env: Mapping[str, str], cwd: Path) -> Ran:
+    """Run ``python -m agi_bridge ARGS``."""
+    return await python("-m", "agi_bridge", *args, env=env, cwd=cwd)
 
 
 @pytest.fixture
@@ -123,6 +126,50 @@ async def test_demo_help_says_where_the_demo_listens_and_spools(
         assert expected in text, expected
 
 
+async def imported_by(*args: str, cwd: Path, env: Mapping[str, str]) -> set[str]:
+    """The modules ``python -X importtime ARGS`` imported (importtime lists each on stderr)."""
+    ran = await python("-X", "importtime", *args, env=env, cwd=cwd)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in ran.stderr.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
+
+
+TESTING_TOOLS = {
+    "agi_bridge.testing.simulator",
+    "agi_bridge.testing.fake_asterisk",
+    "agi_bridge.testing.demo",
+}
+
+
+async def test_help_loads_no_http_client_and_no_testing_tool(
+    tmp_path: Path, base_env: dict[str, str]
+) -> None:
+    """--help imports neither httpx, aiohttp nor the server, and none of the testing tools."""
+    modules = await imported_by("-m", "agi_bridge", "--help", cwd=tmp_path, env=base_env)
+    assert "agi_bridge.cli" in modules  # the listing is what it claims to be
+    assert not modules & {"httpx", "aiohttp", "agi_bridge.app", "agi_bridge.server"}
+    assert not modules & TESTING_TOOLS
+
+
+async def test_serve_loads_no_testing_tool(tmp_path: Path, base_env: dict[str, str]) -> None:
+    """What `serve` imports (the CLI and the assembled app) holds none of the testing tools."""
+    modules = await imported_by(
+        "-c", "import agi_bridge.cli, agi_bridge.app", cwd=tmp_path, env=base_env
+    )
+    assert {"agi_bridge.app", "agi_bridge.server", "httpx"} <= modules
+    assert not modules & TESTING_TOOLS
+
+
+async def test_spool_loads_no_http_client(tmp_path: Path, base_env: dict[str, str]) -> None:
+    """The SQLite spool needs neither httpx nor aiohttp (the spool commands start fast)."""
+    modules = await imported_by("-c", "import agi_bridge.spool", cwd=tmp_path, env=base_env)
+    assert "agi_bridge.spool" in modules
+    assert not modules & {"httpx", "aiohttp", "agi_bridge.noojee"}
+
+
 async def test_version(tmp_path: Path, base_env: dict[str, str]) -> None:
     """version prints the package version and exits 0 without needing a configuration."""
     ran = await agi_bridge("version", env=base_env, cwd=tmp_path)
@@ -177,6 +224,30 @@ async def test_config_option_after_the_command(
     assert ran.returncode == 0, ran.stderr
     expected = f'"data_dir": "{data}"' if argv[0] == "check-config" else "pending 0 (oldest -)"
     assert expected in ran.stdout
+
+
+async def test_check_config_into_a_closed_pipe_exits_0(tmp_path: Path, env: dict[str, str]) -> None:
+    """A reader that left (`check-config | head`) is not a failure: exit 0, nothing on stderr."""
+    reader, writer = os.pipe()
+    os.close(reader)  # every write to the pipe now fails with EPIPE
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agi_bridge",
+            "check-config",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=writer,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=tmp_path,
+        )
+    finally:
+        os.close(writer)
+    async with asyncio.timeout(RUN_TIMEOUT):
+        _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    assert "Broken pipe" not in err.decode()
 
 
 async def test_check_config_key_file_not_shown(tmp_path: Path, base_env: dict[str, str]) -> None:

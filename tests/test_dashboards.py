@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from agi_bridge.simulator import NoojeeSimulator
+from agi_bridge.testing.simulator import NoojeeSimulator
 from tests.bridge_helpers import call, make_settings, running_bridge, running_simulator
 from tests.test_deploy import _tool
 

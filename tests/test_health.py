@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from agi_bridge.app import Bridge
-from agi_bridge.simulator import FailureMode, NoojeeSimulator
+from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 from tests.bridge_helpers import call, make_settings, running_bridge, running_simulator
 
 

@@ -12,7 +12,9 @@ import gzip
 import hashlib
 import json
 import logging
+import signal
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -24,26 +26,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agi_bridge.noojee import (
+from agi_bridge.noojee.client import (
     EXCERPT_MAX_CHARS,
     HASH_USED_LIFETIME,
     MAX_RESPONSE_BYTES,
-    MESSAGE_MAX_CHARS,
     NoojeeClient,
-    NoojeeResult,
-    RecordingRequest,
-    ResultKind,
     classify_response,
-    redact_url,
 )
-from agi_bridge.simulator import (
+from agi_bridge.noojee.transport import AiohttpTransport
+from agi_bridge.redact import redact_url
+from agi_bridge.testing.simulator import (
     FailureMode,
     NoojeeSimulator,
     ReceivedRequest,
     SimulatorConfig,
     run_simulator,
 )
-from agi_bridge.transport import AiohttpTransport
+from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, NoojeeResult, RecordingRequest, ResultKind
 from tests.bridge_helpers import raw_http_server
 
 KEY = "f863246a-973e-11e6-8784-08002718f5b5"
@@ -972,6 +971,37 @@ async def test_run_simulator_prints_redacted_json_lines(
     assert KEY not in out
     assert record.read_text().splitlines() == [line]
     assert json.loads(err.splitlines()[0])["event"] == "simulator.listening"
+
+
+# SIGTERM to the finished process: a stop signal ends it at once, this only bounds a hang.
+SIMULATOR_EXIT_DEADLINE = 10.0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_simulate_noojee_process_exits_0_on_stop_signal(signum: signal.Signals) -> None:
+    """`agi-bridge simulate-noojee` ends with status 0 on SIGTERM/SIGINT, as docker stop needs."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agi_bridge", "simulate-noojee", "--listen", "127.0.0.1:0",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(SIMULATOR_EXIT_DEADLINE):
+            listening = json.loads(await process.stderr.readline())
+            assert listening["event"] == "simulator.listening", listening
+            process.send_signal(signum)
+            rest = (await process.stderr.read()).decode()
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == 0, rest
+    assert json.loads(rest.splitlines()[-1]) == {
+        "event": "simulator.stopping",
+        "signal": signum.name,
+    }
 
 
 def test_received_request_is_frozen() -> None:

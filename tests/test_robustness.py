@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import structlog
 
-from agi_bridge.app import Bridge
-from agi_bridge.delivery import Outcome
-from agi_bridge.fake_asterisk import Call, SessionResult, environment_block, run_call
+from agi_bridge.app import SPOOL_FLUSH_TIMEOUT, Bridge
 from agi_bridge.protocol import MAX_ENVIRONMENT_BYTES, MAX_LINE_BYTES, Environment
 from agi_bridge.server import AgiServer
-from agi_bridge.simulator import FailureMode, NoojeeSimulator
+from agi_bridge.spool import Spool
+from agi_bridge.testing.fake_asterisk import Call, SessionResult, environment_block, run_call
+from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
+from agi_bridge.vocabulary import Outcome, RecordingRequest
 from tests.bridge_helpers import (
     API_KEY,
     call,
@@ -234,6 +235,62 @@ async def test_queued_stops_survive_a_restart(
             5, predicate=lambda r: r.path == STOP_PATH and r.answered_code == 0
         )
     assert len(delivered) == 5
+
+
+# Asserted bound on the worst-case stop past shutdown_grace and the spool's last flush: the
+# stop itself needs milliseconds there; one second absorbs a loaded CI machine, and stays far
+# below the grace that spending the deadline once per step (sessions, drain, worker) cost.
+STOP_MARGIN = 1.0
+
+
+async def test_the_worst_case_stop_ends_within_one_shutdown_grace(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """Sessions held, NoojeeContact hanging, a queue the worker cannot drain: stop() ends within
+    shutdown_grace plus the spool's last flush, and every request stays in the spool."""
+    grace = 2.0
+    queue, sessions = 8, 3
+    settings = make_settings(
+        simulator,
+        ca_file,
+        tmp_path,
+        shutdown_grace=grace,
+        stop_budget=30,
+        noojee_timeout=120,
+        noojee_max_connections=queue + sessions,
+    )
+    spool = Spool(tmp_path)
+    spool.open()
+    await asyncio.gather(
+        *(
+            spool.add(RecordingRequest("stop", str(n), agent="Fred"), call_uniqueid=f"8.{n}")
+            for n in range(queue)
+        )
+    )
+    spool.close()
+    simulator.set_failure(FailureMode.SLOW, delay=600)
+    bridge = Bridge(settings)
+    await bridge.start()
+    try:
+        held = [
+            asyncio.create_task(call(bridge, "Fred", uniqueid=f"9.{n}")) for n in range(sessions)
+        ]
+        # Every connection slot busy with a request NoojeeContact never answers: the worker's
+        # batch (the whole queue) and the held sessions' attempts.
+        await simulator.wait_for(queue + sessions)
+    finally:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await bridge.stop()
+        elapsed = loop.time() - started
+    await asyncio.gather(*held)
+    assert elapsed < grace + SPOOL_FLUSH_TIMEOUT + STOP_MARGIN
+    spool = Spool(tmp_path)
+    spool.open(create=False)
+    try:
+        assert spool.sync_stats().pending == queue + sessions
+    finally:
+        spool.close()
 
 
 # --- the real process and its signals ----------------------------------------------------

@@ -20,9 +20,10 @@ import structlog
 from agi_bridge.delivery import Delivery
 from agi_bridge.logs import configure_logging
 from agi_bridge.metrics import Metrics
-from agi_bridge.noojee import NoojeeClient, RecordingRequest
-from agi_bridge.simulator import FailureMode, NoojeeSimulator
+from agi_bridge.noojee import NoojeeClient
 from agi_bridge.spool import SPOOL_FILE, Spool
+from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
+from agi_bridge.vocabulary import RecordingRequest
 from tests.bridge_helpers import API_KEY, call, make_settings, running_bridge, running_simulator
 
 STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
@@ -130,7 +131,7 @@ async def test_permission_denied_is_failed_and_dead_lettered(
     """A NoojeeContact error (Code < 0) is FAILED, kept in the dead letters, never retried."""
     async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
         result = await call(bridge, "Pebbles")
-        await bridge.server.delivery.drain(5)
+        await bridge.delivery.drain(5)
     assert result.variables == {"NOOJEE_STATUS": "FAILED", "NOOJEE_MESSAGE": "Permission denied"}
     spool = Spool(tmp_path)
     spool.open()
@@ -184,7 +185,7 @@ async def test_slow_noojee_holds_the_call_only_for_the_budget(
     async with running_bridge(settings) as bridge:
         result = await call(bridge, "Fred")
         simulator.set_failure(FailureMode.NONE)
-        await bridge.server.delivery.drain(5)
+        await bridge.delivery.drain(5)
         stats = await bridge.spool.stats()
     assert result.variables["NOOJEE_STATUS"] == "QUEUED"
     assert "did not answer within 0.3s" in result.variables["NOOJEE_MESSAGE"]
@@ -214,7 +215,7 @@ async def test_a_stop_answered_at_once_never_touches_the_disk(
     settings = make_settings(simulator, ca_file, tmp_path, write_ahead_after=write_ahead_after)
     async with running_bridge(settings) as bridge:
         result = await call(bridge, "Fred")
-        await bridge.server.delivery.drain(5)
+        await bridge.delivery.drain(5)
         stats = await bridge.spool.stats()
     assert result.variables["NOOJEE_STATUS"] == "STOPPED"
     assert _spool_inserts(tmp_path) == inserts
@@ -240,7 +241,7 @@ async def test_a_stop_waiting_for_a_busy_connection_is_queued_and_sent_once(
         await simulator.wait_for(
             1, predicate=lambda r: r.path == STOP_PATH and r.params["agentLoginName"] == "Barney"
         )
-        await bridge.server.delivery.drain(5)
+        await bridge.delivery.drain(5)
         stats = await bridge.spool.stats()
     assert (await holder).variables["NOOJEE_STATUS"] == "QUEUED"
     assert waiter.variables["NOOJEE_STATUS"] == "QUEUED"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from agi_bridge.noojee import RecordingRequest
 from agi_bridge.spool import SPOOL_FILE, Spool, SpoolError
+from agi_bridge.vocabulary import RecordingRequest
 
 STOP = RecordingRequest("stop", "410", agent="Fred")
 START = RecordingRequest("start", "1795811316.1", agent=None, tag="CRM-42")
@@ -250,8 +250,8 @@ def test_survives_sigkill_right_after_add(tmp_path: Path) -> None:
         """
         import asyncio, os, signal, sys
         from pathlib import Path
-        from agi_bridge.noojee import RecordingRequest
         from agi_bridge.spool import Spool
+        from agi_bridge.vocabulary import RecordingRequest
 
         async def main() -> None:
             spool = Spool(Path(sys.argv[1]))

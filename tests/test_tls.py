@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agi_bridge.noojee import NoojeeClient, NoojeeResult, RecordingRequest, ResultKind
-from agi_bridge.simulator import NoojeeSimulator
+from agi_bridge.noojee import NoojeeClient
+from agi_bridge.testing.simulator import NoojeeSimulator
 from agi_bridge.tls import (
     CA_FILE_ADVICE,
     STRICT_ADVICE,
@@ -31,6 +31,7 @@ from agi_bridge.tls import (
     strict_by_default,
     verify_advice,
 )
+from agi_bridge.vocabulary import NoojeeResult, RecordingRequest, ResultKind
 from tests.bridge_helpers import API_KEY, running_simulator
 from tests.test_cli import agi_bridge, assert_no_traceback
 

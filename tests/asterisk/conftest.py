@@ -46,7 +46,13 @@ import pytest_asyncio
 from panoramisk import Manager
 from panoramisk.message import Message
 
-from agi_bridge.simulator import FailureMode, NoojeeSimulator, ReceivedRequest, SimulatorConfig
+from agi_bridge.testing.simulator import (
+    FailureMode,
+    NoojeeSimulator,
+    ReceivedRequest,
+    SimulatorConfig,
+)
+from tests.preparation import Preparation
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -69,12 +75,6 @@ EXPECTED_WARNINGS = (
 )
 LOG_PROBLEM = re.compile(r"^\[[^\]]+\] (ERROR|WARNING)\[")
 
-_provision_state: dict[str, str | None] = {"error": None, "done": None}
-
-
-def _require() -> bool:
-    return os.environ.get("AGI_BRIDGE_REQUIRE_ASTERISK", "") not in ("", "0", "no")
-
 
 def _cannot_run_reason() -> str | None:
     """Why this machine cannot run the sandbox (cheap checks), or None."""
@@ -89,10 +89,8 @@ def _cannot_run_reason() -> str | None:
     return None
 
 
-def _provision() -> None:
-    if _provision_state["done"]:
-        return
-    _provision_state["done"] = "yes"
+def _provision() -> str | None:
+    """Provision the sandbox root (or reuse it): why it cannot run, or None."""
     reason = _cannot_run_reason()
     if reason is None:
         t0 = time.monotonic()
@@ -106,10 +104,14 @@ def _provision() -> None:
                 f"PROVISIONING FAILED (scripts/asterisk-sandbox provision): {last}\n{out[-1500:]}"
             )
         else:
-            sys.stderr.write(
-                f"\nasterisk sandbox provisioned/reused in {time.monotonic() - t0:.1f} s\n"
-            )
-    _provision_state["error"] = reason
+            outcome = _parse_state(res.stdout)["PROVISION"]  # reused or provisioned
+            sys.stderr.write(f"\nasterisk sandbox {outcome} in {time.monotonic() - t0:.1f} s\n")
+    return reason
+
+
+SANDBOX_ROOT = Preparation(
+    "ASTERISK END-TO-END TESTS", require_env="AGI_BRIDGE_REQUIRE_ASTERISK", setup=_provision
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -124,14 +126,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_runtestloop(session: pytest.Session) -> None:
     """Provision before the first test (so per-test timeouts do not count it)."""
     if any(item.get_closest_marker("asterisk") for item in session.items):
-        _provision()
-
-
-def _skip_or_fail(reason: str) -> None:
-    msg = f"ASTERISK END-TO-END TESTS NOT RUN: {reason}"
-    if _require():
-        pytest.fail(msg + " (AGI_BRIDGE_REQUIRE_ASTERISK is set)", pytrace=False)
-    pytest.skip(msg)
+        SANDBOX_ROOT.run()
 
 
 # ------------------------------------------------------------------------------------ sandbox
@@ -180,9 +175,7 @@ def _parse_state(text: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """Asterisk 22 with the shipped dialplan/, test contexts, free ports; stopped at the end."""
-    _provision()  # no-op when pytest_runtestloop did it
-    if _provision_state["error"]:
-        _skip_or_fail(_provision_state["error"])
+    SANDBOX_ROOT.check()  # provisions only if pytest_runtestloop did not
     instance = f"pytest-{os.getpid()}"
     cmd = [
         str(SANDBOX_SCRIPT), "--instance", instance, "start", "--no-provision",
@@ -192,7 +185,9 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
     if res.returncode != 0:
-        _skip_or_fail(f"ASTERISK DID NOT START: {(res.stdout + res.stderr).strip()[-1500:]}")
+        SANDBOX_ROOT.skip_or_fail(
+            f"ASTERISK DID NOT START: {(res.stdout + res.stderr).strip()[-1500:]}"
+        )
     state = _parse_state(res.stdout)
     box = Sandbox(
         instance=instance,

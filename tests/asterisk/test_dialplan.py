@@ -8,11 +8,12 @@ everything that involves NoojeeContact runs against the real bridge in test_end_
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from .conftest import Ami, FakeBridge, Sandbox
+from .conftest import SANDBOX_SCRIPT, Ami, FakeBridge, Sandbox
 
 pytestmark = pytest.mark.asterisk
 
@@ -39,6 +40,15 @@ def test_every_shipped_context_is_loaded_from_the_real_files(sandbox: Sandbox) -
         assert re.search(r"\[extensions\.conf:\d+\]", out), out
     mounts = Path("/proc/self/mountinfo").read_text()
     assert f"/agi-bridge-sandbox/{sandbox.instance}/dialplan ro," in mounts
+
+
+def test_provision_says_it_reused_the_cached_root(sandbox: Sandbox) -> None:
+    """`asterisk-sandbox provision` on a provisioned root says it reused it, not just "done"."""
+    res = subprocess.run(
+        [str(SANDBOX_SCRIPT), "provision"], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert res.stdout == "PROVISION=reused\n"
+    assert "reusing " in res.stderr
 
 
 def test_sandbox_overrides_the_bridge_address_without_editing_the_shipped_file(

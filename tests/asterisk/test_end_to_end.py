@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from agi_bridge.simulator import FailureMode, NoojeeSimulator
+from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 
 from .conftest import AGENTS, BUDGET, START_PATH, STOP_PATH, Ami, BridgeProcess, requests_for
 

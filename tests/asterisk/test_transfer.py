@@ -17,10 +17,10 @@ from collections.abc import Callable
 import pytest
 from panoramisk.message import Message
 
-from agi_bridge.simulator import NoojeeSimulator
+from agi_bridge.testing.simulator import NoojeeSimulator
 
 from .conftest import STOP_PATH, Ami, BridgeProcess
-from .test_queue import CUSTOMER, _call, _logged, _member
+from .test_queue import CUSTOMER, _blind_transfer, _call, _feature_done, _logged, _member
 
 pytestmark = pytest.mark.asterisk
 
@@ -50,31 +50,12 @@ def _after(ami: Ami, since: int, event: str, uniqueid: str) -> Callable[[Message
     )
 
 
-async def _blind_transfer(ami: Ami, member: str) -> None:
-    """AMI BlindTransfer of the member's call to 411, as a supervisor's console does."""
-    action = {
-        "Action": "BlindTransfer", "Channel": ami.channel_name(member),
-        "Context": "test-transfer", "Exten": "411",
-    }  # fmt: skip
-    resp = await ami.manager.send_action(action, as_list=False)
-    assert resp.get("Response") == "Success", dict(resp)
-
-
 async def _press(ami: Ami, uniqueid: str, digits: str) -> None:
     """The phone ``uniqueid`` presses ``digits`` (AMI PlayDTMF sends them out of its channel)."""
     for digit in digits:
         action = {"Action": "PlayDTMF", "Channel": ami.channel_name(uniqueid), "Digit": digit}
         resp = await ami.manager.send_action(action, as_list=False)
         assert resp.get("Response") == "Success", dict(resp)
-
-
-async def _feature_done(ami: Ami, uniqueid: str) -> None:
-    """The feature code's subroutine returned (its beep played): the agent may hang up."""
-    await ami.wait_event(
-        lambda e: e.event == "Newexten" and e.get("Uniqueid") == uniqueid
-        and e.get("Context") == "agi-bridge-feature" and e.get("Application") == "Return",
-        what="the end of the feature code",
-    )  # fmt: skip
 
 
 async def _end(ami: Ami, bridge: BridgeProcess, customer: str, target: str) -> None:

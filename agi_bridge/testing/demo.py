@@ -1,23 +1,19 @@
 """``agi-bridge demo``: the bridge and a NoojeeContact simulator in one process, so a newcomer
-can point Asterisk (or ``scripts/fake-asterisk``) at it with nothing else configured."""
+can point Asterisk (or ``agi-bridge fake-call``) at it with nothing else configured."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Final
 
 from pydantic import SecretStr
 
 from agi_bridge.app import Bridge, run_until_signal
 from agi_bridge.logs import configure_logging, get_logger
 from agi_bridge.settings import Settings, load_settings
-from agi_bridge.simulator import NoojeeSimulator, ReceivedRequest, SimulatorConfig
+from agi_bridge.testing.defaults import DEMO_DATA_DIR, DEMO_KEY, DEMO_PORT
+from agi_bridge.testing.simulator import NoojeeSimulator, ReceivedRequest, SimulatorConfig
 
-log = get_logger("agi_bridge.demo")
-
-DEMO_PORT: Final = 8089  # the simulator's loopback port, fixed so the README's curl lines work
-DEMO_KEY: Final = "demo-key"  # the simulator's own key, published on purpose
-DEMO_DATA_DIR: Final = Path("var/demo")  # never mixed with a real spool
+log = get_logger("agi_bridge.testing.demo")
 
 
 async def run_demo(config_file: Path | None) -> int:

@@ -1,7 +1,7 @@
 """NoojeeContact recording client: stop and start recordings over the documented REST API.
 
-The contract is ``/work/shared/reference/noojee-api.md`` (NoojeeContact "07.0 Start Recording",
-"08.0 Stop Recording", "01.0/01.1 Authentication"). In short:
+The contract is NoojeeContact's REST API documentation ("07.0 Start Recording", "08.0 Stop
+Recording", "01.0/01.1 Authentication"). In short:
 
 * ``POST <base>/CallManagementAPI/stop|start`` with every parameter in the query string and an
   empty ``application/x-www-form-urlencoded`` body ("The API will only accept POST requests").
@@ -14,11 +14,11 @@ Design:
 
 * One shared httpx transport, built once and called directly with :class:`httpx.Request`
   objects (no :class:`httpx.AsyncClient`: its layers are unused here, and cost a fifth more
-  CPU per request). By default :class:`agi_bridge.transport.AiohttpTransport`: a keep-alive pool
-  sized by ``max_connections``, HTTP/1.1 only, an explicit :class:`httpx.Timeout` for every
-  phase, and no proxy variables from the environment, which could silently route calls away
-  from the whitelisted source address NoojeeContact insists on. Tests pass an
-  :class:`httpx.MockTransport` instead.
+  CPU per request). By default :class:`~agi_bridge.noojee.transport.AiohttpTransport`: a
+  keep-alive pool sized by ``max_connections``, HTTP/1.1 only, an explicit
+  :class:`httpx.Timeout` for every phase, and no proxy variables from the environment, which
+  could silently route calls away from the whitelisted source address NoojeeContact insists
+  on. Tests pass an :class:`httpx.MockTransport` instead.
 * :meth:`NoojeeClient.send` never raises for anything the network or the server does: every
   outcome is a :class:`NoojeeResult` whose ``kind`` says whose fault it was and whose
   ``transient`` says whether retrying later may help (timeouts, transport errors, 5xx and 429).
@@ -34,9 +34,8 @@ Design:
   filter to the ``httpx`` logger that redacts those values (it costs nothing while INFO is
   disabled, the default).
 * Result messages are single-line, printable, at most 200 characters, free of ``"`` and
-  ``\\`` (so they fit in an AGI ``SET VARIABLE`` argument), and scrubbed of secrets: the key,
-  any 64-hex-digit hash, and ``apiKey=``/``hash=`` query values, whatever the server or an
-  exception string echoes back.
+  ``\\`` (so they fit in an AGI ``SET VARIABLE`` argument), and scrubbed of secrets by
+  :mod:`agi_bridge.redact`, whatever the server or an exception string echoes back.
 * Per-request work is kept small because the benchmark runs this thousands of times per second:
   URLs prefixes, the auth suffix and the headers are precomputed; the common answer (a short
   JSON object) takes the fast path through the classifier.
@@ -45,7 +44,6 @@ Design:
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import html
 import json
@@ -56,7 +54,6 @@ import ssl
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar, cast
@@ -64,23 +61,19 @@ from urllib.parse import quote
 
 import httpx
 
+from agi_bridge.noojee.transport import AiohttpTransport
+from agi_bridge.redact import redact_url, scrub
 from agi_bridge.tls import client_context
-from agi_bridge.transport import AiohttpTransport
+from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, NoojeeResult, RecordingRequest, ResultKind
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_REQUEST_TIMEOUT",
-    "Action",
     "NoojeeClient",
-    "NoojeeResult",
-    "RecordingRequest",
-    "ResultKind",
     "classify_response",
-    "redact_url",
 ]
 
-Action = Literal["start", "stop"]
 AuthScheme = Literal["apikey", "hash"]
 
 # --- Limits and timeouts -------------------------------------------------------------------
@@ -112,8 +105,6 @@ HASH_USED_LIFETIME: Final = 55 * 60.0
 MAX_RESPONSE_BYTES: Final = 64 * 1024
 # An epoch in milliseconds has 13 digits; anything much longer is not a time stamp.
 MAX_TIME_BODY_CHARS: Final = 32
-# Result messages end up in a channel variable and a log line: one short line.
-MESSAGE_MAX_CHARS: Final = 200
 # Excerpts of unexpected bodies: enough to recognise "Service Unavailable" or a servlet error.
 EXCERPT_MAX_CHARS: Final = 80
 
@@ -133,74 +124,8 @@ _HEADERS: Final[dict[str, str]] = {
 _EMPTY: Final = b""
 
 
-class ResultKind(enum.StrEnum):
-    """What happened to one request, split by whose fault it was."""
-
-    OK = "ok"  # 2xx and Code 0, or 2xx with a non-JSON body
-    WARNING = "warning"  # 2xx and Code > 0: success, but log it
-    API_ERROR = "api_error"  # JSON Code < 0 (any status): Message says why. Not transient
-    # JSON Code < 0 saying NoojeeContact knows no such call: typical of a stop sent after the
-    # call ended (its recording ended with it), or of an identifier it does not record under.
-    # Not transient, and not a fault an operator can fix for that one call.
-    NOT_FOUND = "not_found"
-    HTTP_ERROR = "http_error"  # non-2xx. 5xx (and 429) transient, other statuses not
-    TIMEOUT = "timeout"  # transient
-    TRANSPORT = "transport"  # refused, reset, TLS failure...: transient, except TLS verification
-
-
-@dataclass(frozen=True, slots=True)
-class RecordingRequest:
-    """One stop or start call. ``tag`` is only sent with start; ``None`` fields are omitted."""
-
-    action: Action
-    exten_or_uniqueid: str  # -> extenOrUniqueId
-    agent: str | None = None  # -> agentLoginName
-    tag: str | None = None  # -> tag (start only)
-
-    def __post_init__(self) -> None:
-        if self.action not in _PATHS:
-            raise ValueError(f"action must be 'start' or 'stop', not {self.action!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class NoojeeResult:
-    """The outcome of :meth:`NoojeeClient.send`; ``message`` is safe for logs and channel vars."""
-
-    kind: ResultKind
-    message: str
-    code: int | None = None  # JSON Code when present
-    http_status: int | None = None
-    # Set for TRANSPORT failures caused by certificate verification: retrying cannot help,
-    # an operator has to fix the CA file or the server's certificate.
-    tls_verify_failed: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """True when the server did what was asked (possibly with a warning)."""
-        return self.kind is ResultKind.OK or self.kind is ResultKind.WARNING
-
-    @property
-    def transient(self) -> bool:
-        """True when the same request may succeed later without anybody changing anything."""
-        kind = self.kind
-        if kind is ResultKind.TIMEOUT:
-            return True
-        if kind is ResultKind.TRANSPORT:
-            return not self.tls_verify_failed
-        if kind is ResultKind.HTTP_ERROR:
-            status = self.http_status or 0
-            return status >= 500 or status == 429
-        return False
-
-
 # --- Text hygiene --------------------------------------------------------------------------
 
-# Values of the two secret parameters, wherever a URL appears in a text.
-_SECRET_PARAM_RE: Final = re.compile(r"(?i)((?:^|[?&;\s])(?:apikey|hash)=)[^&#\s\"'<>]*")
-# user:password@ in a URL's authority.
-_USERINFO_RE: Final = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/@\s:]*:)[^/@\s]*@")
-# A sha256 hex digest anywhere (the hash of the hash scheme, echoed back by some page).
-_HEX64_RE: Final = re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{64}(?![0-9a-fA-F])")
 # Whole blocks whose text is noise in an excerpt: the head (servlet error pages repeat its
 # title in an h1, and carry inline CSS), scripts, styles and comments.
 _HTML_NOISE_RE: Final = re.compile(r"(?is)<(head|script|style)\b.*?</\1\s*>|<!--.*?-->")
@@ -208,13 +133,6 @@ _HTML_TAG_RE: Final = re.compile(r"<[^>]*>")
 _SPACES_RE: Final = re.compile(r"\s+")
 # '"' and '\' would break the quoting of an AGI SET VARIABLE argument.
 _QUOTES: Final = str.maketrans({'"': "'", "\\": "/"})
-
-
-def redact_url(url: str | httpx.URL) -> str:
-    """Return ``url`` with the values of ``apiKey`` and ``hash`` (and any password) as ``***``."""
-    text = str(url)
-    text = _SECRET_PARAM_RE.sub(r"\1***", text)
-    return _USERINFO_RE.sub(r"\1***@", text)
 
 
 def _clean(text: str, limit: int) -> str:
@@ -232,23 +150,8 @@ def _clean(text: str, limit: int) -> str:
     return text
 
 
-def _scrub(text: str, secret: str | None) -> str:
-    """Remove secrets from text that came from the server or from an exception."""
-    if secret:
-        if secret in text:
-            text = text.replace(secret, "***")
-        quoted = quote(secret, safe="")  # as it appears in an echoed URL
-        if quoted != secret and quoted in text:
-            text = text.replace(quoted, "***")
-    if "=" in text or "@" in text:
-        text = redact_url(text)
-    if len(text) >= 64:
-        text = _HEX64_RE.sub("***", text)
-    return text
-
-
 def _message(text: str, secret: str | None, limit: int = MESSAGE_MAX_CHARS) -> str:
-    return _clean(_scrub(text, secret), limit)
+    return _clean(scrub(text, (secret,) if secret else ()), limit)
 
 
 def _excerpt(body: bytes, secret: str | None) -> str:
@@ -505,7 +408,7 @@ class NoojeeClient:
             keepalive_expiry=KEEPALIVE_EXPIRY,
         )
         if transport is None:
-            # aiohttp's connection pool under httpx's API (see agi_bridge.transport).
+            # aiohttp's connection pool under httpx's API (see agi_bridge.noojee.transport).
             transport = AiohttpTransport(
                 verify=verify_arg, limits=limits, max_body_bytes=MAX_RESPONSE_BYTES
             )

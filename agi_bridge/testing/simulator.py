@@ -1,6 +1,6 @@
 """A NoojeeContact simulator: the recording API over real HTTP/1.1 (optionally TLS).
 
-It implements the contract in ``/work/shared/reference/noojee-api.md`` closely enough to be the
+It implements NoojeeContact's documented REST API closely enough to be the
 backend of our tests (instead of mocks), of local demos (``agi-bridge simulate-noojee``) and of
 the benchmark:
 
@@ -36,17 +36,19 @@ exempt from failure modes and latency (except ``refuse``, which closes the liste
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import hmac
 import html
 import json
 import math
+import signal
 import socket
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -54,6 +56,8 @@ from typing import Any, Final, Literal, Self, TextIO
 from urllib.parse import parse_qsl
 
 import h11
+
+from agi_bridge.redact import MASK, SECRET_PARAMETERS, scrub
 
 __all__ = [
     "Action",
@@ -164,12 +168,15 @@ class ReceivedRequest:
     at: float  # the config clock when the request arrived
 
     def to_json(self, *, redact: bool = False) -> dict[str, Any]:
-        """A JSON-able dict; ``redact`` hides apiKey and hash values."""
+        """A JSON-able dict; ``redact`` masks what :mod:`agi_bridge.redact` masks (the
+        secret parameters' values, and the key and a hash wherever they appear)."""
         params = dict(self.params)
         if redact:
-            for name in ("apiKey", "hash"):
-                if name in params:
-                    params[name] = "***"
+            secrets = [self.params[name] for name in self.params if name.casefold() == "apikey"]
+            params = {
+                name: MASK if name.casefold() in SECRET_PARAMETERS else scrub(value, secrets)
+                for name, value in params.items()
+            }
         return {
             "method": self.method,
             "path": self.path,
@@ -857,7 +864,8 @@ async def run_simulator(
     record: Path | None,
     ready: Callable[[NoojeeSimulator], None] | None = None,
 ) -> None:
-    """Serve until cancelled; print one JSON line per API request (and append it to ``record``).
+    """Serve until SIGTERM/SIGINT (then return) or cancelled; print one JSON line per API
+    request (and append it to ``record``).
 
     Secrets (apiKey, hash) are redacted in those lines; ``GET /_sim/received`` shows them in
     full for tests. A ``simulator.listening`` line goes to stderr once the port is bound, and
@@ -880,16 +888,43 @@ async def run_simulator(
             sink.flush()
 
     try:
-        async with await NoojeeSimulator(config, on_request=emit).start(
-            listen_host, listen_port, ssl_context
-        ) as simulator:
-            sys.stderr.write(
-                json.dumps({"event": "simulator.listening", "base_url": simulator.base_url}) + "\n"
-            )
-            sys.stderr.flush()
-            if ready is not None:
-                ready(simulator)
-            await asyncio.Event().wait()  # until cancelled
+        # Handlers first: a signal that arrives right after the listening line must count.
+        with _stop_signals() as stopped:
+            async with await NoojeeSimulator(config, on_request=emit).start(
+                listen_host, listen_port, ssl_context
+            ) as simulator:
+                sys.stderr.write(
+                    json.dumps({"event": "simulator.listening", "base_url": simulator.base_url})
+                    + "\n"
+                )
+                sys.stderr.flush()
+                if ready is not None:
+                    ready(simulator)
+                signame = await stopped
+                sys.stderr.write(json.dumps({"event": "simulator.stopping", "signal": signame}))
+                sys.stderr.write("\n")
     finally:
         if sink is not None:
             sink.close()
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[asyncio.Future[str]]:
+    """A future set to the name of the first SIGTERM/SIGINT while the block runs. As a
+    container's process 1 the simulator gets no default action for SIGTERM (the kernel drops
+    it), so without a handler `docker stop` waits its whole timeout, then kills (status 137)."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[str] = loop.create_future()
+
+    def on_signal(name: str) -> None:
+        if not received.done():  # a second signal before the first is handled
+            received.set_result(name)
+
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in stop_signals:
+        loop.add_signal_handler(signum, on_signal, signum.name)
+    try:
+        yield received
+    finally:
+        for signum in stop_signals:
+            loop.remove_signal_handler(signum)

@@ -15,13 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from agi_bridge.testing.defaults import DEFAULT_CHANNEL, DEFAULT_UNIQUEID
+
 ASTERISK_VERSION: Final = "22.10.1+dfsg+~cs6.17.60671434-1"
 # Asterisk's own connect timeout for FastAGI (res_agi.c): a server slower to accept fails.
 CONNECT_TIMEOUT: Final = 2.0
-
-
-DEFAULT_CHANNEL: Final = "PJSIP/410-00000001"
-DEFAULT_UNIQUEID: Final = "1795811316.1"
 
 
 @dataclass(frozen=True, slots=True)

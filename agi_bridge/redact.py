@@ -1,0 +1,65 @@
+"""One set of masking rules for every text that may carry a secret: log events, result
+messages built from NoojeeContact's answers and from exceptions, the URL in a configuration
+error, and the simulator's record of what it received.
+
+What is masked, wherever the text came from:
+
+* the API key itself, and its URL-encoded form (as an echoed URL carries it);
+* the value of an ``apiKey``, ``hash`` or ``timeStamp`` parameter (any case), up to the next
+  ``&``, white space or quote: the key, the hash of the hash scheme, and the time stamp that
+  goes with that hash;
+* the password of a ``scheme://user:password@`` URL;
+* any 64-hex-digit run (a sha256 hash a server page may echo without its parameter name).
+
+:func:`redact_url` is the narrower form for a URL shown whole to an operator: it masks the
+secrets (key, hash, password) and keeps the time stamp readable, which alone gives nothing away.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Final
+from urllib.parse import quote
+
+__all__ = ["MASK", "SECRET_PARAMETERS", "redact_url", "scrub"]
+
+MASK: Final = "***"
+# Query parameters whose values are masked in any text (case-insensitive names).
+SECRET_PARAMETERS: Final = frozenset({"apikey", "hash", "timestamp"})
+
+# A parameter's value ends at the next '&', white space or quote; '\b' lets any non-word
+# character (?, &, ;, space, quote, bracket) or the start of the text precede the name.
+_PARAM_RE: Final = re.compile(r"(?i)\b((?:apikey|hash|timestamp)=)[^&\s\"']*")
+_URL_PARAM_RE: Final = re.compile(r"(?i)\b((?:apikey|hash)=)[^&#\s\"'<>]*")
+# user:password@ in a URL's authority.
+_USERINFO_RE: Final = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/@\s:]*:)[^/@\s]*@")
+# A sha256 hex digest anywhere (the hash of the hash scheme, echoed back by some page).
+_HEX64_RE: Final = re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{64}(?![0-9a-fA-F])")
+
+
+def redact_url(url: object) -> str:
+    """``url`` as text with the values of ``apiKey`` and ``hash`` and any password masked."""
+    text = str(url)
+    text = _URL_PARAM_RE.sub(rf"\1{MASK}", text)
+    return _USERINFO_RE.sub(rf"\1{MASK}@", text)
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every rule of this module applied, ``secrets`` being the literal values
+    (the API key) to mask as they are and URL-encoded."""
+    for secret in secrets:
+        if not secret:
+            continue
+        if secret in text:
+            text = text.replace(secret, MASK)
+        quoted = quote(secret, safe="")  # as it appears in an echoed URL
+        if quoted != secret and quoted in text:
+            text = text.replace(quoted, MASK)
+    if "=" in text:
+        text = _PARAM_RE.sub(rf"\1{MASK}", text)
+    if "@" in text:
+        text = _USERINFO_RE.sub(rf"\1{MASK}@", text)
+    if len(text) >= 64:
+        text = _HEX64_RE.sub(MASK, text)
+    return text

@@ -1,0 +1,105 @@
+"""The words every layer shares: what the dialplan asks for, what NoojeeContact answered, what
+the dialplan is told. Imports nothing of ours, so that the spool, the metrics and the protocol
+side never load the HTTP client to name a request or a status."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final, Literal, get_args
+
+__all__ = [
+    "MESSAGE_MAX_CHARS",
+    "Action",
+    "NoojeeResult",
+    "Outcome",
+    "RecordingRequest",
+    "ResultKind",
+    "Status",
+]
+
+Action = Literal["start", "stop"]
+_ACTIONS: Final[frozenset[str]] = frozenset(get_args(Action))
+
+# Result messages end up in a channel variable and a log line: one short line.
+MESSAGE_MAX_CHARS: Final = 200
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingRequest:
+    """One stop or start call. ``tag`` is only sent with start; ``None`` fields are omitted."""
+
+    action: Action
+    exten_or_uniqueid: str  # -> extenOrUniqueId
+    agent: str | None = None  # -> agentLoginName
+    tag: str | None = None  # -> tag (start only)
+
+    def __post_init__(self) -> None:
+        if self.action not in _ACTIONS:
+            raise ValueError(f"action must be 'start' or 'stop', not {self.action!r}")
+
+
+class ResultKind(enum.StrEnum):
+    """What happened to one request, split by whose fault it was."""
+
+    OK = "ok"  # 2xx and Code 0, or 2xx with a non-JSON body
+    WARNING = "warning"  # 2xx and Code > 0: success, but log it
+    API_ERROR = "api_error"  # JSON Code < 0 (any status): Message says why. Not transient
+    # JSON Code < 0 saying NoojeeContact knows no such call: typical of a stop sent after the
+    # call ended (its recording ended with it), or of an identifier it does not record under.
+    # Not transient, and not a fault an operator can fix for that one call.
+    NOT_FOUND = "not_found"
+    HTTP_ERROR = "http_error"  # non-2xx. 5xx (and 429) transient, other statuses not
+    TIMEOUT = "timeout"  # transient
+    TRANSPORT = "transport"  # refused, reset, TLS failure...: transient, except TLS verification
+
+
+@dataclass(frozen=True, slots=True)
+class NoojeeResult:
+    """The outcome of one request to NoojeeContact; ``message`` is safe for logs and channel
+    variables."""
+
+    kind: ResultKind
+    message: str
+    code: int | None = None  # JSON Code when present
+    http_status: int | None = None
+    # Set for TRANSPORT failures caused by certificate verification: retrying cannot help,
+    # an operator has to fix the CA file or the server's certificate.
+    tls_verify_failed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when the server did what was asked (possibly with a warning)."""
+        return self.kind is ResultKind.OK or self.kind is ResultKind.WARNING
+
+    @property
+    def transient(self) -> bool:
+        """True when the same request may succeed later without anybody changing anything."""
+        kind = self.kind
+        if kind is ResultKind.TIMEOUT:
+            return True
+        if kind is ResultKind.TRANSPORT:
+            return not self.tls_verify_failed
+        if kind is ResultKind.HTTP_ERROR:
+            status = self.http_status or 0
+            return status >= 500 or status == 429
+        return False
+
+
+class Status(enum.StrEnum):
+    """The values of NOOJEE_STATUS."""
+
+    STOPPED = "STOPPED"
+    STARTED = "STARTED"
+    QUEUED = "QUEUED"
+    FAILED = "FAILED"
+    REJECTED = "REJECTED"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the dialplan is told: NOOJEE_STATUS and NOOJEE_MESSAGE."""
+
+    status: Status
+    message: str
+    entry: int | None = None  # QUEUED: the spool entry that holds the request
