@@ -26,13 +26,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agi_bridge.noojee.client import (
-    EXCERPT_MAX_CHARS,
-    HASH_USED_LIFETIME,
-    MAX_RESPONSE_BYTES,
-    NoojeeClient,
-    classify_response,
-)
+from agi_bridge.noojee.auth import HASH_USED_LIFETIME
+from agi_bridge.noojee.classify import EXCERPT_MAX_CHARS, MAX_RESPONSE_BYTES, classify_response
+from agi_bridge.noojee.client import NoojeeClient
 from agi_bridge.noojee.transport import AiohttpTransport
 from agi_bridge.redact import redact_url
 from agi_bridge.testing.simulator import (
