@@ -22,8 +22,9 @@ from agi_bridge.delivery.sync import SyncPath
 from agi_bridge.delivery.worker import Worker
 from agi_bridge.metrics import Metrics
 from agi_bridge.settings import Settings
-from agi_bridge.spool import Spool
+from agi_bridge.spool import Spool, SpoolEntry
 from agi_bridge.vocabulary import NoojeeResult, Outcome, RecordingRequest, ResultKind, Status
+from tests.clock import FakeClock
 
 STOP = RecordingRequest("stop", "410", agent="Fred")
 START = RecordingRequest("start", "410", agent="Fred")
@@ -34,19 +35,6 @@ DOWN = NoojeeResult(ResultKind.HTTP_ERROR, "HTTP 503: Service Unavailable", None
 WINDOW = 60.0
 
 
-class FakeClock:
-    """A clock that only moves when told to."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class FakeClient:
     """Answers each request with ``result``; holds every answer while ``gate`` is closed."""
 
@@ -55,13 +43,25 @@ class FakeClient:
         self.gate = gate
         self.sent: list[RecordingRequest] = []
         self.called = asyncio.Event()
+        self._counts: dict[int, asyncio.Event] = {}
 
     async def send(self, request: RecordingRequest) -> NoojeeResult:
         self.sent.append(request)
         self.called.set()
+        for count, reached in self._counts.items():
+            if len(self.sent) >= count:
+                reached.set()
         if self.gate is not None:
             await self.gate.wait()
         return self.result
+
+    async def sent_at_least(self, count: int) -> None:
+        """Return once ``count`` requests have been sent (bounded: a test must not hang)."""
+        reached = self._counts.setdefault(count, asyncio.Event())
+        if len(self.sent) >= count:
+            reached.set()
+        async with asyncio.timeout(10):
+            await reached.wait()
 
 
 @dataclass
@@ -109,7 +109,7 @@ def _parts(
     **settings: Any,
 ) -> Parts:
     values = _settings(tmp_path, **settings)
-    clock = clock or FakeClock()
+    clock = clock or FakeClock(1000.0)
     metrics = Metrics()
     sender = Sender(settings=values, client=client, metrics=metrics, clock=clock)
     repeats = RepeatCache(window=values.dedup_window, spool=spool, clock=clock)
@@ -126,6 +126,19 @@ def _parts(
     )
     sync = SyncPath(settings=values, spool=spool, sender=sender, ledger=ledger, wake=worker.wake)
     return Parts(spool, client, clock, metrics, sender, repeats, ledger, sync, worker)
+
+
+@pytest.fixture
+def parts(tmp_path: Path, spool: Spool) -> Parts:
+    """The parts around a client that confirms every request."""
+    return _parts(spool, FakeClient(OK), tmp_path)
+
+
+async def _repeat_after_queued(parts: Parts, entry: int) -> Outcome:
+    """What a repeat hears once the first press was answered QUEUED with ``entry``."""
+    answer = await parts.repeats.answer(STOP, _done(Outcome(Status.QUEUED, "slow", entry)))
+    assert answer is not None
+    return answer
 
 
 async def _queued_entry(spool: Spool, request: RecordingRequest = STOP) -> int:
@@ -146,7 +159,7 @@ async def test_a_repeat_within_the_window_gets_the_first_outcome_and_none_after(
 ) -> None:
     """Same action, same call, within the window: the first outcome; past it, or for the
     other action or another call, nothing."""
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     repeats = RepeatCache(window=WINDOW, spool=spool, clock=clock)
     key = ("410", "1795811871.1")
     outcome = repeats.remember(key, "stop")
@@ -158,28 +171,26 @@ async def test_a_repeat_within_the_window_gets_the_first_outcome_and_none_after(
 
 
 async def test_a_repeat_after_queued_and_delivered_hears_stopped(
-    tmp_path: Path, spool: Spool
+    parts: Parts, spool: Spool
 ) -> None:
     """The entry left the spool because it was delivered: the repeat hears STOPPED."""
-    parts = _parts(spool, FakeClient(OK), tmp_path)
     entry = await _queued_entry(spool)
     await parts.ledger.delivered(entry, "Recording stopped")
-    answer = await parts.repeats.answer(STOP, _done(Outcome(Status.QUEUED, "slow", entry)))
+    answer = await _repeat_after_queued(parts, entry)
     assert answer == Outcome(
         Status.STOPPED, "repeat within 60s, sent once: delivered since it was queued"
     )
 
 
 async def test_a_repeat_after_queued_and_not_found_is_not_told_stopped(
-    tmp_path: Path, spool: Spool
+    parts: Parts, spool: Spool
 ) -> None:
     """NoojeeContact did not know the call: the entry is settled without a dead letter, and
     the repeat hears FAILED with the reason, never STOPPED."""
-    parts = _parts(spool, FakeClient(OK), tmp_path)
     entry = await _queued_entry(spool)
     await parts.ledger.failed(entry, STOP, NOT_FOUND, attempts=0, created=parts.clock())
     assert spool.list("pending") == spool.list("dead") == []
-    answer = await parts.repeats.answer(STOP, _done(Outcome(Status.QUEUED, "slow", entry)))
+    answer = await _repeat_after_queued(parts, entry)
     assert answer == Outcome(
         Status.FAILED,
         "repeat within 60s, sent once: not confirmed since it was queued: Call not found",
@@ -187,37 +198,32 @@ async def test_a_repeat_after_queued_and_not_found_is_not_told_stopped(
 
 
 async def test_a_repeat_after_queued_and_purged_is_not_told_stopped(
-    tmp_path: Path, spool: Spool
+    parts: Parts, spool: Spool
 ) -> None:
     """An entry gone without a record of its fate (an operator purged it) was never
     confirmed: FAILED, not STOPPED."""
-    parts = _parts(spool, FakeClient(OK), tmp_path)
     entry = await _queued_entry(spool)
     assert spool.purge("pending", [entry]) == 1
-    answer = await parts.repeats.answer(STOP, _done(Outcome(Status.QUEUED, "slow", entry)))
-    assert answer is not None
+    answer = await _repeat_after_queued(parts, entry)
     assert answer.status is Status.FAILED
     assert answer.message.endswith("no longer queued and never confirmed")
 
 
-async def test_fates_are_kept_no_longer_than_the_window(tmp_path: Path, spool: Spool) -> None:
+async def test_fates_are_kept_no_longer_than_the_window(parts: Parts, spool: Spool) -> None:
     """A fate older than the window is forgotten (memory stays bounded): a later look-up
     finds no record and does not claim a delivery."""
-    parts = _parts(spool, FakeClient(OK), tmp_path)
     entry = await _queued_entry(spool)
     await parts.ledger.delivered(entry, "Recording stopped")
     parts.clock.advance(WINDOW + 0.001)
-    answer = await parts.repeats.answer(STOP, _done(Outcome(Status.QUEUED, "slow", entry)))
-    assert answer is not None
+    answer = await _repeat_after_queued(parts, entry)
     assert answer.status is Status.FAILED
 
 
-async def test_a_repeat_of_a_still_queued_request_says_so(tmp_path: Path, spool: Spool) -> None:
+async def test_a_repeat_of_a_still_queued_request_says_so(parts: Parts, spool: Spool) -> None:
     """The entry is still pending: QUEUED again, with the last error."""
-    parts = _parts(spool, FakeClient(OK), tmp_path)
     entry = await _queued_entry(spool)
     await parts.ledger.failed(entry, STOP, DOWN, attempts=0, created=parts.clock())
-    answer = await parts.repeats.answer(STOP, _done(Outcome(Status.QUEUED, "slow", entry)))
+    answer = await _repeat_after_queued(parts, entry)
     assert answer == Outcome(
         Status.QUEUED, "repeat within 60s, sent once: still queued: HTTP 503: Service Unavailable"
     )
@@ -227,11 +233,10 @@ async def test_a_repeat_of_a_still_queued_request_says_so(tmp_path: Path, spool:
 
 
 async def test_a_start_not_found_is_a_dead_letter_and_a_stop_is_not(
-    tmp_path: Path, spool: Spool
+    parts: Parts, spool: Spool
 ) -> None:
     """Only a stop for an unknown call is settled quietly; a start that finds no call needs
     an operator."""
-    parts = _parts(spool, FakeClient(OK), tmp_path)
     stop, start = await _queued_entry(spool, STOP), await _queued_entry(spool, START)
     await parts.ledger.failed(stop, STOP, NOT_FOUND, attempts=0, created=parts.clock())
     await parts.ledger.failed(start, START, NOT_FOUND, attempts=0, created=parts.clock())
@@ -258,14 +263,23 @@ async def test_a_transient_failure_is_retried_until_the_age_limit(
 # --- the sync path ---------------------------------------------------------------------------
 
 
-async def test_a_quick_answer_never_touches_the_spool(tmp_path: Path, spool: Spool) -> None:
+async def test_a_quick_answer_never_touches_the_spool(
+    parts: Parts, spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Confirmed within write_ahead_after: STOPPED, and nothing was written to the spool."""
-    parts = _parts(spool, FakeClient(OK), tmp_path)
+    written: list[RecordingRequest] = []
+    add = spool.add
+
+    def spy(request: RecordingRequest, **kwargs: Any) -> asyncio.Future[int]:
+        written.append(request)
+        return add(request, **kwargs)
+
+    monkeypatch.setattr(spool, "add", spy)
     outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=2.0)
     await parts.sync.drain(5)
     assert outcome == Outcome(Status.STOPPED, "Recording stopped")
-    assert (await spool.stats()).pending == 0
-    assert spool.list("pending") == spool.list("dead") == []
+    assert parts.client.sent == [STOP]
+    assert written == []
 
 
 async def test_a_late_answer_settles_the_queued_entry_and_drain_waits_for_it(
@@ -349,3 +363,57 @@ async def test_the_worker_delivers_what_is_due_and_records_it(tmp_path: Path, sp
     answer = await parts.repeats.answer(STOP, _done(Outcome(Status.QUEUED, "down", entry)))
     assert answer is not None
     assert answer.status is Status.STOPPED
+
+
+def _spy_claims(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(limit, entries claimed) of every claim the worker makes, in order."""
+    claims: list[tuple[int, int]] = []
+    claim_due = spool.claim_due
+
+    async def spy(*, limit: int, lease: float) -> list[SpoolEntry]:
+        entries = await claim_due(limit=limit, lease=lease)
+        claims.append((limit, len(entries)))
+        return entries
+
+    monkeypatch.setattr(spool, "claim_due", spy)
+    return claims
+
+
+async def test_after_a_transient_failure_the_worker_probes_one_entry_at_a_time(
+    tmp_path: Path, spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that fails transiently stops the sending of everything: one entry at a time
+    until one gets through, then the rest at full concurrency again."""
+    client = FakeClient(DOWN)
+    parts = _parts(spool, client, tmp_path, retry_initial_delay=0.001, retry_max_delay=0.001)
+    for _ in range(3):
+        await _queued_entry(spool)
+    claims = _spy_claims(spool, monkeypatch)
+    run = asyncio.create_task(parts.worker.run())
+    await client.sent_at_least(5)  # the batch of 3, then two probes
+    client.result = OK
+    await client.sent_at_least(8)  # a third probe gets through, then the other two
+    parts.worker.stop()
+    await asyncio.wait_for(run, timeout=5)
+    full = _settings(tmp_path).noojee_max_connections
+    assert [claim for claim in claims if claim[1]] == [(full, 3), (1, 1), (1, 1), (1, 1), (full, 2)]
+    assert spool.list("pending") == []
+
+
+async def test_a_session_getting_through_ends_the_backoff_at_once(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """While the worker waits a long backoff, a session's confirmed request proves NoojeeContact
+    is back: the worker sends what is queued without waiting out the delay."""
+    client = FakeClient(DOWN)
+    parts = _parts(spool, client, tmp_path, retry_initial_delay=3600.0, retry_max_delay=3600.0)
+    for _ in range(2):
+        await _queued_entry(spool)
+    run = asyncio.create_task(parts.worker.run())
+    await client.sent_at_least(3)  # the batch of 2, then the first probe: an hour's wait next
+    client.result = OK
+    assert (await parts.sender.attempt(START, from_session=True)).ok
+    await client.sent_at_least(6)  # both entries, long before the hour
+    parts.worker.stop()
+    await asyncio.wait_for(run, timeout=5)
+    assert spool.list("pending") == []
