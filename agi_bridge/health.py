@@ -102,7 +102,7 @@ class HealthServer:
                         await writer.drain()
                     break
         except (h11.RemoteProtocolError, TimeoutError, OSError) as exc:
-            log.debug("health.request.failed", error=exc.__class__.__name__)
+            log.debug("health.request.failed", error=str(exc), error_type=exc.__class__.__name__)
         finally:
             writer.close()
             with contextlib.suppress(OSError):

@@ -61,7 +61,6 @@ __all__ = [
     "RemoteProtocolError",
     "Reply",
     "encode_command",
-    "set_variable",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -288,13 +287,12 @@ def encode_command(*words: str) -> bytes:
     return line
 
 
-def set_variable(name: str, value: str) -> bytes:
-    """Encode ``SET VARIABLE name value``; ``name`` must be letters, digits and ``_``."""
-    # Quoting keeps a name intact on the wire, but Asterisk would still interpret
-    # characters like "(" (a dialplan function) or ":" in it: only plain names pass.
+# The same for variable names: quoting keeps a name intact on the wire, but Asterisk would
+# still interpret characters like "(" (a dialplan function) or ":" in it: only plain names pass.
+@functools.lru_cache(maxsize=64)
+def _check_variable_name(name: str) -> None:
     if _VARIABLE_NAME_RE.fullmatch(name) is None:
         raise LocalProtocolError("invalid variable name")
-    return encode_command("SET VARIABLE", name, value)
 
 
 # --------------------------------------------------------------------------------------
@@ -518,6 +516,12 @@ class AgiConnection:
         self._state = next_state
         self._stale_bytes = len(self._buffer)
         return line
+
+    def set_variable(self, name: str, value: str) -> bytes:
+        """:meth:`send_command` ``SET VARIABLE name value``; ``name`` must be letters, digits
+        and ``_``."""
+        _check_variable_name(name)
+        return self.send_command("SET VARIABLE", name, value)
 
     # ---------------------------------------------------------------- internals
 

@@ -147,9 +147,10 @@ class _Session(asyncio.Protocol):
         assert isinstance(event, Environment)  # the protocol core yields it first, or raises
         return event
 
-    async def command(self, *words: str) -> Reply:
-        """Send one command and read its reply (the caller bounds the time)."""
-        self.write(self.connection.send_command(*words))
+    async def command(self, line: bytes) -> Reply:
+        """Send one command the connection encoded and read its reply (the caller bounds the
+        time)."""
+        self.write(line)
         event = await self._event()
         if isinstance(event, EndOfStream):
             raise _Closed
@@ -160,8 +161,9 @@ class _Session(asyncio.Protocol):
         """NOOJEE_STATUS and NOOJEE_MESSAGE; one deadline (``command_timeout`` per reply)
         for both, which saves a timer per session."""
         async with asyncio.timeout(2 * self.settings.command_timeout):
-            await self.command("SET VARIABLE", "NOOJEE_STATUS", outcome.status.value)
-            await self.command("SET VARIABLE", "NOOJEE_MESSAGE", _message(outcome.message))
+            connection = self.connection
+            await self.command(connection.set_variable("NOOJEE_STATUS", outcome.status.value))
+            await self.command(connection.set_variable("NOOJEE_MESSAGE", _message(outcome.message)))
 
     def write(self, data: bytes) -> None:
         transport = self.transport
@@ -300,7 +302,8 @@ class AgiServer:
             delivered = False
             log.warning(
                 "agi.session.variables_not_set",
-                error=exc.__class__.__name__,
+                error=str(exc),
+                error_type=exc.__class__.__name__,
                 reason=getattr(exc, "reason", ""),
             )
         held = time.monotonic() - started

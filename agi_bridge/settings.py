@@ -11,6 +11,7 @@ unsafe listening addresses) as a :class:`ConfigError`, so an operator fixes the 
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import json
 import os
@@ -297,11 +298,12 @@ class Settings(BaseSettings):
         # The TOML file arrives as init values; the environment overrides it.
         return (env_settings, init_settings)
 
-    @property
+    # Parsed on first use and kept (the settings are frozen): the server reads them per start.
+    @functools.cached_property
     def listen_address(self) -> Address:
         return Address.parse(self.listen)
 
-    @property
+    @functools.cached_property
     def metrics_address(self) -> Address | None:
         return Address.parse(self.metrics_listen) if self.metrics_listen else None
 
@@ -551,12 +553,9 @@ def _is_loopback_url(url: str) -> bool:
         return False
 
 
-# AGI_BRIDGE_* variables that are not settings: the file's path and the test tooling's own
-# (scripts/asterisk-sandbox, tests/asterisk). Any other unknown name is a typo to report.
-_NOT_SETTINGS: Final = frozenset(
-    {CONFIG_ENV, "AGI_BRIDGE_ASTERISK_ROOT", "AGI_BRIDGE_REQUIRE_ASTERISK"}
-)
-_TOOL_PREFIX: Final = "AGI_BRIDGE_SANDBOX_"
+# Reserved for development tools (the test suite, scripts/): never a setting, never checked
+# here, so that the tools can add variables without the bridge knowing their names.
+TOOLS_ENV_PREFIX: Final = ENV_PREFIX + "DEV_"
 
 
 def _unknown_environment() -> list[str]:
@@ -568,8 +567,8 @@ def _unknown_environment() -> list[str]:
         if (
             upper.startswith(ENV_PREFIX)
             and upper not in known
-            and upper not in _NOT_SETTINGS
-            and not upper.startswith(_TOOL_PREFIX)
+            and upper != CONFIG_ENV
+            and not upper.startswith(TOOLS_ENV_PREFIX)
         ):
             close = difflib.get_close_matches(upper, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""

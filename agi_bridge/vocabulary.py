@@ -16,6 +16,7 @@ __all__ = [
     "RecordingRequest",
     "ResultKind",
     "Status",
+    "confirmed_status",
 ]
 
 Action = Literal["start", "stop"]
@@ -94,6 +95,11 @@ class Status(enum.StrEnum):
     QUEUED = "QUEUED"
     FAILED = "FAILED"
     REJECTED = "REJECTED"
+
+
+def confirmed_status(action: Action) -> Status:
+    """What the dialplan hears once NoojeeContact has done ``action``."""
+    return Status.STOPPED if action == "stop" else Status.STARTED
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import API_KEY, Simulator  # bench/run.py: certificates, simulator
 
-from agi_bridge.noojee.client import MAX_RESPONSE_BYTES, NoojeeClient
+from agi_bridge.noojee.classify import MAX_RESPONSE_BYTES
+from agi_bridge.noojee.client import NoojeeClient
 from agi_bridge.noojee.transport import AiohttpTransport
 from agi_bridge.vocabulary import RecordingRequest
 

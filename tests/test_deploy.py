@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from agi_bridge.app import SPOOL_FLUSH_TIMEOUT
-from agi_bridge.settings import CONFIG_ENV, Settings, env_name, load_settings
+from agi_bridge.settings import CONFIG_ENV, TOOLS_ENV_PREFIX, Settings, env_name, load_settings
 from agi_bridge.testing.defaults import DEMO_KEY
 
 REPO = Path(__file__).resolve().parent.parent
@@ -606,10 +606,21 @@ def _known_env_names() -> set[str]:
     return names
 
 
+def test_tools_name_their_variables_under_the_reserved_prefix() -> None:
+    """Every AGI_BRIDGE_* variable the tools read that is not a setting starts with
+    AGI_BRIDGE_DEV_, the prefix the bridge's typo check leaves to them."""
+    settings = {env_name(field) for field in Settings.model_fields} | {CONFIG_ENV}
+    strays = sorted(
+        name for name in _known_env_names() - settings if not name.startswith(TOOLS_ENV_PREFIX)
+    )
+    assert strays == []
+
+
 def test_no_misspelt_environment_variables() -> None:
     """Every AGI_BRIDGE_* name in the deploy files, README and dialplan is a real one."""
-    known = _known_env_names()
-    assert "AGI_BRIDGE_ASTERISK_ROOT" in known  # read by scripts/asterisk-sandbox
+    # The documents may also name the tools' reserved prefix itself ("AGI_BRIDGE_DEV_...").
+    known = _known_env_names() | {TOOLS_ENV_PREFIX.rstrip("_")}
+    assert "AGI_BRIDGE_DEV_ASTERISK_ROOT" in known  # read by scripts/asterisk-sandbox
     documents = [DOCKERFILE, COMPOSE, README, *REPO.glob("deploy/*"), *REPO.glob("dialplan/**/*")]
     unknown = {
         f"{path.relative_to(REPO)}: {name}"

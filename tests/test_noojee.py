@@ -26,13 +26,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agi_bridge.noojee.client import (
-    EXCERPT_MAX_CHARS,
-    HASH_USED_LIFETIME,
-    MAX_RESPONSE_BYTES,
-    NoojeeClient,
-    classify_response,
-)
+from agi_bridge.noojee.auth import HASH_USED_LIFETIME
+from agi_bridge.noojee.classify import EXCERPT_MAX_CHARS, MAX_RESPONSE_BYTES, classify_response
+from agi_bridge.noojee.client import NoojeeClient
 from agi_bridge.noojee.transport import AiohttpTransport
 from agi_bridge.redact import redact_url
 from agi_bridge.testing.simulator import (
@@ -44,6 +40,7 @@ from agi_bridge.testing.simulator import (
 )
 from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, NoojeeResult, RecordingRequest, ResultKind
 from tests.bridge_helpers import raw_http_server
+from tests.clock import FakeClock
 
 KEY = "f863246a-973e-11e6-8784-08002718f5b5"
 PREFIX = "/servicemanager/rest"
@@ -51,19 +48,6 @@ STOP_PATH = f"{PREFIX}/CallManagementAPI/stop"
 START_PATH = f"{PREFIX}/CallManagementAPI/start"
 TIME_PATH = f"{PREFIX}/Time"
 STOP_410 = RecordingRequest("stop", "410", agent="Fred")
-
-
-class FakeClock:
-    """A clock that only moves when told to."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 MakeClient = Callable[..., Awaitable[NoojeeClient]]

@@ -27,7 +27,6 @@ from agi_bridge.protocol import (
     RemoteProtocolError,
     Reply,
     encode_command,
-    set_variable,
 )
 
 # Captured on Asterisk 22.10.1: AGI(agi://127.0.0.1:4573/recording/stop,arg1,arg 2).
@@ -238,8 +237,10 @@ def test_capture_session_replies() -> None:
     reply = reply_to(conn, b"200 result=0\n", "GET VARIABLE", "LINKEDID")
     assert (reply.ok, reply.result, reply.data, reply.extra) == (True, "0", None, "")
 
-    assert set_variable("FOO", "bar") == b'SET VARIABLE "FOO" "bar"\n'
-    reply = reply_to(conn, b"200 result=1\n", "SET VARIABLE", "FOO", "bar")
+    assert conn.set_variable("FOO", "bar") == b'SET VARIABLE "FOO" "bar"\n'
+    conn.receive_data(b"200 result=1\n")
+    reply = conn.next_event()
+    assert isinstance(reply, Reply)
     assert (reply.code, reply.result) == (200, "1")
     reply = reply_to(conn, b"200 result=1\n", "VERBOSE", "hello", "1")
     assert reply.result == "1"
@@ -929,7 +930,7 @@ def test_injection_attempt_is_refused(bad: str) -> None:
     with pytest.raises(LocalProtocolError, match="CR, LF or NUL"):
         encode_command("SET VARIABLE", "A", bad)
     with pytest.raises(LocalProtocolError):
-        set_variable("A", bad)
+        ready().set_variable("A", bad)
 
 
 @pytest.mark.parametrize(
@@ -988,17 +989,20 @@ def test_unencodable_value_is_refused() -> None:
 
 @pytest.mark.parametrize("name", ["", "A B", "A;B", "CHANNEL(x)", "A\nB", 'A"', "É"])
 def test_set_variable_refuses_bad_names(name: str) -> None:
-    """set_variable() only takes names of ASCII letters, digits and underscores."""
+    """set_variable() only takes names of ASCII letters, digits and underscores, and a
+    refused name leaves the connection ready for the next command."""
+    conn = ready()
     with pytest.raises(LocalProtocolError, match="invalid variable name"):
-        set_variable(name, "x")
+        conn.set_variable(name, "x")
+    assert not conn.awaiting_reply
 
 
 def test_set_variable_encodes() -> None:
-    """set_variable() is encode_command('SET VARIABLE', name, value)."""
-    assert set_variable("AGI_BRIDGE_STATUS", "stopped ok") == (
+    """set_variable() is send_command('SET VARIABLE', name, value)."""
+    assert ready().set_variable("AGI_BRIDGE_STATUS", "stopped ok") == (
         b'SET VARIABLE "AGI_BRIDGE_STATUS" "stopped ok"\n'
     )
-    assert set_variable("__INHERITED_1", "") == b'SET VARIABLE "__INHERITED_1" ""\n'
+    assert ready().set_variable("__INHERITED_1", "") == b'SET VARIABLE "__INHERITED_1" ""\n'
 
 
 def test_error_reason_attribute() -> None:

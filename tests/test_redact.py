@@ -9,7 +9,7 @@ from urllib.parse import quote
 import pytest
 
 from agi_bridge.logs import SecretScrubber
-from agi_bridge.noojee.client import classify_response
+from agi_bridge.noojee.classify import classify_response
 from agi_bridge.redact import MASK, redact_url, scrub
 from agi_bridge.testing.simulator import ReceivedRequest
 

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from agi_bridge.settings import Address, ConfigError, Settings, load_settings
+from agi_bridge.settings import (
+    TOOLS_ENV_PREFIX,
+    Address,
+    ConfigError,
+    Settings,
+    env_name,
+    load_settings,
+)
 
 KEY = "f863246a-973e-11e6-8784-08002718f5b5"
 URL = "https://pbx.example/servicemanager/rest"
@@ -458,10 +465,21 @@ def test_misspelt_environment_variable_is_a_problem(
 def test_tool_variables_are_not_settings_problems(
     minimal_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The Asterisk sandbox's own variables share the prefix and are accepted."""
-    monkeypatch.setenv("AGI_BRIDGE_ASTERISK_ROOT", "/var/cache/x")
-    monkeypatch.setenv("AGI_BRIDGE_SANDBOX_AMI_PORT", "5038")
+    """Variables under the prefix reserved for development tools (AGI_BRIDGE_DEV_), known to
+    the bridge or not, are accepted; no setting may take that prefix."""
+    monkeypatch.setenv("AGI_BRIDGE_DEV_ASTERISK_ROOT", "/var/cache/x")
+    monkeypatch.setenv("AGI_BRIDGE_DEV_SOME_FUTURE_TOOL", "1")
     assert load_settings().noojee_url == URL
+    names = [env_name(name) for name in Settings.model_fields]
+    assert [name for name in names if name.startswith(TOOLS_ENV_PREFIX)] == []
+
+
+def test_listen_addresses_are_parsed_once(minimal_env: None) -> None:
+    """listen and metrics_listen become Address objects once, not at every read."""
+    settings = load_settings()
+    assert settings.listen_address is settings.listen_address
+    assert settings.metrics_address is settings.metrics_address
+    assert str(settings.listen_address) == settings.listen
 
 
 def test_spool_commands_need_no_api_key(monkeypatch: pytest.MonkeyPatch) -> None:

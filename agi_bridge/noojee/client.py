@@ -24,18 +24,14 @@ Design:
   ``transient`` says whether retrying later may help (timeouts, transport errors, 5xx and 429).
   Cancellation always propagates. A whole ``send`` (including a time-stamp fetch and the one
   retry after ``Expired TimeStamp``) is bounded by ``connect_timeout + request_timeout``.
-* The hash scheme keeps one (timeStamp, hash) pair shared by all concurrent requests. Fetching
-  a new pair is single-flight behind one :class:`asyncio.Lock` (the docs mention a limit of 5
-  concurrent authentication attempts); callers that queued behind a failed fetch share its
-  result instead of hammering ``/Time`` one after another.
+* The hash scheme's pair and its single-flight renewal live in :mod:`~agi_bridge.noojee.auth`;
+  what each answer or exception means, and the hygiene of every message, in
+  :mod:`~agi_bridge.noojee.classify`.
 * The module logs nothing of its own (the server logs results with context it owns), but it
   keeps the one line :class:`httpx.AsyncClient` logs at INFO on the ``httpx`` logger for every
   request, whose URL carries ``apiKey`` or ``hash``. Importing this module therefore attaches a
   filter to the ``httpx`` logger that redacts those values (it costs nothing while INFO is
   disabled, the default).
-* Result messages are single-line, printable, at most 200 characters, free of ``"`` and
-  ``\\`` (so they fit in an AGI ``SET VARIABLE`` argument), and scrubbed of secrets by
-  :mod:`agi_bridge.redact`, whatever the server or an exception string echoes back.
 * Per-request work is kept small because the benchmark runs this thousands of times per second:
   URLs prefixes, the auth suffix and the headers are precomputed; the common answer (a short
   JSON object) takes the fast path through the classifier.
@@ -44,34 +40,35 @@ Design:
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import html
-import json
 import logging
-import os
-import re
 import ssl
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, Self, TypeVar, cast
+from typing import Final, Literal, Self, cast
 from urllib.parse import quote
 
 import httpx
 
+from agi_bridge.noojee.auth import HashAuth, HashPair
+from agi_bridge.noojee.classify import (
+    MAX_RESPONSE_BYTES,
+    classify_response,
+    exception_result,
+    is_expired,
+)
 from agi_bridge.noojee.transport import AiohttpTransport
-from agi_bridge.redact import redact_url, scrub
+from agi_bridge.redact import redact_url
 from agi_bridge.tls import client_context
-from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, NoojeeResult, RecordingRequest, ResultKind
+from agi_bridge.vocabulary import NoojeeResult, RecordingRequest, ResultKind
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_REQUEST_TIMEOUT",
     "NoojeeClient",
-    "classify_response",
 ]
 
 AuthScheme = Literal["apikey", "hash"]
@@ -92,21 +89,6 @@ DEFAULT_MAX_CONNECTIONS: Final = 100
 # Tomcat's connectionTimeout 20 s; 4 s stays under both.
 KEEPALIVE_EXPIRY: Final = 4.0
 
-# Hash scheme ("01.1 Authentication - Hash method"): a fresh pair is valid for 10 s before its
-# first use, then for 1 hour after it. We stop using a pair earlier than the server would
-# reject it: 2 s covers the /Time round trip and the trip of the request that first uses it,
-# 5 min covers clock-rate differences and long-running retries. Expiry is still handled
-# reactively (one refresh and retry on "Expired TimeStamp").
-HASH_FRESH_WINDOW: Final = 8.0
-HASH_USED_LIFETIME: Final = 55 * 60.0
-
-# Answers are ~50 bytes of JSON and error pages a few KiB; an excerpt needs only the start.
-# Reading stops here so a broken or hostile server cannot make us buffer megabytes.
-MAX_RESPONSE_BYTES: Final = 64 * 1024
-# An epoch in milliseconds has 13 digits; anything much longer is not a time stamp.
-MAX_TIME_BODY_CHARS: Final = 32
-# Excerpts of unexpected bodies: enough to recognise "Service Unavailable" or a servlet error.
-EXCERPT_MAX_CHARS: Final = 80
 
 _PATHS: Final[dict[str, str]] = {
     "stop": "CallManagementAPI/stop",
@@ -124,39 +106,7 @@ _HEADERS: Final[dict[str, str]] = {
 _EMPTY: Final = b""
 
 
-# --- Text hygiene --------------------------------------------------------------------------
-
-# Whole blocks whose text is noise in an excerpt: the head (servlet error pages repeat its
-# title in an h1, and carry inline CSS), scripts, styles and comments.
-_HTML_NOISE_RE: Final = re.compile(r"(?is)<(head|script|style)\b.*?</\1\s*>|<!--.*?-->")
-_HTML_TAG_RE: Final = re.compile(r"<[^>]*>")
-_SPACES_RE: Final = re.compile(r"\s+")
-# '"' and '\' would break the quoting of an AGI SET VARIABLE argument.
-_QUOTES: Final = str.maketrans({'"': "'", "\\": "/"})
-
-
-def _clean(text: str, limit: int) -> str:
-    """One printable line without quotes or backslashes, at most ``limit`` characters."""
-    if "<" in text:
-        text = _HTML_NOISE_RE.sub(" ", text)
-        text = _HTML_TAG_RE.sub(" ", text)
-    if "&" in text:
-        text = html.unescape(text)
-    if not text.isprintable():
-        text = "".join(ch if ch.isprintable() else " " for ch in text)
-    text = _SPACES_RE.sub(" ", text).strip().translate(_QUOTES)
-    if len(text) > limit:
-        text = text[: limit - 3].rstrip() + "..."
-    return text
-
-
-def _message(text: str, secret: str | None, limit: int = MESSAGE_MAX_CHARS) -> str:
-    return _clean(scrub(text, (secret,) if secret else ()), limit)
-
-
-def _excerpt(body: bytes, secret: str | None) -> str:
-    # Undocumented bodies: decode leniently, a stray byte must not cost the whole excerpt.
-    return _message(body[:MAX_RESPONSE_BYTES].decode("utf-8", "replace"), secret, EXCERPT_MAX_CHARS)
+# --- Logging ---------------------------------------------------------------------------
 
 
 class _RedactHttpxUrls(logging.Filter):
@@ -178,174 +128,7 @@ _HTTPX_LOG: Final = logging.getLogger("httpx")
 _HTTPX_LOG.addFilter(_HTTPX_FILTER)  # once, at import
 
 
-# --- Response classification ---------------------------------------------------------------
-
-_E = TypeVar("_E", bound=BaseException)
-# A Java server may serialise the code as a string; accept that, but only plain integers.
-_CODE_STRING_RE: Final = re.compile(r"\s*-?\d{1,9}\s*")
-# NoojeeContact's wording for an unknown call is undocumented ("Call not found" is what its
-# simulator and the field answer): the call must be named, so that "Agent not found", a real
-# configuration error, stays an API_ERROR.
-_NO_SUCH_CALL_RE: Final = re.compile(r"(?i)\bcall\b.*\bnot found\b|\bno such call\b")
-
-
-def _json_envelope(body: bytes) -> tuple[int | None, str | None] | None:
-    """``(Code, Message)`` if the body is a JSON object, else None; never raises."""
-    stripped = body.lstrip()
-    if not stripped.startswith(b"{"):
-        return None
-    try:
-        doc: Any = json.loads(stripped)
-    except (ValueError, RecursionError):  # also UnicodeDecodeError; RecursionError: deep nesting
-        return None
-    if not isinstance(doc, dict):
-        return None
-    raw_code = doc.get("Code")
-    code: int | None = None
-    if isinstance(raw_code, int) and not isinstance(raw_code, bool):
-        code = raw_code
-    elif isinstance(raw_code, str) and _CODE_STRING_RE.fullmatch(raw_code):
-        code = int(raw_code)
-    raw_message = doc.get("Message")
-    message = raw_message if isinstance(raw_message, str) else None
-    return code, message
-
-
-def classify_response(status: int, body: bytes, *, secret: str | None = None) -> NoojeeResult:
-    """Turn one HTTP answer into a result, exactly as the API reference says.
-
-    2xx with Code 0 or with a non-JSON body: OK. Code > 0 with 2xx: WARNING. Code < 0 with any
-    status: API_ERROR carrying Message. Any other non-2xx: HTTP_ERROR carrying the status and a
-    short sanitised excerpt of the body. ``secret`` is scrubbed from every message.
-    """
-    envelope = _json_envelope(body)
-    success = 200 <= status < 300
-    if envelope is not None:
-        code, raw = envelope
-        if code is not None and (code < 0 or success):
-            text = _message(raw, secret) if raw else ""
-            if code < 0:
-                no_call = _NO_SUCH_CALL_RE.search(text) is not None
-                kind = ResultKind.NOT_FOUND if no_call else ResultKind.API_ERROR
-                return NoojeeResult(kind, text or f"Code {code}", code, status)
-            kind = ResultKind.OK if code == 0 else ResultKind.WARNING
-            return NoojeeResult(kind, text or f"Code {code}", code, status)
-    if success:
-        if envelope is not None:
-            if envelope[1]:
-                return NoojeeResult(ResultKind.OK, _message(envelope[1], secret), None, status)
-            detail = f"JSON without a Code: {_excerpt(body, secret)}"
-        else:
-            excerpt = _excerpt(body, secret)
-            detail = f"a non-JSON body: {excerpt}" if excerpt else "an empty body"
-        return NoojeeResult(ResultKind.OK, f"HTTP {status} with {detail}", None, status)
-    if envelope is not None and envelope[1]:
-        excerpt = _message(envelope[1], secret, EXCERPT_MAX_CHARS)
-    else:
-        excerpt = _excerpt(body, secret)
-    text = f"HTTP {status}: {excerpt}" if excerpt else f"HTTP {status} (empty body)"
-    return NoojeeResult(ResultKind.HTTP_ERROR, text, envelope[0] if envelope else None, status)
-
-
-def _is_expired(result: NoojeeResult) -> bool:
-    # The docs' exact answer: {"Message":"Expired TimeStamp","Code":-1}.
-    return result.kind is ResultKind.API_ERROR and result.message.casefold() == "expired timestamp"
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and its causes, outermost first: httpx wraps httpcore, which wraps the socket
-    error; anyio's connect wraps per-address errors in an exception group."""
-    found: list[BaseException] = []
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        found.append(current)
-        if isinstance(current, BaseExceptionGroup) and current.exceptions:
-            current = current.exceptions[0]
-        else:
-            current = current.__cause__ or current.__context__
-    return found
-
-
-def _find_in_chain(exc: BaseException, kind: type[_E]) -> _E | None:
-    """The first exception of ``kind`` along the chain of causes."""
-    for link in _chain(exc):
-        if isinstance(link, kind):
-            return link
-    return None
-
-
-def _os_reason(exc: BaseException) -> str | None:
-    """The innermost errno as text ("Connection refused"), if any link carries one."""
-    for link in reversed(_chain(exc)):
-        # SSLError's errno is an OpenSSL code, not an errno: its reason is told elsewhere.
-        if isinstance(link, OSError) and link.errno and not isinstance(link, ssl.SSLError):
-            if link.errno < 0:  # resolver (getaddrinfo) codes: only strerror knows them
-                return link.strerror or None
-            return os.strerror(link.errno)
-    return None
-
-
-_TIMEOUT_PHASES: Final[dict[type[httpx.TimeoutException], str]] = {
-    httpx.ConnectTimeout: "connecting",
-    httpx.ReadTimeout: "waiting for the answer",
-    httpx.WriteTimeout: "sending the request",
-    httpx.PoolTimeout: "waiting for a free connection",
-}
-
-
-def _exception_result(exc: Exception, secret: str | None, timeouts: httpx.Timeout) -> NoojeeResult:
-    """Map an exception raised by httpx or the socket layer to a result."""
-    if isinstance(exc, httpx.TimeoutException):
-        phase = _TIMEOUT_PHASES.get(type(exc), "waiting")
-        limit = timeouts.connect if isinstance(exc, httpx.ConnectTimeout) else timeouts.read
-        return NoojeeResult(ResultKind.TIMEOUT, f"timed out {phase} ({limit:g} s)")
-    if isinstance(exc, TimeoutError):  # a socket-level timeout httpx did not map
-        return NoojeeResult(ResultKind.TIMEOUT, "timed out (socket)")
-    verify = _find_in_chain(exc, ssl.SSLCertVerificationError)
-    if verify is not None:
-        reason = verify.verify_message or verify.reason or "certificate rejected"
-        return NoojeeResult(
-            ResultKind.TRANSPORT,
-            _message(f"TLS certificate verification failed: {reason}", secret),
-            tls_verify_failed=True,
-        )
-    tls = _find_in_chain(exc, ssl.SSLError)
-    if isinstance(exc, httpx.RemoteProtocolError) and "without sending" in str(exc):
-        text = "server closed the connection without answering"
-    elif tls is not None:
-        text = f"TLS failure: {tls.reason or tls}"
-    elif isinstance(exc, httpx.ConnectError):
-        text = f"cannot connect: {_os_reason(exc) or exc or type(exc).__name__}"
-    else:
-        detail = _os_reason(exc) or str(exc)
-        text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    return NoojeeResult(ResultKind.TRANSPORT, _message(text, secret))
-
-
 # --- The client ----------------------------------------------------------------------------
-
-
-class _HashPair:
-    """A (timeStamp, hash) pair from ``/Time`` and when it was fetched and first used."""
-
-    __slots__ = ("fetched_at", "first_used_at", "query")
-
-    def __init__(self, query: str, fetched_at: float) -> None:
-        self.query = query  # "&timeStamp=...&hash=..."
-        self.fetched_at = fetched_at
-        self.first_used_at: float | None = None
-
-    def take(self, now: float) -> bool:
-        """Mark the pair used at ``now`` if it is still safely valid; False if it is not."""
-        first = self.first_used_at
-        if first is None:
-            if now - self.fetched_at >= HASH_FRESH_WINDOW:
-                return False
-            self.first_used_at = now
-            return True
-        return now - first < HASH_USED_LIFETIME
 
 
 class NoojeeClient:
@@ -384,10 +167,8 @@ class NoojeeClient:
         self.base_url: Final = base
         self._urls: Final = {action: f"{base}{path}?" for action, path in _PATHS.items()}
         self._time_url: Final = base + _TIME_PATH
-        self._hash: Final = auth == "hash"
         self._key: Final = api_key
         self._apikey_query: Final = "&apiKey=" + quote(api_key, safe="")
-        self._clock: Final = clock
         # The whole send(), /Time fetch and one retry included, ends within this budget.
         self._deadline: Final = connect_timeout + request_timeout
 
@@ -420,10 +201,11 @@ class NoojeeClient:
         self._headers: Final = httpx.Headers(_HEADERS)
         self._extensions: Final = {"timeout": self._timeout.as_dict()}
 
-        self._pair: _HashPair | None = None
-        self._auth_lock: Final = asyncio.Lock()
-        self._auth_attempts = 0  # completed /Time fetches, successful or not
-        self._auth_failure: NoojeeResult | None = None  # result of the last fetch if it failed
+        self._auth: Final = (
+            HashAuth(key=api_key, fetch_time=self._post_time, clock=clock)
+            if auth == "hash"
+            else None
+        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -445,20 +227,19 @@ class NoojeeClient:
         try:
             async with asyncio.timeout(self._deadline):
                 result, pair = await self._attempt(request)
-                if pair is not None and _is_expired(result):
-                    # The docs: on "Expired TimeStamp" fetch a new time stamp and repeat. Only
-                    # drop the pair if nobody replaced it meanwhile; retry exactly once.
-                    if self._pair is pair:
-                        self._pair = None
+                if pair is not None and self._auth is not None and is_expired(result):
+                    # The docs: on "Expired TimeStamp" fetch a new time stamp and repeat,
+                    # exactly once.
+                    self._auth.expired(pair)
                     result, _ = await self._attempt(request)
                 return result
         except TimeoutError:
             return NoojeeResult(ResultKind.TIMEOUT, f"no answer within {self._deadline:g} s")
 
-    async def _attempt(self, request: RecordingRequest) -> tuple[NoojeeResult, _HashPair | None]:
-        pair: _HashPair | None = None
-        if self._hash:
-            got = await self._current_pair()
+    async def _attempt(self, request: RecordingRequest) -> tuple[NoojeeResult, HashPair | None]:
+        pair: HashPair | None = None
+        if self._auth is not None:
+            got = await self._auth.pair()
             if isinstance(got, NoojeeResult):
                 return got, None
             pair = got
@@ -511,56 +292,11 @@ class NoojeeClient:
             # protocol...). OSError and ValueError: socket and SSL errors that escape the
             # mapping, bad framing or encoding reported by the response decoders. Our own
             # deadline never lands here: it is a CancelledError, which propagates.
-            return 0, _EMPTY, _exception_result(exc, self._key, self._timeout)
+            return 0, _EMPTY, exception_result(exc, self._key, self._timeout)
         return response.status_code, body, None
 
-    async def _current_pair(self) -> _HashPair | NoojeeResult:
-        """A usable hash pair, fetching one (single-flight) when needed."""
-        pair = self._pair
-        if pair is not None and pair.take(self._clock()):
-            return pair
-        attempts = self._auth_attempts
-        async with self._auth_lock:
-            if self._auth_attempts != attempts:
-                # Somebody fetched while we queued: share their pair, or their failure.
-                pair = self._pair
-                if pair is not None and pair.take(self._clock()):
-                    return pair
-                if self._auth_failure is not None:
-                    return self._auth_failure
-            got = await self._fetch_pair()
-            self._auth_attempts += 1
-            if isinstance(got, NoojeeResult):
-                self._pair, self._auth_failure = None, got
-                return got
-            self._pair, self._auth_failure = got, None
-            got.take(self._clock())
-            return got
-
-    async def _fetch_pair(self) -> _HashPair | NoojeeResult:
-        # Measured before the request: the server's 10 s start somewhere during it.
-        fetched_at = self._clock()
-        status, body, failure = await self._post(self._time_url)
-        if failure is None and not 200 <= status < 300:
-            failure = classify_response(status, body, secret=self._key)
-        if failure is None:
-            raw = body.strip()  # the docs: a bare long integer; tolerate surrounding whitespace
-            text = raw.decode("ascii", "replace") if len(raw) <= MAX_TIME_BODY_CHARS else ""
-            if not (text.isascii() and text.isdigit()):
-                excerpt = _excerpt(body, self._key) or "empty body"
-                failure = NoojeeResult(
-                    ResultKind.API_ERROR,
-                    f"Time answered no epoch milliseconds: {excerpt}",
-                    None,
-                    status,
-                )
-            else:
-                digest = hashlib.sha256(f"{self._key}:{text}".encode()).hexdigest()
-                return _HashPair(f"&timeStamp={text}&hash={digest}", fetched_at)
-        message = _clean(f"Time: {failure.message}", MESSAGE_MAX_CHARS)
-        return NoojeeResult(
-            failure.kind, message, failure.code, failure.http_status, failure.tls_verify_failed
-        )
+    async def _post_time(self) -> tuple[int, bytes, NoojeeResult | None]:
+        return await self._post(self._time_url)
 
 
 async def _read_limited(response: httpx.Response) -> bytes:

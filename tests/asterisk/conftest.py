@@ -17,7 +17,7 @@
 - Every ``asterisk`` test fails if Asterisk logged an ERROR (or an unexpected WARNING) while it ran.
 
 Without root / debootstrap, or when provisioning fails, the tests are SKIPPED with a reason
-naming what is missing. Set ``AGI_BRIDGE_REQUIRE_ASTERISK=1`` (CI) to turn that skip into a
+naming what is missing. Set ``AGI_BRIDGE_DEV_REQUIRE_ASTERISK=1`` (CI) to turn that skip into a
 failure.
 """
 
@@ -82,7 +82,7 @@ def _cannot_run_reason() -> str | None:
         return f"the Asterisk sandbox needs Linux (this is {sys.platform})"
     if os.geteuid() != 0:
         return "NOT ROOT: the Asterisk sandbox needs root (chroot, mount, debootstrap)"
-    root = Path(os.environ.get("AGI_BRIDGE_ASTERISK_ROOT", DEFAULT_ROOT))
+    root = Path(os.environ.get("AGI_BRIDGE_DEV_ASTERISK_ROOT", DEFAULT_ROOT))
     marker = root / "etc" / "agi-bridge-sandbox.provisioned"
     if not marker.exists() and not shutil.which("debootstrap") and not shutil.which("apt-get"):
         return "NO DEBOOTSTRAP (and no apt-get to install it): cannot build the Asterisk root"
@@ -110,7 +110,7 @@ def _provision() -> str | None:
 
 
 SANDBOX_ROOT = Preparation(
-    "ASTERISK END-TO-END TESTS", require_env="AGI_BRIDGE_REQUIRE_ASTERISK", setup=_provision
+    "ASTERISK END-TO-END TESTS", require_env="AGI_BRIDGE_DEV_REQUIRE_ASTERISK", setup=_provision
 )
 
 

@@ -11,7 +11,7 @@
   removes them at the end of the test.
 
 Without an engine (or without root for the base image), the tests are SKIPPED with a reason
-naming what is missing. ``AGI_BRIDGE_REQUIRE_DOCKER=1`` (set by ``scripts/test`` as root) turns
+naming what is missing. ``AGI_BRIDGE_DEV_REQUIRE_DOCKER=1`` (set by ``scripts/test`` as root) turns
 that skip into a failure.
 """
 
@@ -90,7 +90,7 @@ def _build_image() -> str | None:
 
 
 BUILT_IMAGE = Preparation(
-    "CONTAINER IMAGE TESTS", require_env="AGI_BRIDGE_REQUIRE_DOCKER", setup=_build_image
+    "CONTAINER IMAGE TESTS", require_env="AGI_BRIDGE_DEV_REQUIRE_DOCKER", setup=_build_image
 )
 
 

@@ -1,0 +1,128 @@
+"""Getting a request to NoojeeContact without holding the call and without losing it.
+
+Nothing the dialplan is told is ever lost: before it hears ``QUEUED`` the request is on disk.
+
+- ``sync``: wait for NoojeeContact within the route's budget, the request written ahead to the
+  spool (:mod:`~agi_bridge.delivery.sync`).
+- ``async``: answer ``QUEUED`` as soon as the request is on disk; the worker delivers it
+  (:mod:`~agi_bridge.delivery.worker`, with its backoff).
+
+The same action on the same call within the dedup window is sent once
+(:mod:`~agi_bridge.delivery.repeats`). Whoever sends a request goes through one pool of
+connection slots (:mod:`~agi_bridge.delivery.sender`), and whoever learns what became of a
+spooled request records it the same way (:mod:`~agi_bridge.delivery.ledger`). This module only
+puts them together behind the few calls the server and the app make.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from agi_bridge.delivery.ledger import Ledger, queued
+from agi_bridge.delivery.repeats import RepeatCache
+from agi_bridge.delivery.sender import Client, Sender
+from agi_bridge.delivery.sync import SyncPath
+from agi_bridge.delivery.worker import Worker
+from agi_bridge.metrics import Metrics
+from agi_bridge.settings import Mode, Settings
+from agi_bridge.spool import Spool
+from agi_bridge.vocabulary import Outcome, RecordingRequest, Status
+
+
+class Delivery:
+    """Sends requests now (sync), later (async), and again after failures (the worker)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        client: Client,
+        spool: Spool,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._spool = spool
+        self._metrics = metrics
+        self._sender = Sender(settings=settings, client=client, metrics=metrics, clock=clock)
+        self._repeats = RepeatCache(window=settings.dedup_window, spool=spool, clock=clock)
+        ledger = Ledger(
+            settings=settings,
+            spool=spool,
+            metrics=metrics,
+            repeats=self._repeats,
+            wall_clock=wall_clock,
+        )
+        self._worker = Worker(
+            settings=settings,
+            spool=spool,
+            sender=self._sender,
+            ledger=ledger,
+            metrics=metrics,
+            wall_clock=wall_clock,
+        )
+        self._sync = SyncPath(
+            settings=settings,
+            spool=spool,
+            sender=self._sender,
+            ledger=ledger,
+            wake=self._worker.wake,
+        )
+
+    @property
+    def last_failure(self) -> float | None:
+        """Monotonic time of the last transient failure of NoojeeContact, if any."""
+        return self._sender.last_failure
+
+    @property
+    def last_success(self) -> float | None:
+        """Monotonic time of the last answer from NoojeeContact that was not a failure."""
+        return self._sender.last_success
+
+    async def submit(
+        self, request: RecordingRequest, *, call_uniqueid: str, mode: Mode, budget: float
+    ) -> Outcome:
+        """Deliver or queue ``request``; returns within ``budget`` plus a spool commit."""
+        repeats = self._repeats
+        key = (request.exten_or_uniqueid, call_uniqueid)
+        earlier = repeats.earlier(key, request.action)
+        if earlier is not None:
+            # The same action on the same call is under way or done: answer with its outcome
+            # (a repeat arriving meanwhile waits for it, within the same budget).
+            repeated = await repeats.answer(request, earlier)
+            if repeated is not None:
+                self._metrics.duplicates.inc()
+                return repeated
+        remembered = repeats.remember(key, request.action)
+        try:
+            if mode == "async":
+                store = self._spool.add(request, call_uniqueid=call_uniqueid)
+                outcome = await queued(store, "queued for delivery", wake=self._worker.wake)
+            else:
+                outcome = await self._sync.send_within(request, call_uniqueid, budget)
+        except BaseException:
+            repeats.forget(key, remembered)
+            remembered.cancel()  # repeats waiting on it try for themselves
+            raise
+        remembered.set_result(outcome)
+        if outcome.status is Status.FAILED:
+            repeats.forget(key, remembered)  # a failure is worth trying again at once
+        return outcome
+
+    def write_ahead_in_flight(self) -> None:
+        """Shutdown begins: spool every sync request not on disk yet, now and from now on."""
+        self._sync.write_ahead_in_flight()
+
+    async def run(self) -> None:
+        """The worker: deliver what the spool holds until :meth:`stop_worker` (or cancel)."""
+        await self._worker.run()
+
+    def stop_worker(self) -> None:
+        """The worker finishes the batch in hand and claims nothing more."""
+        self._worker.stop()
+
+    async def drain(self, grace: float) -> None:
+        """Within ``grace`` seconds, the sync attempts that outlived their session end and
+        their results are recorded; what still runs then is cancelled and stays pending."""
+        await self._sync.drain(grace)

@@ -1,0 +1,125 @@
+"""What became of an attempt on a spooled request, written to the spool whoever made it (a
+session's sync attempt or the worker): delivered, to be retried, or dead-lettered; and the
+answer ``QUEUED`` once a request is on disk."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Final
+
+from agi_bridge.delivery.repeats import Fate, RepeatCache
+from agi_bridge.logs import get_logger
+from agi_bridge.metrics import Metrics
+from agi_bridge.settings import Settings
+from agi_bridge.spool import Spool
+from agi_bridge.vocabulary import (
+    MESSAGE_MAX_CHARS,
+    NoojeeResult,
+    Outcome,
+    RecordingRequest,
+    ResultKind,
+    Status,
+)
+
+log = get_logger("agi_bridge.delivery")
+
+# How long a session waits for its spool commit before it answers FAILED rather than hold the
+# call on a stalled disk: SQLite's own busy timeout (another process holding the lock) is 5 s.
+STORE_TIMEOUT: Final = 5.0
+
+
+class Ledger:
+    """Records each attempt's result on its spool entry, and tells the repeats what left."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        spool: Spool,
+        metrics: Metrics,
+        repeats: RepeatCache,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self._settings = settings
+        self._spool = spool
+        self._metrics = metrics
+        self._repeats = repeats
+        self._wall_clock = wall_clock
+
+    def delivered(self, entry_id: int, message: str) -> asyncio.Future[None]:
+        """NoojeeContact did what entry ``entry_id`` asked: it leaves the spool."""
+        # Told before the write is queued: a repeat that finds the entry gone knows why.
+        self._repeats.settled(entry_id, Fate.DELIVERED, message)
+        return self._spool.delivered(entry_id)
+
+    def failed(
+        self,
+        entry_id: int,
+        request: RecordingRequest,
+        result: NoojeeResult,
+        *,
+        attempts: int,
+        created: float,
+    ) -> asyncio.Future[Any]:
+        """One failed attempt of a spooled request: count it for a retry, or move the entry to
+        the dead letters when the failure is permanent or the entry has used up its attempts
+        or its age."""
+        settings = self._settings
+        age = self._wall_clock() - created
+        exhausted = attempts + 1 >= settings.retry_max_attempts or age >= settings.retry_max_age
+        if result.transient and not exhausted:
+            self._metrics.retries.inc()
+            return self._spool.failed(entry_id, result.message, retry_at=self._wall_clock())
+        if result.kind is ResultKind.NOT_FOUND and request.action == "stop":
+            # No such call: a stop that reached NoojeeContact after the call (and its recording)
+            # ended. Nobody can fix or retry that, so it pages nobody as a dead letter; it is
+            # still a WARNING and counted (agi_bridge_noojee_errors{kind="not_found"}), so that
+            # a site where EVERY stop ends here (a wrong identifier) sees it.
+            log.warning(
+                "spool.entry.not_found",
+                id=entry_id,
+                target=request.exten_or_uniqueid,
+                attempts=attempts + 1,
+                error=result.message,
+            )
+            self._repeats.settled(entry_id, Fate.NOT_FOUND, result.message)
+            return self._spool.delivered(entry_id)
+        self._metrics.dead_letters.inc()
+        log.error(
+            "spool.entry.dead",
+            id=entry_id,
+            action=request.action,
+            target=request.exten_or_uniqueid,
+            attempts=attempts + 1,
+            age=round(age, 1),
+            error=result.message,
+        )
+        return self._spool.dead_letter(entry_id, result.message)
+
+    def settle(
+        self, entry_id: int, request: RecordingRequest, result: NoojeeResult
+    ) -> asyncio.Future[Any]:
+        """A session's own attempt on the entry it wrote ahead (its first attempt)."""
+        if result.ok:
+            return self.delivered(entry_id, result.message)
+        return self.failed(entry_id, request, result, attempts=0, created=self._wall_clock())
+
+
+async def queued(store: asyncio.Future[int], why: str, *, wake: Callable[[], None]) -> Outcome:
+    """``QUEUED`` once ``store`` (the spool write) is committed, and the worker woken to send
+    it; FAILED if the write fails or stalls."""
+    # asyncio.wait never cancels what it waits for: a cancelled session leaves alone the write
+    # that others settle on (and it costs less than a timeout around a shield).
+    done, _ = await asyncio.wait((store,), timeout=STORE_TIMEOUT)
+    if not done:
+        log.error("spool.write.slow", timeout=STORE_TIMEOUT)
+        return Outcome(Status.FAILED, f"{why}; could not queue: spool too slow")
+    error = store.exception()
+    if error is not None:
+        log.error(
+            "spool.write.failed", error=str(error), error_type=type(error).__name__, exc_info=error
+        )
+        return Outcome(Status.FAILED, f"{why}; could not queue: spool not writable")
+    wake()
+    return Outcome(Status.QUEUED, why[:MESSAGE_MAX_CHARS], store.result())

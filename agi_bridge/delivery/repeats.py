@@ -1,0 +1,163 @@
+"""Repeats: the same action on the same call within the window is sent once, and a repeat is
+told where the first request stands now.
+
+The key holds the call's uniqueid, so a new call on the same extension is never taken for a
+repeat; a stop after a start (an agent toggling) is not a repeat either. An entry that left the
+spool is reported from what this process saw become of it (delivered, or unknown to
+NoojeeContact); an entry gone without such a record (purged by an operator, say) was never
+confirmed, and is not reported as delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from agi_bridge.logs import get_logger
+from agi_bridge.spool import Spool, SpoolError
+from agi_bridge.vocabulary import (
+    MESSAGE_MAX_CHARS,
+    Action,
+    Outcome,
+    RecordingRequest,
+    Status,
+    confirmed_status,
+)
+
+log = get_logger("agi_bridge.delivery")
+
+# (target, call uniqueid): what makes two presses the same request.
+Key = tuple[str, str]
+
+
+class Fate(enum.Enum):
+    """Why a spool entry left the spool without a dead letter."""
+
+    DELIVERED = "delivered"
+    NOT_FOUND = "not_found"  # NoojeeContact knows no such call: settled, never confirmed
+
+
+@dataclass(frozen=True, slots=True)
+class _Recent:
+    """A request seen within the window, and its outcome (perhaps still to come)."""
+
+    action: Action
+    at: float
+    outcome: asyncio.Future[Outcome]
+
+
+@dataclass(frozen=True, slots=True)
+class _Settled:
+    """What became of a spool entry, and when this process saw it."""
+
+    fate: Fate
+    at: float
+    message: str
+
+
+class RepeatCache:
+    """The requests of the last ``window`` seconds, and the fates of the entries they queued."""
+
+    def __init__(self, *, window: float, spool: Spool, clock: Callable[[], float]) -> None:
+        self._window = window
+        self._spool = spool
+        self._clock = clock
+        self._recent: OrderedDict[Key, _Recent] = OrderedDict()
+        # A repeat asks about an entry queued by a request at most ``window`` old, whose fate
+        # came later still: a fate older than the window can never be asked about.
+        self._settled: OrderedDict[int, _Settled] = OrderedDict()
+
+    def earlier(self, key: Key, action: Action) -> asyncio.Future[Outcome] | None:
+        """The outcome (perhaps still to come) of the same action on the same call within the
+        window, or None."""
+        now = self._clock()
+        _expire(self._recent, now - self._window)
+        seen = self._recent.get(key)
+        if seen is None or seen.action != action:
+            return None
+        return seen.outcome
+
+    def remember(self, key: Key, action: Action) -> asyncio.Future[Outcome]:
+        """A request is under way: its outcome, for the caller to set, answers its repeats."""
+        outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        if self._window > 0:
+            self._recent.pop(key, None)
+            self._recent[key] = _Recent(action, self._clock(), outcome)
+        return outcome
+
+    def forget(self, key: Key, outcome: asyncio.Future[Outcome]) -> None:
+        """The request behind ``outcome`` is worth trying again at once (it failed, or was
+        abandoned)."""
+        seen = self._recent.get(key)
+        if seen is not None and seen.outcome is outcome:
+            del self._recent[key]
+
+    def settled(self, entry_id: int, fate: Fate, message: str) -> None:
+        """Spool entry ``entry_id`` is leaving the spool without a dead letter."""
+        if self._window <= 0:
+            return  # no repeat will ever ask
+        now = self._clock()
+        _expire(self._settled, now - self._window)
+        self._settled[entry_id] = _Settled(fate, now, message)
+
+    async def answer(
+        self, request: RecordingRequest, earlier: asyncio.Future[Outcome]
+    ) -> Outcome | None:
+        """A repeat's answer: the earlier request's outcome, where it stands now if it was
+        queued; None when the earlier request was abandoned (its session cancelled)."""
+        try:
+            repeated = await asyncio.shield(earlier)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this session itself is being cancelled
+            return None
+        if repeated.entry is not None:
+            # QUEUED then: the agent pressing again wants to know where the request stands
+            # NOW, not what the bridge knew when it first answered.
+            repeated = await self._now(request, repeated.entry, repeated)
+        message = f"repeat within {self._window:g}s, sent once: {repeated.message}"
+        return Outcome(repeated.status, message[:MESSAGE_MAX_CHARS])
+
+    async def _now(self, request: RecordingRequest, entry_id: int, queued: Outcome) -> Outcome:
+        """Where a queued request stands: still queued, failed for good, or settled."""
+        try:
+            found = await self._spool.where(entry_id)
+        except SpoolError as exc:
+            log.exception("spool.read.failed", error=str(exc), error_type=type(exc).__name__)
+            return queued  # what the bridge knew; the spool's failure is logged
+        if found is not None:
+            table, error = found
+            if table == "dead":
+                return Outcome(Status.FAILED, f"failed since it was queued: {error}")
+            return Outcome(Status.QUEUED, f"still queued: {error or 'not confirmed yet'}", entry_id)
+        _expire(self._settled, self._clock() - self._window)
+        settled = self._settled.get(entry_id)
+        if settled is None:
+            # Purged by an operator, or settled by another process: nothing says it was done.
+            return Outcome(Status.FAILED, "no longer queued and never confirmed")
+        if settled.fate is Fate.NOT_FOUND:
+            return Outcome(Status.FAILED, f"not confirmed since it was queued: {settled.message}")
+        return Outcome(confirmed_status(request.action), "delivered since it was queued")
+
+
+class _Seen(Protocol):
+    @property
+    def at(self) -> float: ...
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V", bound=_Seen)
+
+
+def _expire(entries: OrderedDict[_K, _V], before: float) -> None:
+    """Drop the entries seen before ``before`` (they are in the order they were seen)."""
+    while entries:
+        oldest = next(iter(entries.values()))
+        if oldest.at >= before:
+            return
+        entries.popitem(last=False)

@@ -1,0 +1,147 @@
+"""The sync path: wait for NoojeeContact within the route's budget, with the request written
+ahead to the spool so that nothing the dialplan is told is ever lost.
+
+An answer within the budget is the dialplan's answer. An attempt not confirmed within
+``write_ahead_after`` is written to the spool while it goes on (so a sync request does not wait
+for the disk unless it ends up queued); a timeout or a transient error leaves the request in
+the spool and the dialplan hears ``QUEUED``. An attempt still running when the budget ends is
+not cancelled: if it succeeds, the spool entry is settled and nothing is sent twice.
+
+Each attempt is one task that lives until what became of it is written to the spool (when it
+was written ahead): the session only waits for its answer, and shutdown waits for the tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agi_bridge.delivery.ledger import Ledger, queued
+from agi_bridge.delivery.sender import Sender
+from agi_bridge.logs import get_logger
+from agi_bridge.settings import Settings
+from agi_bridge.spool import Spool
+from agi_bridge.tasks import finish_within
+from agi_bridge.vocabulary import NoojeeResult, Outcome, RecordingRequest, Status, confirmed_status
+
+log = get_logger("agi_bridge.delivery")
+
+
+@dataclass(slots=True, eq=False)
+class _Attempt:
+    """A session's own attempt at a sync request, and its spool entry once written ahead."""
+
+    request: RecordingRequest
+    call_uniqueid: str
+    answer: asyncio.Future[NoojeeResult]
+    store: asyncio.Future[int] | None = None
+
+
+class SyncPath:
+    """Sends a request while the session waits, spooled ahead so that it outlives the wait."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        spool: Spool,
+        sender: Sender,
+        ledger: Ledger,
+        wake: Callable[[], None],
+    ) -> None:
+        self._write_ahead_after = settings.write_ahead_after
+        self._spool = spool
+        self._sender = sender
+        self._ledger = ledger
+        self._wake = wake  # the worker has a retry to look at
+        # Every attempt until what became of it is recorded: shutdown spools those not written
+        # ahead yet and waits for them all.
+        self._in_flight: dict[asyncio.Task[None], _Attempt] = {}
+        self._write_at_once = False  # shutdown: requests go to disk without delay
+
+    async def send_within(
+        self, request: RecordingRequest, call_uniqueid: str, budget: float
+    ) -> Outcome:
+        """Deliver ``request`` within ``budget`` seconds, or queue it; returns within
+        ``budget`` plus a spool commit."""
+        answer: asyncio.Future[NoojeeResult] = asyncio.get_running_loop().create_future()
+        attempt = _Attempt(request, call_uniqueid, answer)
+        # Tracked from the start: shutdown waits for it even if this session is cancelled.
+        task = asyncio.ensure_future(self._run(attempt, budget))
+        self._in_flight[task] = attempt
+        task.add_done_callback(self._in_flight.pop)
+        first_wait = 0.0 if self._write_at_once else min(self._write_ahead_after, budget)
+        if first_wait <= 0:
+            self._write_ahead(attempt)  # shutting down, or write_ahead_after = 0
+        try:
+            done, _ = await asyncio.wait((answer,), timeout=first_wait)
+        except asyncio.CancelledError:
+            # Shutdown cut the session short: the request must outlive it all the same.
+            self._write_ahead(attempt)
+            raise
+        if done and answer.result().ok:
+            return Outcome(confirmed_status(request.action), answer.result().message)
+        # A failure is spooled too: a transient one for the worker to retry, a permanent one
+        # (no permission, say) in the dead letters, for the operator to retry once fixed.
+        store = self._write_ahead(attempt)
+        if not done and budget > first_wait:
+            done, _ = await asyncio.wait((answer,), timeout=budget - first_wait)
+        if not done:
+            # Not cancelled: a late answer still settles the spool entry (sent once).
+            why = f"NoojeeContact did not answer within {budget:g}s"
+            return await queued(store, why, wake=self._wake)
+        result = answer.result()
+        if result.ok:
+            return Outcome(confirmed_status(request.action), result.message)
+        if result.transient:
+            return await queued(store, result.message, wake=self._wake)
+        return Outcome(Status.FAILED, result.message)
+
+    async def _run(self, attempt: _Attempt, budget: float) -> None:
+        """The attempt, then (if its request was written ahead) the record of its result."""
+        request = attempt.request
+        result = await self._sender.attempt(request, from_session=True, slot_wait=budget)
+        attempt.answer.set_result(result)
+        try:
+            if not result.ok:
+                self._write_ahead(attempt)  # whether its session still waits or not
+            store = attempt.store
+            if store is None:
+                return  # confirmed before it needed the disk
+            # asyncio.wait, not await: a cancelled drain must not cancel the write the session
+            # may be waiting on too.
+            await asyncio.wait((store,))
+            if store.exception() is not None:
+                return  # the session reports it (queued), or it no longer matters
+            write = self._ledger.settle(store.result(), request, result)
+            if not result.ok:
+                self._wake()
+            await write
+        # Any failure of the spool (nobody else awaits this task): the entry stays as it was,
+        # so at worst a stop is sent twice.
+        except Exception as exc:
+            log.exception("spool.write.failed", error=str(exc), error_type=type(exc).__name__)
+
+    def _write_ahead(self, attempt: _Attempt) -> asyncio.Future[int]:
+        """Spool a sync request (once) while its attempt goes on; the entry is leased to the
+        attempt, which records what became of it once the entry is stored."""
+        if attempt.store is None:
+            attempt.store = self._spool.add(
+                attempt.request, call_uniqueid=attempt.call_uniqueid, lease=self._sender.lease
+            )
+        return attempt.store
+
+    def write_ahead_in_flight(self) -> None:
+        """Shutdown begins: spool every sync request not on disk yet, now and from now on, so
+        that no way of ending the process (a second signal included) loses one."""
+        self._write_at_once = True
+        for attempt in self._in_flight.values():
+            if not attempt.answer.done():
+                self._write_ahead(attempt)
+
+    async def drain(self, grace: float) -> None:
+        """Within ``grace`` seconds: let the attempts that outlived their session end and record
+        what became of them; cancel those still running at the deadline (their entries stay
+        pending and are sent after the restart)."""
+        await finish_within(tuple(self._in_flight), grace)

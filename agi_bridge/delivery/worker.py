@@ -1,0 +1,163 @@
+"""The spool worker: delivers what the spool holds, and backs off while NoojeeContact is down.
+
+It sends due entries at full concurrency while NoojeeContact answers. Once it fails
+transiently, it stops sending everything and probes with one entry at a time, backing off
+exponentially with jitter (stamina), so a server coming back from an outage is not hit by ten
+thousand retries at once; any successful sync attempt ends the backoff early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Final
+
+import stamina
+
+from agi_bridge.delivery.ledger import Ledger
+from agi_bridge.delivery.sender import Sender
+from agi_bridge.logs import get_logger
+from agi_bridge.metrics import Metrics
+from agi_bridge.settings import Settings
+from agi_bridge.spool import Spool, SpoolEntry
+from agi_bridge.vocabulary import NoojeeResult
+
+log = get_logger("agi_bridge.delivery")
+
+# The worker looks at the spool at least this often when idle: entries that `agi-bridge spool
+# retry` (another process) moved back to pending are picked up within a second.
+IDLE_POLL: Final = 1.0
+# After an unexpected error in the worker loop (the spool failing, say), wait this long before
+# trying again rather than spin or die.
+WORKER_ERROR_PAUSE: Final = 1.0
+
+
+class _Unavailable(Exception):
+    """NoojeeContact failed transiently: the probe's signal to stamina to back off."""
+
+
+class Worker:
+    """Claims due entries from the spool and sends them, until stopped."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        spool: Spool,
+        sender: Sender,
+        ledger: Ledger,
+        metrics: Metrics,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self._settings = settings
+        self._spool = spool
+        self._sender = sender
+        self._ledger = ledger
+        self._metrics = metrics
+        self._wall_clock = wall_clock
+        self._work = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Something was queued or failed: look at the spool now rather than at the next poll."""
+        self._work.set()
+
+    async def run(self) -> None:
+        """Deliver what the spool holds until :meth:`stop` (or cancel)."""
+        while not self._stopping:
+            try:
+                await self._run_once()
+            except Exception as exc:  # the worker must outlive any one failure
+                log.exception("spool.worker.error", error=str(exc), error_type=type(exc).__name__)
+                await asyncio.sleep(WORKER_ERROR_PAUSE)
+
+    def stop(self) -> None:
+        """Ask the worker to finish the batch in hand and claim nothing more (shutdown): what
+        it has not claimed stays pending for the next start, nothing is cut mid-request."""
+        self._stopping = True
+        self._work.set()
+        self._sender.recovered.set()  # ends a backoff at once
+
+    async def _run_once(self) -> None:
+        self._work.clear()
+        entries = await self._spool.claim_due(
+            limit=self._settings.noojee_max_connections, lease=self._sender.lease
+        )
+        if not entries:
+            if not self._stopping:
+                await self._wait_for_work()
+            return
+        if await self._deliver(entries) and not self._stopping:
+            await self._back_off()
+
+    async def _wait_for_work(self) -> None:
+        if self._work.is_set():
+            return  # stored while the claim ran: no need to ask the spool when to look again
+        next_due = await self._spool.next_due()
+        timeout = IDLE_POLL if next_due is None else max(0.0, next_due - self._wall_clock())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(timeout, IDLE_POLL)):
+                await self._work.wait()
+
+    async def _deliver(self, entries: list[SpoolEntry]) -> bool:
+        """One attempt for each of ``entries``, all at once; True when one failed transiently."""
+        results = await asyncio.gather(*(self._send_entry(entry) for entry in entries))
+        return any(result.transient for result in results)
+
+    async def _send_entry(self, entry: SpoolEntry) -> NoojeeResult:
+        result = await self._sender.attempt(entry.request, from_session=False)
+        if result.ok:
+            # At once, not with the rest of the batch: a delivery made must be recorded even
+            # if the batch is cut short (shutdown, kill -9), or it is sent again. The spool
+            # thread still commits the batch's deletions together.
+            await self._ledger.delivered(entry.id, result.message)
+            self._metrics.delivered.inc()
+            log.info(
+                "spool.entry.delivered",
+                id=entry.id,
+                action=entry.request.action,
+                attempts=entry.attempts + 1,
+                message=result.message,
+            )
+        else:
+            await self._ledger.failed(
+                entry.id, entry.request, result, attempts=entry.attempts, created=entry.created
+            )
+        return result
+
+    async def _back_off(self) -> None:
+        """Probe with one entry at a time, backing off, until NoojeeContact answers again."""
+        recovered = self._sender.recovered
+        recovered.clear()
+        probe = asyncio.ensure_future(self._probe())
+        waiter = asyncio.ensure_future(recovered.wait())
+        try:
+            await asyncio.wait((probe, waiter), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (probe, waiter):
+                task.cancel()
+            await asyncio.gather(probe, waiter, return_exceptions=True)
+        if not probe.cancelled() and probe.exception() is not None:
+            raise probe.exception()  # type: ignore[misc]  # e.g. the spool failing: run() logs it
+        log.info("noojee.available")
+
+    async def _probe(self) -> None:
+        settings = self._settings
+        log.warning("noojee.unavailable", retry_max_delay=settings.retry_max_delay)
+        async for attempt in stamina.retry_context(
+            on=_Unavailable,
+            attempts=None,  # the spool's own limits (attempts, age) end an entry's life
+            timeout=None,
+            wait_initial=settings.retry_initial_delay,
+            wait_max=settings.retry_max_delay,
+            wait_jitter=settings.retry_initial_delay,
+        ):
+            with attempt:
+                if self._stopping:
+                    return
+                entries = await self._spool.claim_due(limit=1, lease=self._sender.lease)
+                # Nothing due (the rest is leased to sync attempts in flight): no proof yet
+                # that NoojeeContact is back, so keep the pace.
+                if not entries or await self._deliver(entries):
+                    raise _Unavailable

@@ -1,0 +1,419 @@
+"""The parts of delivery on their own: a fake clock, a fake NoojeeContact client, a real spool.
+
+The end-to-end behaviour (real sockets, real HTTPS) is pinned down in test_server.py and
+test_robustness.py; these pin down what each part promises to the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from agi_bridge.delivery.ledger import Ledger
+from agi_bridge.delivery.repeats import RepeatCache
+from agi_bridge.delivery.sender import Sender
+from agi_bridge.delivery.sync import SyncPath
+from agi_bridge.delivery.worker import Worker
+from agi_bridge.metrics import Metrics
+from agi_bridge.settings import Settings
+from agi_bridge.spool import Spool, SpoolEntry
+from agi_bridge.vocabulary import NoojeeResult, Outcome, RecordingRequest, ResultKind, Status
+from tests.clock import FakeClock
+
+STOP = RecordingRequest("stop", "410", agent="Fred")
+START = RecordingRequest("start", "410", agent="Fred")
+OK = NoojeeResult(ResultKind.OK, "Recording stopped", 0, 200)
+DENIED = NoojeeResult(ResultKind.API_ERROR, "Permission denied", -1, 200)
+NOT_FOUND = NoojeeResult(ResultKind.NOT_FOUND, "Call not found", -1, 200)
+DOWN = NoojeeResult(ResultKind.HTTP_ERROR, "HTTP 503: Service Unavailable", None, 503)
+WINDOW = 60.0
+
+
+class FakeClient:
+    """Answers each request with ``result``; holds every answer while ``gate`` is closed."""
+
+    def __init__(self, result: NoojeeResult, *, gate: asyncio.Event | None = None) -> None:
+        self.result = result
+        self.gate = gate
+        self.sent: list[RecordingRequest] = []
+        self.called = asyncio.Event()
+        self._counts: dict[int, asyncio.Event] = {}
+
+    async def send(self, request: RecordingRequest) -> NoojeeResult:
+        self.sent.append(request)
+        self.called.set()
+        for count, reached in self._counts.items():
+            if len(self.sent) >= count:
+                reached.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        return self.result
+
+    async def sent_at_least(self, count: int) -> None:
+        """Return once ``count`` requests have been sent (bounded: a test must not hang)."""
+        reached = self._counts.setdefault(count, asyncio.Event())
+        if len(self.sent) >= count:
+            reached.set()
+        async with asyncio.timeout(10):
+            await reached.wait()
+
+
+@dataclass
+class Parts:
+    """Delivery's parts wired as the facade wires them, around one fake client."""
+
+    spool: Spool
+    client: FakeClient
+    clock: FakeClock
+    metrics: Metrics
+    sender: Sender
+    repeats: RepeatCache
+    ledger: Ledger
+    sync: SyncPath
+    worker: Worker
+
+
+def _settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "noojee_url": "https://127.0.0.1:9",  # never contacted: the client is a fake
+        "noojee_api_key": SecretStr("key"),
+        "data_dir": tmp_path,
+        "metrics_listen": "",
+        "spool_fsync": False,
+        "dedup_window": WINDOW,
+    }
+    return Settings(**(values | overrides))
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    try:
+        yield spool
+    finally:
+        spool.close()
+
+
+def _parts(
+    spool: Spool,
+    client: FakeClient,
+    tmp_path: Path,
+    clock: FakeClock | None = None,
+    **settings: Any,
+) -> Parts:
+    values = _settings(tmp_path, **settings)
+    clock = clock or FakeClock(1000.0)
+    metrics = Metrics()
+    sender = Sender(settings=values, client=client, metrics=metrics, clock=clock)
+    repeats = RepeatCache(window=values.dedup_window, spool=spool, clock=clock)
+    ledger = Ledger(
+        settings=values, spool=spool, metrics=metrics, repeats=repeats, wall_clock=clock
+    )
+    worker = Worker(
+        settings=values,
+        spool=spool,
+        sender=sender,
+        ledger=ledger,
+        metrics=metrics,
+        wall_clock=clock,
+    )
+    sync = SyncPath(settings=values, spool=spool, sender=sender, ledger=ledger, wake=worker.wake)
+    return Parts(spool, client, clock, metrics, sender, repeats, ledger, sync, worker)
+
+
+@pytest.fixture
+def parts(tmp_path: Path, spool: Spool) -> Parts:
+    """The parts around a client that confirms every request."""
+    return _parts(spool, FakeClient(OK), tmp_path)
+
+
+async def _repeat_after_queued(parts: Parts, entry: int) -> Outcome:
+    """What a repeat hears once the first press was answered QUEUED with ``entry``."""
+    answer = await parts.repeats.answer(STOP, _done(Outcome(Status.QUEUED, "slow", entry)))
+    assert answer is not None
+    return answer
+
+
+async def _queued_entry(spool: Spool, request: RecordingRequest = STOP) -> int:
+    return await spool.add(request, call_uniqueid="1795811871.1")
+
+
+def _done(outcome: Outcome) -> asyncio.Future[Outcome]:
+    future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    future.set_result(outcome)
+    return future
+
+
+# --- the repeat cache ------------------------------------------------------------------------
+
+
+async def test_a_repeat_within_the_window_gets_the_first_outcome_and_none_after(
+    spool: Spool,
+) -> None:
+    """Same action, same call, within the window: the first outcome; past it, or for the
+    other action or another call, nothing."""
+    clock = FakeClock(1000.0)
+    repeats = RepeatCache(window=WINDOW, spool=spool, clock=clock)
+    key = ("410", "1795811871.1")
+    outcome = repeats.remember(key, "stop")
+    assert repeats.earlier(key, "stop") is outcome
+    assert repeats.earlier(key, "start") is None
+    assert repeats.earlier(("410", "1795811871.2"), "stop") is None
+    clock.advance(WINDOW + 0.001)
+    assert repeats.earlier(key, "stop") is None
+
+
+async def test_a_repeat_after_queued_and_delivered_hears_stopped(
+    parts: Parts, spool: Spool
+) -> None:
+    """The entry left the spool because it was delivered: the repeat hears STOPPED."""
+    entry = await _queued_entry(spool)
+    await parts.ledger.delivered(entry, "Recording stopped")
+    answer = await _repeat_after_queued(parts, entry)
+    assert answer == Outcome(
+        Status.STOPPED, "repeat within 60s, sent once: delivered since it was queued"
+    )
+
+
+async def test_a_repeat_after_queued_and_not_found_is_not_told_stopped(
+    parts: Parts, spool: Spool
+) -> None:
+    """NoojeeContact did not know the call: the entry is settled without a dead letter, and
+    the repeat hears FAILED with the reason, never STOPPED."""
+    entry = await _queued_entry(spool)
+    await parts.ledger.failed(entry, STOP, NOT_FOUND, attempts=0, created=parts.clock())
+    assert spool.list("pending") == spool.list("dead") == []
+    answer = await _repeat_after_queued(parts, entry)
+    assert answer == Outcome(
+        Status.FAILED,
+        "repeat within 60s, sent once: not confirmed since it was queued: Call not found",
+    )
+
+
+async def test_a_repeat_after_queued_and_purged_is_not_told_stopped(
+    parts: Parts, spool: Spool
+) -> None:
+    """An entry gone without a record of its fate (an operator purged it) was never
+    confirmed: FAILED, not STOPPED."""
+    entry = await _queued_entry(spool)
+    assert spool.purge("pending", [entry]) == 1
+    answer = await _repeat_after_queued(parts, entry)
+    assert answer.status is Status.FAILED
+    assert answer.message.endswith("no longer queued and never confirmed")
+
+
+async def test_fates_are_kept_no_longer_than_the_window(parts: Parts, spool: Spool) -> None:
+    """A fate older than the window is forgotten (memory stays bounded): a later look-up
+    finds no record and does not claim a delivery."""
+    entry = await _queued_entry(spool)
+    await parts.ledger.delivered(entry, "Recording stopped")
+    parts.clock.advance(WINDOW + 0.001)
+    answer = await _repeat_after_queued(parts, entry)
+    assert answer.status is Status.FAILED
+
+
+async def test_a_repeat_of_a_still_queued_request_says_so(parts: Parts, spool: Spool) -> None:
+    """The entry is still pending: QUEUED again, with the last error."""
+    entry = await _queued_entry(spool)
+    await parts.ledger.failed(entry, STOP, DOWN, attempts=0, created=parts.clock())
+    answer = await _repeat_after_queued(parts, entry)
+    assert answer == Outcome(
+        Status.QUEUED, "repeat within 60s, sent once: still queued: HTTP 503: Service Unavailable"
+    )
+
+
+# --- the ledger ------------------------------------------------------------------------------
+
+
+async def test_a_start_not_found_is_a_dead_letter_and_a_stop_is_not(
+    parts: Parts, spool: Spool
+) -> None:
+    """Only a stop for an unknown call is settled quietly; a start that finds no call needs
+    an operator."""
+    stop, start = await _queued_entry(spool, STOP), await _queued_entry(spool, START)
+    await parts.ledger.failed(stop, STOP, NOT_FOUND, attempts=0, created=parts.clock())
+    await parts.ledger.failed(start, START, NOT_FOUND, attempts=0, created=parts.clock())
+    assert [entry.id for entry in spool.list("dead")] == [start]
+    assert spool.list("pending") == []
+
+
+async def test_a_transient_failure_is_retried_until_the_age_limit(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """Transient: counted for a retry; the same failure once the entry is older than
+    retry_max_age: a dead letter."""
+    parts = _parts(spool, FakeClient(OK), tmp_path, retry_max_age=3600.0)
+    entry = await _queued_entry(spool)
+    created = parts.clock()
+    await parts.ledger.failed(entry, STOP, DOWN, attempts=0, created=created)
+    [pending] = spool.list("pending")
+    assert pending.attempts == 1
+    parts.clock.advance(3600.0)
+    await parts.ledger.failed(entry, STOP, DOWN, attempts=1, created=created)
+    assert [dead.id for dead in spool.list("dead")] == [entry]
+
+
+# --- the sync path ---------------------------------------------------------------------------
+
+
+async def test_a_quick_answer_never_touches_the_spool(
+    parts: Parts, spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Confirmed within write_ahead_after: STOPPED, and nothing was written to the spool."""
+    written: list[RecordingRequest] = []
+    add = spool.add
+
+    def spy(request: RecordingRequest, **kwargs: Any) -> asyncio.Future[int]:
+        written.append(request)
+        return add(request, **kwargs)
+
+    monkeypatch.setattr(spool, "add", spy)
+    outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=2.0)
+    await parts.sync.drain(5)
+    assert outcome == Outcome(Status.STOPPED, "Recording stopped")
+    assert parts.client.sent == [STOP]
+    assert written == []
+
+
+async def test_a_late_answer_settles_the_queued_entry_and_drain_waits_for_it(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """Past its budget the request is QUEUED (on disk); the answer that comes later removes the
+    entry, and drain() returns only once that removal is written."""
+    gate = asyncio.Event()
+    parts = _parts(spool, FakeClient(OK, gate=gate), tmp_path, write_ahead_after=0.0)
+    outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=0.01)
+    assert outcome.status is Status.QUEUED
+    assert outcome.entry is not None
+    assert [entry.id for entry in spool.list("pending")] == [outcome.entry]
+    gate.set()
+    await parts.sync.drain(5)
+    assert spool.list("pending") == []
+    assert await parts.spool.where(outcome.entry) is None
+    answer = await parts.repeats.answer(STOP, _done(outcome))
+    assert answer is not None
+    assert answer.status is Status.STOPPED
+
+
+async def test_drain_cancels_an_attempt_at_its_deadline_and_keeps_the_entry(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """An attempt still hanging at the drain's deadline is cancelled; its entry stays pending
+    for the next start."""
+    parts = _parts(spool, FakeClient(OK, gate=asyncio.Event()), tmp_path, write_ahead_after=0.0)
+    outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=0.01)
+    await parts.sync.drain(0.01)
+    assert [entry.id for entry in spool.list("pending")] == [outcome.entry]
+
+
+async def test_a_permanent_failure_is_failed_and_dead_lettered(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """A refusal (Code < 0) is FAILED at once and kept in the dead letters once drained."""
+    parts = _parts(spool, FakeClient(DENIED), tmp_path)
+    outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=2.0)
+    await parts.sync.drain(5)
+    assert outcome == Outcome(Status.FAILED, "Permission denied")
+    [dead] = spool.list("dead")
+    assert dead.last_error == "Permission denied"
+
+
+async def test_shutdown_writes_ahead_an_attempt_in_its_first_wait(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """write_ahead_in_flight() spools a request whose attempt has not answered yet, before
+    write_ahead_after has passed."""
+    client = FakeClient(OK, gate=asyncio.Event())
+    parts = _parts(spool, client, tmp_path, write_ahead_after=30.0)
+    session = asyncio.create_task(parts.sync.send_within(STOP, "1795811871.1", budget=60.0))
+    await client.called.wait()
+    parts.sync.write_ahead_in_flight()
+    session.cancel()
+    await parts.sync.drain(0)
+    assert session.cancelled()
+    [entry] = spool.list("pending")
+    assert entry.request == STOP
+
+
+# --- the worker ------------------------------------------------------------------------------
+
+
+async def test_the_worker_delivers_what_is_due_and_records_it(tmp_path: Path, spool: Spool) -> None:
+    """A queued entry is sent, removed from the spool, counted, and its fate remembered; a
+    stopped worker ends after the batch in hand."""
+    client = FakeClient(OK, gate=asyncio.Event())
+    parts = _parts(spool, client, tmp_path)
+    entry = await _queued_entry(spool)
+    run = asyncio.create_task(parts.worker.run())
+    await client.called.wait()
+    parts.worker.stop()
+    assert client.gate is not None
+    client.gate.set()
+    await asyncio.wait_for(run, timeout=5)
+    assert client.sent == [STOP]
+    assert spool.list("pending") == []
+    assert parts.metrics.registry.get_sample_value("agi_bridge_spool_delivered_total") == 1
+    answer = await parts.repeats.answer(STOP, _done(Outcome(Status.QUEUED, "down", entry)))
+    assert answer is not None
+    assert answer.status is Status.STOPPED
+
+
+def _spy_claims(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(limit, entries claimed) of every claim the worker makes, in order."""
+    claims: list[tuple[int, int]] = []
+    claim_due = spool.claim_due
+
+    async def spy(*, limit: int, lease: float) -> list[SpoolEntry]:
+        entries = await claim_due(limit=limit, lease=lease)
+        claims.append((limit, len(entries)))
+        return entries
+
+    monkeypatch.setattr(spool, "claim_due", spy)
+    return claims
+
+
+async def test_after_a_transient_failure_the_worker_probes_one_entry_at_a_time(
+    tmp_path: Path, spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that fails transiently stops the sending of everything: one entry at a time
+    until one gets through, then the rest at full concurrency again."""
+    client = FakeClient(DOWN)
+    parts = _parts(spool, client, tmp_path, retry_initial_delay=0.001, retry_max_delay=0.001)
+    for _ in range(3):
+        await _queued_entry(spool)
+    claims = _spy_claims(spool, monkeypatch)
+    run = asyncio.create_task(parts.worker.run())
+    await client.sent_at_least(5)  # the batch of 3, then two probes
+    client.result = OK
+    await client.sent_at_least(8)  # a third probe gets through, then the other two
+    parts.worker.stop()
+    await asyncio.wait_for(run, timeout=5)
+    full = _settings(tmp_path).noojee_max_connections
+    assert [claim for claim in claims if claim[1]] == [(full, 3), (1, 1), (1, 1), (1, 1), (full, 2)]
+    assert spool.list("pending") == []
+
+
+async def test_a_session_getting_through_ends_the_backoff_at_once(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """While the worker waits a long backoff, a session's confirmed request proves NoojeeContact
+    is back: the worker sends what is queued without waiting out the delay."""
+    client = FakeClient(DOWN)
+    parts = _parts(spool, client, tmp_path, retry_initial_delay=3600.0, retry_max_delay=3600.0)
+    for _ in range(2):
+        await _queued_entry(spool)
+    run = asyncio.create_task(parts.worker.run())
+    await client.sent_at_least(3)  # the batch of 2, then the first probe: an hour's wait next
+    client.result = OK
+    assert (await parts.sender.attempt(START, from_session=True)).ok
+    await client.sent_at_least(6)  # both entries, long before the hour
+    parts.worker.stop()
+    await asyncio.wait_for(run, timeout=5)
+    assert spool.list("pending") == []
