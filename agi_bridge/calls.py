@@ -17,7 +17,7 @@ from agi_bridge.protocol import Environment
 from agi_bridge.settings import By, Mode, Settings
 from agi_bridge.vocabulary import Action, RecordingRequest
 
-KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode"})
+KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode", "channel"})
 
 # Asterisk accepts a uniqueid of up to 149 characters when it is set at Originate
 # (AST_MAX_UNIQUEID 150 including the NUL); NoojeeContact identifiers are no longer.
@@ -41,6 +41,9 @@ class CallParameters:
     agent: str | None = None
     tag: str | None = None
     mode: Mode | None = None
+    # The channel whose extension is meant, when it is not the one running the AGI: an agent
+    # pool's queue member (Local/1001@agent-request) stands for the phone that logged in.
+    channel: str | None = None
 
 
 def _pairs_to_dict(pairs: Iterable[tuple[str, str]], source: str) -> dict[str, str]:
@@ -98,9 +101,11 @@ def _checked(merged: Mapping[str, str]) -> CallParameters:
         raise Rejected(f"mode={mode!r} is not one of sync, async")
     checked = {
         key: _check_text(
-            key, merged[key], MAX_IDENTIFIER_LENGTH if key == "id" else MAX_VALUE_LENGTH
+            key,
+            merged[key],
+            MAX_IDENTIFIER_LENGTH if key in ("id", "channel") else MAX_VALUE_LENGTH,
         )
-        for key in ("id", "agent", "tag")
+        for key in ("id", "agent", "tag", "channel")
         if key in merged
     }
     return CallParameters(
@@ -144,7 +149,13 @@ def build_request(
 ) -> RecordingRequest:
     """The NoojeeContact request for this call, or :class:`Rejected` saying what is missing."""
     by: By = parameters.by or ("id" if parameters.id is not None else settings.default_by)
-    extension = extension_from_channel(environment.channel)
+    channel = parameters.channel or environment.channel
+    extension = extension_from_channel(channel)
+    if parameters.channel is not None and extension is None:
+        raise Rejected(
+            f"channel={channel!r} has no extension in it: name the phone's channel, "
+            "e.g. ${AGENT(1001:fullchannel)} (PJSIP/410-0000000c)"
+        )
     if by == "id":
         if parameters.id is None:
             raise Rejected("by=id needs id=<identifier>, e.g. id=${CHANNEL(linkedid)}")
@@ -155,9 +166,7 @@ def build_request(
         target = _check_text("agi_uniqueid", environment.uniqueid, MAX_IDENTIFIER_LENGTH)
     else:
         if extension is None:
-            raise Rejected(
-                f"no extension in channel {environment.channel!r}: use by=uniqueid or by=id"
-            )
+            raise Rejected(f"no extension in channel {channel!r}: use by=uniqueid or by=id")
         # Checked like a uniqueid: agi_channel is as unchecked as agi_uniqueid.
         target = _check_text("extension", extension, MAX_IDENTIFIER_LENGTH)
     return request_for(action, target, extension, parameters, settings)

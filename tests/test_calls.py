@@ -167,7 +167,7 @@ def test_unknown_key_rejected() -> None:
         parse_parameters(environment(arguments=["agnet=Fred"]))
     assert "'agnet'" in caught.value.reason
     assert "AGI arguments" in caught.value.reason
-    assert "agent, by, id, mode, tag" in caught.value.reason
+    assert "agent, by, channel, id, mode, tag" in caught.value.reason
 
 
 def test_unknown_key_in_query_rejected() -> None:
@@ -206,7 +206,7 @@ def test_bad_by_or_mode_rejected(argument: str, reason: str) -> None:
     assert reason in caught.value.reason
 
 
-@pytest.mark.parametrize("key", ["agent", "tag", "id"])
+@pytest.mark.parametrize("key", ["agent", "tag", "id", "channel"])
 @pytest.mark.parametrize("bad", ["a\tb", "a\x7fb", "a\x1bb", "a\x00b"])
 def test_control_characters_rejected(key: str, bad: str) -> None:
     """Values with control characters are rejected (from the query, percent-encoded)."""
@@ -217,7 +217,12 @@ def test_control_characters_rejected(key: str, bad: str) -> None:
 
 @pytest.mark.parametrize(
     ("key", "limit"),
-    [("agent", MAX_VALUE_LENGTH), ("tag", MAX_VALUE_LENGTH), ("id", MAX_IDENTIFIER_LENGTH)],
+    [
+        ("agent", MAX_VALUE_LENGTH),
+        ("tag", MAX_VALUE_LENGTH),
+        ("id", MAX_IDENTIFIER_LENGTH),
+        ("channel", MAX_IDENTIFIER_LENGTH),
+    ],
 )
 def test_value_length_limits(key: str, limit: int) -> None:
     """A value at the limit is accepted, one character more is rejected."""
@@ -227,7 +232,7 @@ def test_value_length_limits(key: str, limit: int) -> None:
         parse_parameters(environment(arguments=[f"{key}={'x' * (limit + 1)}"]))
 
 
-@pytest.mark.parametrize("key", ["agent", "tag", "id", "by", "mode"])
+@pytest.mark.parametrize("key", ["agent", "tag", "id", "by", "mode", "channel"])
 def test_empty_value_means_not_given(key: str) -> None:
     """key= with nothing after it (agent=${UNSET} in the dialplan) falls back to the defaults,
     exactly like an empty argument."""
@@ -289,6 +294,38 @@ def test_default_by_from_settings(default_by: str, target: str) -> None:
 def test_default_by_id_without_id_rejected() -> None:
     """default_by=id with no id= in the call is rejected, not sent empty."""
     assert "by=id needs id=" in rejected("stop", arguments=["Fred"], default_by="id")
+
+
+POOL_MEMBER = "Local/1001@agent-request-00000007;1"  # an agent pool's queue member leg
+
+
+def test_channel_parameter_names_the_extension() -> None:
+    """channel= (an agent pool's phone) gives the extension sent and the agents lookup, not the
+    channel running the AGI (the queue member, named after the agent number)."""
+    request = request_for(
+        "stop",
+        arguments=["channel=PJSIP/410-0000000c"],
+        channel=POOL_MEMBER,
+        agents={"410": "Fred", "1001": "Wilma"},
+    )
+    assert request == RecordingRequest("stop", "410", agent="Fred")
+
+
+def test_channel_parameter_with_another_identifier() -> None:
+    """With by=id the id is sent as given; channel= still picks the agent from agents."""
+    request = request_for(
+        "stop",
+        arguments=["by=id", "id=1795811300.7", "channel=PJSIP/410-0000000c"],
+        channel=POOL_MEMBER,
+        agents={"410": "Fred"},
+    )
+    assert request == RecordingRequest("stop", "1795811300.7", agent="Fred")
+
+
+def test_channel_parameter_without_extension_rejected() -> None:
+    """A channel= the bridge reads no extension from is a dialplan mistake, whatever by= says."""
+    reason = rejected("stop", arguments=["by=uniqueid", "channel=IAX2/10.0.0.1:4569-123", "Fred"])
+    assert "channel='IAX2/10.0.0.1:4569-123' has no extension" in reason
 
 
 def test_by_extension_without_extension_rejected() -> None:

@@ -7,6 +7,7 @@ proven by the real Asterisk in test_dialplan.py instead.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,11 @@ EXTENSIONS = REPO / "dialplan" / "extensions.conf"
 #    test_dialplan.py::test_sandbox_overrides_the_bridge_address_without_editing_the_shipped_file
 #    proves both on the real Asterisk.
 IGNORED = ("H_DP_GENERAL_MISPLACED", "H_DP_GLOBALS_MISPLACED")
+# Functions Asterisk 22 has and asterisklint's function list (from Asterisk 13) lacks:
+# CHANNEL_EXISTS (func_channel, since 16.22) and AGENT (app_agent_pool). Only these names are
+# let through; any other unknown function is still an error. The real Asterisk runs both in
+# test_transfer.py.
+NEWER_FUNCTIONS = re.compile(r"E_FUNC_MISSING: function '(CHANNEL_EXISTS|AGENT)' does not exist")
 
 _RUN = (
     "import os, sys; from asterisklint.main import main; sys.exit(main(sys.argv[1:], os.environ))"
@@ -38,10 +44,12 @@ def asterisklint(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_shipped_extensions_conf_is_lint_clean() -> None:
+    """asterisklint finds nothing in the shipped extensions.conf but the functions it predates."""
     res = asterisklint(EXTENSIONS)
     report = (res.stdout + res.stderr).strip()
-    assert res.returncode == 0, report
-    assert report == ""
+    problems = [line for line in report.splitlines() if not NEWER_FUNCTIONS.search(line)]
+    assert problems == [], report
+    assert res.returncode == 0 or report, "asterisklint failed without saying why"
 
 
 def test_lint_would_catch_a_broken_dialplan(tmp_path: Path) -> None:

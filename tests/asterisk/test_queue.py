@@ -69,6 +69,25 @@ async def _logged(ami: Ami, uniqueid: str, text: str) -> None:
     )  # fmt: skip
 
 
+async def _feature_done(ami: Ami, uniqueid: str) -> None:
+    """The feature code's subroutine returned (its sound played): the agent may go on."""
+    await ami.wait_event(
+        lambda e: e.event == "Newexten" and e.get("Uniqueid") == uniqueid
+        and e.get("Context") == "agi-bridge-feature" and e.get("Application") == "Return",
+        what=f"the end of the feature code on {uniqueid}",
+    )  # fmt: skip
+
+
+async def _blind_transfer(ami: Ami, member: str) -> None:
+    """AMI BlindTransfer of the member's call to 411 (test-transfer), as a console does."""
+    action = {
+        "Action": "BlindTransfer", "Channel": ami.channel_name(member),
+        "Context": "test-transfer", "Exten": "411",
+    }  # fmt: skip
+    resp = await ami.manager.send_action(action, as_list=False)
+    assert resp.get("Response") == "Success", dict(resp)
+
+
 async def _connected(ami: Ami, member: str) -> Message:
     """The member answered and Queue ran the connected-call subroutine on it."""
     return await ami.wait_event(
@@ -256,25 +275,16 @@ async def test_toggle_state_survives_a_transfer_to_another_agent(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
     """Agent 410 toggles (stops), then blind-transfers the customer to 411: 410's hangup
-    handler sends nothing (the call's recording is stopped), 411's toggle STARTS (it sees the
+    handler sends nothing (the call goes on), 411's toggle STARTS (it sees the
     call's state, not its own fresh channel's), and the customer hanging up stops by linkedid."""
     customer, member = await _call(
         ami, "test-chain", TEST_DTMF="*1", TEST_AGENT_STAY="30", TEST_DTMF_411="*1"
     )
     await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=customer)
-    await ami.wait_event(
-        lambda e: e.event == "Newexten" and e.get("Uniqueid") == member
-        and e.get("Context") == "agi-bridge-feature" and e.get("Application") == "Return",
-        what="the end of the toggle on 410",
-    )  # fmt: skip
-    action = {
-        "Action": "BlindTransfer", "Channel": ami.channel_name(member),
-        "Context": "test-transfer", "Exten": "411",
-    }  # fmt: skip
-    resp = await ami.manager.send_action(action, as_list=False)
-    assert resp.get("Response") == "Success", dict(resp)
+    await _feature_done(ami, member)
+    await _blind_transfer(ami, member)
     await ami.wait_hangup(member)
-    await _logged(ami, member, "already stopped on this call")
+    await _logged(ami, member, "(blind transfer to ")  # 410's handler: the call goes on
     second = await _member(ami, customer, "Local/411@test-member-")
     await ami.wait_var("NOOJEE_STATUS", "STARTED", uniqueid=second)
     await ami.wait_var("NOOJEE_CALL_RECORDING", "started", uniqueid=customer)
