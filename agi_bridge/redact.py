@@ -17,6 +17,7 @@ secrets (key, hash, password) and keeps the time stamp readable, which alone giv
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from typing import Final
@@ -45,17 +46,23 @@ def redact_url(url: object) -> str:
     return _USERINFO_RE.sub(rf"\1{MASK}@", text)
 
 
+@functools.lru_cache(maxsize=16)
+def _forms(secret: str) -> tuple[str, ...]:
+    """``secret`` as it is and URL-encoded (as an echoed URL carries it). Cached: the same key
+    is scrubbed from every string of every log event."""
+    quoted = quote(secret, safe="")
+    return (secret,) if quoted == secret else (secret, quoted)
+
+
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with every rule of this module applied, ``secrets`` being the literal values
     (the API key) to mask as they are and URL-encoded."""
     for secret in secrets:
         if not secret:
             continue
-        if secret in text:
-            text = text.replace(secret, MASK)
-        quoted = quote(secret, safe="")  # as it appears in an echoed URL
-        if quoted != secret and quoted in text:
-            text = text.replace(quoted, MASK)
+        for form in _forms(secret):
+            if form in text:
+                text = text.replace(form, MASK)
     if "=" in text:
         text = _PARAM_RE.sub(rf"\1{MASK}", text)
     if "@" in text:
