@@ -30,8 +30,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-ENV_PREFIX = "AGI_BRIDGE_"
-CONFIG_ENV = ENV_PREFIX + "CONFIG"
+from agi_bridge import defaults
+from agi_bridge.defaults import CONFIG_ENV, ENV_PREFIX, env_name
 
 By = Literal["uniqueid", "extension", "id"]
 Mode = Literal["sync", "async"]
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
 
     # --- FastAGI listener -------------------------------------------------------------------
     listen: str = Field(
-        "127.0.0.1:4573",
+        defaults.LISTEN,
         description="host:port of the FastAGI listener (4573 is Asterisk's default AGI port)",
     )
     allow_clients: Annotated[tuple[IPNetwork, ...], NoDecode] = Field(
@@ -106,7 +106,8 @@ class Settings(BaseSettings):
         "authentication: anyone who reaches the port can stop recordings)",
     )
     metrics_listen: str = Field(
-        "127.0.0.1:9573", description="host:port for /metrics, /healthz, /readyz; empty disables"
+        defaults.METRICS_LISTEN,
+        description="host:port for /metrics, /healthz, /readyz; empty disables",
     )
     # Asterisk sends the whole environment right after it connects: 2 s is generous on a LAN
     # and bounds what a silent or byte-a-second client can hold.
@@ -335,10 +336,6 @@ class _Given(Settings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings,)
-
-
-def env_name(field: str) -> str:
-    return ENV_PREFIX + field.upper()
 
 
 def setting_name(field: str) -> str:
