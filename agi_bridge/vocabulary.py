@@ -5,6 +5,7 @@ side never load the HTTP client to name a request or a status."""
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
@@ -16,11 +17,20 @@ __all__ = [
     "RecordingRequest",
     "ResultKind",
     "Status",
+    "TargetKind",
     "confirmed_status",
+    "target_kind",
 ]
 
 Action = Literal["start", "stop"]
 _ACTIONS: Final[frozenset[str]] = frozenset(get_args(Action))
+
+# What ``extenOrUniqueId`` names: a call (an Asterisk uniqueid, or an explicit id shaped like
+# one, e.g. a linkedid) or an extension, which NoojeeContact applies to whatever call that
+# extension is on when the request arrives. Only "extension" requests have a short validity.
+TargetKind = Literal["uniqueid", "id", "extension"]
+# An Asterisk uniqueid (and so a linkedid): epoch seconds, a dot, a counter ("1733100000.42").
+_UNIQUEID_RE: Final = re.compile(r"[0-9]+\.[0-9]+")
 
 # Result messages end up in a channel variable and a log line: one short line.
 MESSAGE_MAX_CHARS: Final = 200
@@ -34,16 +44,29 @@ class RecordingRequest:
     exten_or_uniqueid: str  # -> extenOrUniqueId
     agent: str | None = None  # -> agentLoginName
     tag: str | None = None  # -> tag (start only)
+    # How the call named its target; decides how long the request may wait (not sent).
+    kind: TargetKind = "uniqueid"
 
     def __post_init__(self) -> None:
         if self.action not in _ACTIONS:
             raise ValueError(f"action must be 'start' or 'stop', not {self.action!r}")
 
 
+def target_kind(by: str, target: str) -> TargetKind:
+    """The kind of ``target`` sent for a call's ``by``. An explicit id (``by=id``, or a spool
+    entry of the release before target kinds were recorded) counts as a call only when it is
+    shaped like a uniqueid: ``id=410`` acts on extension 410 like ``by=extension`` does."""
+    if by == "uniqueid":
+        return "uniqueid"
+    if by == "id" and _UNIQUEID_RE.fullmatch(target):
+        return "id"
+    return "extension"
+
+
 class ResultKind(enum.StrEnum):
     """What happened to one request, split by whose fault it was."""
 
-    OK = "ok"  # 2xx and Code 0, or 2xx with a non-JSON body
+    OK = "ok"  # 2xx and Code 0, or 2xx with an empty body
     WARNING = "warning"  # 2xx and Code > 0: success, but log it
     API_ERROR = "api_error"  # JSON Code < 0 (any status): Message says why. Not transient
     # JSON Code < 0 saying NoojeeContact knows no such call: typical of a stop sent after the
@@ -53,6 +76,9 @@ class ResultKind(enum.StrEnum):
     HTTP_ERROR = "http_error"  # non-2xx. 5xx (and 429) transient, other statuses not
     TIMEOUT = "timeout"  # transient
     TRANSPORT = "transport"  # refused, reset, TLS failure...: transient, except TLS verification
+    # 2xx whose body is not NoojeeContact's (a proxy's login page, cut-off JSON, JSON without
+    # Code): nothing confirmed. Transient (a stop is retried); a start is settled unconfirmed.
+    UNEXPECTED = "unexpected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +93,9 @@ class NoojeeResult:
     # Set for TRANSPORT failures caused by certificate verification: retrying cannot help,
     # an operator has to fix the CA file or the server's certificate.
     tls_verify_failed: bool = False
+    # The request certainly never reached NoojeeContact (refused, connect timeout, TLS
+    # handshake, no free connection, no time stamp): even a start may be sent again.
+    unsent: bool = False
 
     @property
     def ok(self) -> bool:
@@ -77,7 +106,7 @@ class NoojeeResult:
     def transient(self) -> bool:
         """True when the same request may succeed later without anybody changing anything."""
         kind = self.kind
-        if kind is ResultKind.TIMEOUT:
+        if kind is ResultKind.TIMEOUT or kind is ResultKind.UNEXPECTED:
             return True
         if kind is ResultKind.TRANSPORT:
             return not self.tls_verify_failed
@@ -85,6 +114,20 @@ class NoojeeResult:
             status = self.http_status or 0
             return status >= 500 or status == 429
         return False
+
+    @property
+    def uncertain(self) -> bool:
+        """True when NoojeeContact may have done what was asked without saying so: sent and
+        no answer, or an answer that is not NoojeeContact's. A start is then never resent."""
+        kind = self.kind
+        if kind is ResultKind.UNEXPECTED:
+            return True
+        if kind is ResultKind.TIMEOUT or kind is ResultKind.TRANSPORT:
+            return not self.unsent and not self.tls_verify_failed
+        # A 5xx may come from NoojeeContact after it acted, or from a proxy that forwarded the
+        # request (502/504); 503 and 429 say the request was not taken.
+        status = self.http_status or 0
+        return kind is ResultKind.HTTP_ERROR and status >= 500 and status != 503
 
 
 class Status(enum.StrEnum):
@@ -95,6 +138,11 @@ class Status(enum.StrEnum):
     QUEUED = "QUEUED"
     FAILED = "FAILED"
     REJECTED = "REJECTED"
+    # A start that may have reached NoojeeContact without a confirmation: never sent again.
+    UNCONFIRMED = "UNCONFIRMED"
+    # A request by extension not delivered while its call could still be on that extension
+    # (too late, or the call's own stop superseded it): not sent, nothing changed.
+    EXPIRED = "EXPIRED"
 
 
 def confirmed_status(action: Action) -> Status:
