@@ -38,7 +38,7 @@ from agi_bridge.testing.defaults import (
     DEMO_PORT,
 )
 from agi_bridge.tls import STRICT_ADVICE, cas_without_key_usage, strict_by_default, verify_advice
-from agi_bridge.vocabulary import Action, RecordingRequest
+from agi_bridge.vocabulary import Action, RecordingRequest, target_kind
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1  # the command ran and what it tried failed (send, spool)
@@ -94,7 +94,8 @@ def _send_request(args: argparse.Namespace, settings: Settings) -> RecordingRequ
     )
     if parameters.id is None:
         raise Rejected("the extension or uniqueid is empty")
-    return request_for(args.action, parameters.id, args.extension, parameters, settings)
+    kind = "extension" if args.extension else target_kind("id", parameters.id)
+    return request_for(args.action, parameters.id, args.extension, parameters, settings, kind)
 
 
 def _tls_warnings(settings: Settings) -> list[str]:

@@ -81,6 +81,13 @@ class Metrics:
         self.dead_letters = Counter(
             "agi_bridge_spool_dead_letters", "Requests moved to the dead letters", registry=r
         )
+        self.settled = Counter(
+            "agi_bridge_spool_settled",
+            "Requests settled without a confirmation, never sent again, by reason: unconfirmed "
+            "(a start that may have reached NoojeeContact), expired or cancelled (by extension)",
+            ["reason"],
+            registry=r,
+        )
         self.duplicates = Counter(
             "agi_bridge_duplicates",
             "Repeats of an action on a call, answered without sending",
@@ -89,7 +96,11 @@ class Metrics:
         self.spool_pending = Gauge(
             "agi_bridge_spool_pending", "Requests waiting in the spool", registry=r
         )
-        self.spool_dead = Gauge("agi_bridge_spool_dead", "Requests in the dead letters", registry=r)
+        self.spool_dead = Gauge(
+            "agi_bridge_spool_dead",
+            "Dead letters that need an operator (refused, out of retries, unconfirmed starts)",
+            registry=r,
+        )
         self.spool_oldest_age = Gauge(
             "agi_bridge_spool_oldest_age_seconds",
             "Age of the oldest pending request",
@@ -111,6 +122,10 @@ class Metrics:
         """One session ended with NOOJEE_STATUS ``status`` after holding the channel."""
         self._child(self.sessions, route, status).inc()
         self._child(self.hold_seconds, route).observe(held)
+
+    def settle(self, reason: str) -> None:
+        """A request was settled without a confirmation (unconfirmed, expired, cancelled)."""
+        self._child(self.settled, reason).inc()
 
     def observe_noojee(self, result: NoojeeResult, seconds: float) -> None:
         self._child(self.noojee_seconds, result.kind.value).observe(seconds)

@@ -20,6 +20,7 @@ __all__ = [
     "TargetKind",
     "confirmed_status",
     "target_kind",
+    "unconfirmed_message",
 ]
 
 Action = Literal["start", "stop"]
@@ -148,6 +149,12 @@ class Status(enum.StrEnum):
 def confirmed_status(action: Action) -> Status:
     """What the dialplan hears once NoojeeContact has done ``action``."""
     return Status.STOPPED if action == "stop" else Status.STARTED
+
+
+def unconfirmed_message(result: NoojeeResult) -> str:
+    """What the dialplan is told of a start that may have reached NoojeeContact."""
+    text = f"may have reached NoojeeContact, not sent again: {result.message}"
+    return text[:MESSAGE_MAX_CHARS]
 
 
 @dataclass(frozen=True, slots=True)

@@ -252,7 +252,7 @@ def test_empty_agent_falls_back_to_the_agents_map() -> None:
 def test_by_extension_uses_the_channel() -> None:
     """by=extension sends the endpoint of agi_channel."""
     request = request_for("stop", arguments=["by=extension", "Fred"], channel="SIP/alice-0000002a")
-    assert request == RecordingRequest("stop", "alice", agent="Fred")
+    assert request == RecordingRequest("stop", "alice", agent="Fred", kind="extension")
 
 
 def test_by_uniqueid_uses_agi_uniqueid() -> None:
@@ -264,7 +264,24 @@ def test_by_uniqueid_uses_agi_uniqueid() -> None:
 def test_by_id_uses_the_id_argument() -> None:
     """by=id sends the explicit id (e.g. the linkedid)."""
     request = request_for("stop", arguments=["by=id", "id=1795811300.7", "Fred"])
-    assert request == RecordingRequest("stop", "1795811300.7", agent="Fred")
+    assert request == RecordingRequest("stop", "1795811300.7", agent="Fred", kind="id")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "kind"),
+    [
+        (["by=extension"], "extension"),
+        (["by=uniqueid"], "uniqueid"),
+        (["id=1795811300.7"], "id"),  # a linkedid
+        (["id=410"], "extension"),  # acts on extension 410's call, whatever that is then
+        (["id=alice"], "extension"),
+    ],
+)
+def test_the_request_says_whether_its_target_is_an_extension(
+    arguments: list[str], kind: str
+) -> None:
+    """A target that is not shaped like a uniqueid counts as an extension (short validity)."""
+    assert request_for("stop", arguments=[*arguments, "Fred"]).kind == kind
 
 
 def test_id_implies_by_id() -> None:
@@ -308,7 +325,7 @@ def test_channel_parameter_names_the_extension() -> None:
         channel=POOL_MEMBER,
         agents={"410": "Fred", "1001": "Wilma"},
     )
-    assert request == RecordingRequest("stop", "410", agent="Fred")
+    assert request == RecordingRequest("stop", "410", agent="Fred", kind="extension")
 
 
 def test_channel_parameter_with_another_identifier() -> None:
@@ -319,7 +336,24 @@ def test_channel_parameter_with_another_identifier() -> None:
         channel=POOL_MEMBER,
         agents={"410": "Fred"},
     )
-    assert request == RecordingRequest("stop", "1795811300.7", agent="Fred")
+    assert request == RecordingRequest("stop", "1795811300.7", agent="Fred", kind="id")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "kind"),
+    [
+        (["by=extension"], "extension"),
+        (["by=uniqueid"], "uniqueid"),
+        (["id=1795811300.7"], "id"),  # a linkedid
+        (["id=410"], "extension"),  # acts on extension 410's call, whatever that is then
+        (["id=alice"], "extension"),
+    ],
+)
+def test_the_request_says_whether_its_target_is_an_extension(
+    arguments: list[str], kind: str
+) -> None:
+    """A target that is not shaped like a uniqueid counts as an extension (short validity)."""
+    assert request_for("stop", arguments=[*arguments, "Fred"]).kind == kind
 
 
 def test_channel_parameter_without_extension_rejected() -> None:
@@ -390,13 +424,13 @@ def test_stop_with_empty_default_agent_rejected() -> None:
 def test_start_without_agent_allowed() -> None:
     """start may go without an agent: agentLoginName is then omitted."""
     request = request_for("start", script="recording/start")
-    assert request == RecordingRequest("start", "410", agent=None, tag=None)
+    assert request == RecordingRequest("start", "410", agent=None, tag=None, kind="extension")
 
 
 def test_start_with_tag() -> None:
     """tag is passed through on start."""
     request = request_for("start", script="recording/start", arguments=["tag=CRM-42", "Fred"])
-    assert request == RecordingRequest("start", "410", agent="Fred", tag="CRM-42")
+    assert request == RecordingRequest("start", "410", agent="Fred", tag="CRM-42", kind="extension")
 
 
 def test_tag_on_stop_rejected() -> None:

@@ -101,7 +101,7 @@ async def test_claimed_entry_not_claimed_again_before_lease_ends(
 async def test_delivered_removes(spool: Spool, clock: FakeClock) -> None:
     """A delivered entry is gone for good: never claimed again, not counted."""
     entry_id = await spool.add(STOP, call_uniqueid="1.1")
-    kept = await spool.add(START, call_uniqueid="1.2")
+    kept = await spool.add(STOP, call_uniqueid="1.2")  # a stop: its lease runs out, it comes back
     await spool.claim_due(limit=10, lease=1)
     await spool.delivered(entry_id)
     clock.now += 10

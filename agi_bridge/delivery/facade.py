@@ -24,10 +24,13 @@ from agi_bridge.delivery.repeats import RepeatCache
 from agi_bridge.delivery.sender import Client, Sender
 from agi_bridge.delivery.sync import SyncPath
 from agi_bridge.delivery.worker import Worker
+from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
 from agi_bridge.settings import Mode, Settings
 from agi_bridge.spool import Spool
 from agi_bridge.vocabulary import Outcome, RecordingRequest, Status
+
+log = get_logger("agi_bridge.delivery")
 
 
 class Delivery:
@@ -46,8 +49,13 @@ class Delivery:
         self._spool = spool
         self._metrics = metrics
         self._sender = Sender(settings=settings, client=client, metrics=metrics, clock=clock)
-        self._repeats = RepeatCache(window=settings.dedup_window, spool=spool, clock=clock)
-        ledger = Ledger(
+        self._repeats = RepeatCache(
+            window=settings.dedup_window,
+            spool=spool,
+            clock=clock,
+            extension_max_age=settings.extension_max_age,
+        )
+        self._ledger = ledger = Ledger(
             settings=settings,
             spool=spool,
             metrics=metrics,
@@ -86,13 +94,23 @@ class Delivery:
         """Deliver or queue ``request``; returns within ``budget`` plus a spool commit."""
         repeats = self._repeats
         key = (request.exten_or_uniqueid, call_uniqueid)
+        if request.action == "stop" and request.kind != "extension":
+            # The call's own stop (its hangup, by uniqueid or linkedid): what it still has
+            # queued by extension could only reach the extension's NEXT call.
+            cancelling = self._spool.cancel_by_extension(
+                call_uniqueid, "cancelled: the call's own stop (by its id) superseded it"
+            )
+            cancelling.add_done_callback(lambda done: self._ledger.cancelled(done, call_uniqueid))
         earlier = repeats.earlier(key, request.action)
         if earlier is not None:
             # The same action on the same call is under way or done: answer with its outcome
             # (a repeat arriving meanwhile waits for it, within the same budget).
-            repeated = await repeats.answer(request, earlier)
+            repeated = await repeats.answer(request, earlier, first_at=repeats.seen_at(key))
             if repeated is not None:
                 self._metrics.duplicates.inc()
+                if repeated.status is Status.EXPIRED:
+                    # Told once; the next press is a fresh request, sent while the call is on.
+                    repeats.forget(key, earlier)
                 return repeated
         remembered = repeats.remember(key, request.action)
         try:
@@ -109,6 +127,23 @@ class Delivery:
         if outcome.status is Status.FAILED:
             repeats.forget(key, remembered)  # a failure is worth trying again at once
         return outcome
+
+    async def settle_interrupted(self) -> int:
+        """At start-up, before anything is sent: settle as unconfirmed the starts the last
+        process may have sent (they are never sent again); return how many."""
+        entries = await self._spool.settle_interrupted(
+            "unconfirmed, not sent again: on its way to NoojeeContact when the bridge stopped"
+        )
+        for entry in entries:
+            self._metrics.settle("unconfirmed")
+            log.warning(
+                "spool.entry.unconfirmed",
+                id=entry.id,
+                target=entry.request.exten_or_uniqueid,
+                kind=entry.request.kind,
+                error="on its way to NoojeeContact when the bridge stopped",
+            )
+        return len(entries)
 
     def write_ahead_in_flight(self) -> None:
         """Shutdown begins: spool every sync request not on disk yet, now and from now on."""
