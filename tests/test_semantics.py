@@ -18,7 +18,7 @@ import pytest
 
 from agi_bridge.app import Bridge
 from agi_bridge.settings import Settings
-from agi_bridge.spool import SpoolEntry
+from agi_bridge.spool import SPOOL_FILE, SpoolEntry
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 from tests.bridge_helpers import call, make_settings, running_bridge, running_simulator
 
@@ -28,6 +28,7 @@ START_PATH = "/servicemanager/rest/CallManagementAPI/start"
 CALL = "1764633600.41"
 # Bounds every wait for a state, so that a broken bridge fails the test instead of hanging it.
 STATE_TIMEOUT = 10.0
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture
@@ -192,3 +193,29 @@ async def test_an_answer_that_is_not_noojeecontacts_confirms_nothing(
     assert start.variables["NOOJEE_STATUS"] == "UNCONFIRMED"
     assert [(r.path, r.params["extenOrUniqueId"]) for r in delivered] == [(STOP_PATH, CALL)]
     assert _starts(simulator) == 1
+
+
+# --- upgrade: a spool written by the previous release ---------------------------------------
+
+
+async def test_a_spool_of_the_previous_release_is_migrated_and_delivered(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """tests/fixtures/spool-v0.sqlite3, written by the release before spool schema versions:
+    the new bridge delivers its stop and its start by uniqueid, never sends the starts that
+    release may have sent, nor the year-old request by extension."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / SPOOL_FILE).write_bytes((FIXTURES / "spool-v0.sqlite3").read_bytes())
+    # The fixture's entries are from 2025: an age limit that still lets a uniqueid through.
+    settings = _settings(simulator, ca_file, data, retry_max_age=10 * 365 * 86400.0)
+    async with running_bridge(settings) as bridge:
+        delivered = await simulator.wait_for(2, timeout=STATE_TIMEOUT)
+        await _marker(bridge, simulator, "1764633600.90")
+        dead = {e.id: e.reason for e in _dead(bridge)}
+    assert sorted((r.path, r.params["extenOrUniqueId"]) for r in delivered) == [
+        (START_PATH, "1764633590.18"),
+        (STOP_PATH, "1764633590.17"),
+    ]
+    assert len(simulator.received) == 3  # and the marker: nothing else
+    assert dead == {2: "expired", 4: "unconfirmed", 5: "unconfirmed", 6: "failed"}
