@@ -169,7 +169,7 @@ def build_request(
             raise Rejected(f"no extension in channel {channel!r}: use by=uniqueid or by=id")
         # Checked like a uniqueid: agi_channel is as unchecked as agi_uniqueid.
         target = _check_text("extension", extension, MAX_IDENTIFIER_LENGTH)
-    return request_for(action, target, extension, parameters, settings, target_kind(by, target))
+    return request_for(action, target, extension, parameters, settings, target_kind(by))
 
 
 def request_for(

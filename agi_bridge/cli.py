@@ -94,7 +94,7 @@ def _send_request(args: argparse.Namespace, settings: Settings) -> RecordingRequ
     )
     if parameters.id is None:
         raise Rejected("the extension or uniqueid is empty")
-    kind = "extension" if args.extension else target_kind("id", parameters.id)
+    kind = target_kind("extension" if args.extension else "id")
     return request_for(args.action, parameters.id, args.extension, parameters, settings, kind)
 
 

@@ -88,6 +88,9 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in ("unconfirmed", "expired", "cancelled"):
+            # Exported at 0 from the start: an alert on increase() needs the series to exist.
+            self.settled.labels(reason)
         self.duplicates = Counter(
             "agi_bridge_duplicates",
             "Repeats of an action on a call, answered without sending",

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, TypeVar, cast
 
-from agi_bridge.vocabulary import Action, RecordingRequest, TargetKind, target_kind
+from agi_bridge.vocabulary import Action, RecordingRequest, TargetKind
 
 T = TypeVar("T")
 
@@ -96,6 +97,9 @@ _MIGRATE_FROM_0: Final = (
     "UPDATE pending SET attempted = 1 "
     "WHERE action = 'start' AND (attempts > 0 OR next_at > created)",
 )
+# An Asterisk uniqueid or linkedid: epoch seconds, a dot, a counter ("1733100000.42"), after
+# the system name and a dash when asterisk.conf sets systemname ("pbx1-1733100000.42").
+_UNIQUEID_RE: Final = re.compile(r"(?:.+-)?[0-9]+\.[0-9]+")
 _COLUMNS: Final = "id, action, target, agent, tag, call_uniqueid, created, attempts, kind"
 
 # Why an entry is in the dead letters.
@@ -187,7 +191,7 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
 
 def _legacy_kind(target: str) -> TargetKind:
     """An entry's kind when the spool did not record it: a call only if shaped like one."""
-    return "uniqueid" if target_kind("id", target) == "id" else "extension"
+    return "uniqueid" if _UNIQUEID_RE.fullmatch(target) else "extension"
 
 
 _Outcome = tuple[object, Exception | None]

@@ -5,7 +5,6 @@ side never load the HTTP client to name a request or a status."""
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
@@ -26,12 +25,10 @@ __all__ = [
 Action = Literal["start", "stop"]
 _ACTIONS: Final[frozenset[str]] = frozenset(get_args(Action))
 
-# What ``extenOrUniqueId`` names: a call (an Asterisk uniqueid, or an explicit id shaped like
-# one, e.g. a linkedid) or an extension, which NoojeeContact applies to whatever call that
-# extension is on when the request arrives. Only "extension" requests have a short validity.
+# What ``extenOrUniqueId`` names: a call (its uniqueid, or an explicit id such as its
+# linkedid) or an extension, which NoojeeContact applies to whatever call that extension is on
+# when the request arrives. Only "extension" requests have a short validity.
 TargetKind = Literal["uniqueid", "id", "extension"]
-# An Asterisk uniqueid (and so a linkedid): epoch seconds, a dot, a counter ("1733100000.42").
-_UNIQUEID_RE: Final = re.compile(r"[0-9]+\.[0-9]+")
 
 # Result messages end up in a channel variable and a log line: one short line.
 MESSAGE_MAX_CHARS: Final = 200
@@ -53,15 +50,12 @@ class RecordingRequest:
             raise ValueError(f"action must be 'start' or 'stop', not {self.action!r}")
 
 
-def target_kind(by: str, target: str) -> TargetKind:
-    """The kind of ``target`` sent for a call's ``by``. An explicit id (``by=id``, or a spool
-    entry of the release before target kinds were recorded) counts as a call only when it is
-    shaped like a uniqueid: ``id=410`` acts on extension 410 like ``by=extension`` does."""
+def target_kind(by: str) -> TargetKind:
+    """The kind of target a call's ``by`` sends: ``by=id`` names a call (the dialplan passes
+    the linkedid that way; an extension goes by ``by=extension``)."""
     if by == "uniqueid":
         return "uniqueid"
-    if by == "id" and _UNIQUEID_RE.fullmatch(target):
-        return "id"
-    return "extension"
+    return "id" if by == "id" else "extension"
 
 
 class ResultKind(enum.StrEnum):
