@@ -24,13 +24,10 @@ from agi_bridge.delivery.repeats import RepeatCache
 from agi_bridge.delivery.sender import Client, Sender
 from agi_bridge.delivery.sync import SyncPath
 from agi_bridge.delivery.worker import Worker
-from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
 from agi_bridge.settings import Mode, Settings
 from agi_bridge.spool import Spool
 from agi_bridge.vocabulary import Outcome, RecordingRequest, Status
-
-log = get_logger("agi_bridge.delivery")
 
 
 class Delivery:
@@ -131,18 +128,10 @@ class Delivery:
     async def settle_interrupted(self) -> int:
         """At start-up, before anything is sent: settle as unconfirmed the starts the last
         process may have sent (they are never sent again); return how many."""
-        entries = await self._spool.settle_interrupted(
-            "unconfirmed, not sent again: on its way to NoojeeContact when the bridge stopped"
-        )
+        why = "may have reached NoojeeContact, not sent again: on its way when the bridge stopped"
+        entries = await self._spool.settle_interrupted(why)
         for entry in entries:
-            self._metrics.settle("unconfirmed")
-            log.warning(
-                "spool.entry.unconfirmed",
-                id=entry.id,
-                target=entry.request.exten_or_uniqueid,
-                kind=entry.request.kind,
-                error="on its way to NoojeeContact when the bridge stopped",
-            )
+            self._ledger.note("unconfirmed", entry.id, entry.request, why)
         return len(entries)
 
     def write_ahead_in_flight(self) -> None:

@@ -19,7 +19,7 @@ from agi_bridge.delivery.repeats import Fate, RepeatCache
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
 from agi_bridge.settings import Settings
-from agi_bridge.spool import Spool
+from agi_bridge.spool import SettleReason, Spool
 from agi_bridge.vocabulary import (
     MESSAGE_MAX_CHARS,
     NoojeeResult,
@@ -120,28 +120,28 @@ class Ledger:
     ) -> asyncio.Future[None]:
         """A start that may have reached NoojeeContact without a confirmation: settled, never
         sent again (a second start adds a recording leg)."""
-        self._metrics.settle("unconfirmed")
+        self.note("unconfirmed", entry_id, request, message)
+        return self._spool.dead_letter(entry_id, message, reason="unconfirmed")
+
+    def note(
+        self, reason: SettleReason, entry_id: int, request: RecordingRequest, message: str
+    ) -> None:
+        """Count and log (a WARNING for the operator) a request settled without delivery."""
+        self._metrics.settle(reason)
         log.warning(
-            "spool.entry.unconfirmed",
+            f"spool.entry.{reason}",
             id=entry_id,
+            action=request.action,
             target=request.exten_or_uniqueid,
             kind=request.kind,
             error=message,
         )
-        return self._spool.dead_letter(entry_id, message, reason="unconfirmed")
 
     def expired(
         self, entry_id: int, request: RecordingRequest, message: str, *, attempted: bool = True
     ) -> asyncio.Future[None]:
         """A request by extension past its validity: settled, never sent again."""
-        self._metrics.settle("expired")
-        log.warning(
-            "spool.entry.expired",
-            id=entry_id,
-            action=request.action,
-            target=request.exten_or_uniqueid,
-            error=message,
-        )
+        self.note("expired", entry_id, request, message)
         return self._spool.dead_letter(entry_id, message, attempted=attempted, reason="expired")
 
     def cancelled(self, entries: asyncio.Future[list[int]], call_uniqueid: str) -> None:
