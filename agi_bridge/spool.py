@@ -442,6 +442,17 @@ class Spool:
 
         return await self._acall(work)
 
+    async def by_extension(self) -> list[SpoolEntry]:
+        """The pending requests by extension, oldest first."""
+        return await self._acall(
+            lambda db: [
+                _entry(row)
+                for row in db.execute(
+                    f"SELECT {_COLUMNS} FROM pending WHERE kind = 'extension' ORDER BY id"  # noqa: S608
+                )
+            ]
+        )
+
     def cancel_by_extension(self, call_uniqueid: str, error: str) -> asyncio.Future[list[int]]:
         """Settle as cancelled what is still queued by extension for call ``call_uniqueid``
         and not on its way (a start being sent is settled by its attempt); return their ids."""
