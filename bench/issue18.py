@@ -161,8 +161,8 @@ async def row3(tree: Path, work: Path, sim: NoojeeSimulator, mode: FailureMode) 
     sim.set_failure(mode)
     stop = await bridge.call("by=uniqueid", script="recording/stop", uniqueid="1764633600.3")
     start = await bridge.call("by=uniqueid", script="recording/start", uniqueid="1764633600.4")
+    await bridge.stop()  # lets the attempts record what became of them
     spool = bridge.spool()
-    await bridge.stop()
     print(f"row 3  HTTP 200 {mode.value}: stop heard {stop}, start heard {start}; spool: {spool}")
 
 

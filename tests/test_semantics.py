@@ -181,7 +181,7 @@ async def test_an_answer_that_is_not_noojeecontacts_confirms_nothing(
         start = await call(
             bridge, "Fred", "by=uniqueid", script="recording/start", uniqueid="1764633600.42"
         )
-        assert [e.reason for e in _dead(bridge)] == ["unconfirmed"]
+        await _until("start settled", lambda: [e.reason for e in _dead(bridge)] == ["unconfirmed"])
         assert [e.request.action for e in bridge.spool.list("pending")] == ["stop"]
         simulator.set_failure(FailureMode.NONE)
         delivered = await simulator.wait_for(
