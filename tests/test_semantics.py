@@ -130,6 +130,23 @@ async def test_the_calls_own_stop_cancels_its_queued_request_by_extension(
     assert "410" not in targets
 
 
+async def test_the_calls_own_stop_cancels_it_after_a_restart_too(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A *2 by extension queued by the previous process is still cancelled by its call's own
+    stop: the new process learns from the spool which calls have requests by extension."""
+    settings = _settings(simulator, ca_file, tmp_path)
+    simulator.set_failure(FailureMode.REFUSE)
+    async with running_bridge(settings) as bridge:
+        await call(bridge, "Fred", "by=extension", uniqueid=CALL)
+    async with running_bridge(settings) as bridge:
+        await call(bridge, "Fred", "by=uniqueid", "mode=async", uniqueid=CALL)
+        await _until("cancelled", lambda: [e.reason for e in _dead(bridge)] == ["cancelled"])
+        simulator.set_failure(FailureMode.NONE)
+        await _marker(bridge, simulator, "1764633600.90")
+    assert "410" not in [r.params["extenOrUniqueId"] for r in simulator.received]
+
+
 async def test_a_request_by_extension_expires_and_a_repeat_hears_it(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
