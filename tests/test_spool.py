@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -517,7 +518,7 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     spool = Spool(tmp_path, fsync=False)
     spool.open()
     spool.close()
-    with sqlite3.connect(tmp_path / SPOOL_FILE) as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / SPOOL_FILE)) as db:
         db.execute("PRAGMA user_version = 99")
     with pytest.raises(SpoolError, match="schema version 99, written by a newer agi-bridge"):
         Spool(tmp_path, fsync=False).open()
@@ -549,5 +550,5 @@ async def test_a_spool_of_the_previous_release_is_migrated(tmp_path: Path) -> No
         )
     finally:
         spool.close()
-    with sqlite3.connect(tmp_path / SPOOL_FILE) as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / SPOOL_FILE)) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (1,)
