@@ -79,6 +79,7 @@ class Bridge:
         """Open the spool, start the worker and the listeners; on failure, undo what started."""
         self.spool.open()
         try:
+            await self.delivery.recover()
             released = await self.spool.release_leases()
             if released:
                 log.info("spool.replay", pending=released)

@@ -369,6 +369,33 @@ async def test_second_signal_exits_at_once_and_keeps_what_is_queued(
     assert replayed.params["agentLoginName"] == "Fred"
 
 
+async def test_a_start_in_flight_at_a_second_signal_is_never_sent_again(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A start NoojeeContact received but has not answered when two SIGTERMs end the bridge:
+    the next process settles it unconfirmed and never sends it (one start, one leg), while a
+    stop queued after it is delivered."""
+    process, port = await _start_process(simulator, ca_file, tmp_path)
+    simulator.set_failure(FailureMode.SLOW, delay=30)
+    start = Call(script="recording/start", arguments=("Fred", "by=uniqueid"), port=port)
+    session = asyncio.create_task(run_call(start, deadline=40))
+    await simulator.wait_for(1)
+    process.send_signal(signal.SIGTERM)
+    await _wait_for_line(process, b"agi.server.stopping")
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), timeout=5) == 130
+    await session
+    simulator.set_failure(FailureMode.NONE)
+    process, port = await _start_process(simulator, ca_file, tmp_path)
+    try:
+        await _call_port(port)  # a stop, sent after the restart: the spool was looked at
+        await simulator.wait_for(1, timeout=30, predicate=lambda r: r.path == STOP_PATH)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
+    assert [r.path.rsplit("/", 1)[-1] for r in simulator.received] == ["start", "stop"]
+
+
 async def _wait_for_line(process: asyncio.subprocess.Process, marker: bytes) -> None:
     assert process.stderr is not None
     while line := await process.stderr.readline():

@@ -23,7 +23,14 @@ from agi_bridge.logs import get_logger
 from agi_bridge.settings import Settings
 from agi_bridge.spool import Spool
 from agi_bridge.tasks import finish_within
-from agi_bridge.vocabulary import NoojeeResult, Outcome, RecordingRequest, Status, confirmed_status
+from agi_bridge.vocabulary import (
+    NoojeeResult,
+    Outcome,
+    RecordingRequest,
+    Status,
+    confirmed_status,
+    unconfirmed_message,
+)
 
 log = get_logger("agi_bridge.delivery")
 
@@ -94,6 +101,9 @@ class SyncPath:
         result = answer.result()
         if result.ok:
             return Outcome(confirmed_status(request.action), result.message)
+        if request.action == "start" and result.uncertain:
+            # Settled unconfirmed by _run (never sent again): nothing to wait for.
+            return Outcome(Status.UNCONFIRMED, unconfirmed_message(result))
         if result.transient:
             return await queued(store, result.message, wake=self._wake)
         return Outcome(Status.FAILED, result.message)
@@ -127,8 +137,13 @@ class SyncPath:
         """Spool a sync request (once) while its attempt goes on; the entry is leased to the
         attempt, which records what became of it once the entry is stored."""
         if attempt.store is None:
+            # A start's attempt is already under way: it is stored marked attempted, so that
+            # whatever happens to this process it is never sent a second time.
             attempt.store = self._spool.add(
-                attempt.request, call_uniqueid=attempt.call_uniqueid, lease=self._sender.lease
+                attempt.request,
+                call_uniqueid=attempt.call_uniqueid,
+                lease=self._sender.lease,
+                attempted=attempt.request.action == "start",
             )
         return attempt.store
 

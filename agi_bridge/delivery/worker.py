@@ -88,7 +88,8 @@ class Worker:
             if not self._stopping:
                 await self._wait_for_work()
             return
-        if await self._deliver(entries) and not self._stopping:
+        results = await self._deliver(entries)
+        if any(result.transient for result in results) and not self._stopping:
             await self._back_off()
 
     async def _wait_for_work(self) -> None:
@@ -100,12 +101,23 @@ class Worker:
             async with asyncio.timeout(min(timeout, IDLE_POLL)):
                 await self._work.wait()
 
-    async def _deliver(self, entries: list[SpoolEntry]) -> bool:
-        """One attempt for each of ``entries``, all at once; True when one failed transiently."""
+    async def _deliver(self, entries: list[SpoolEntry]) -> list[NoojeeResult]:
+        """One attempt for each of ``entries``, all at once: the answers of those sent."""
         results = await asyncio.gather(*(self._send_entry(entry) for entry in entries))
-        return any(result.transient for result in results)
+        return [result for result in results if result is not None]
 
-    async def _send_entry(self, entry: SpoolEntry) -> NoojeeResult:
+    async def _send_entry(self, entry: SpoolEntry) -> NoojeeResult | None:
+        request = entry.request
+        if (
+            request.kind == "extension"
+            and self._wall_clock() - entry.created >= self._settings.extension_max_age
+        ):
+            # Checked as it is claimed, not only on a failure: after a backoff, the extension
+            # may be on another customer's call by now.
+            why = self._ledger.too_late
+            why = f"{entry.last_error}; {why}" if entry.last_error else why
+            await self._ledger.expired(entry.id, request, why, attempted=False)
+            return None
         result = await self._sender.attempt(entry.request, from_session=False)
         if result.ok:
             # At once, not with the rest of the batch: a delivery made must be recorded even
@@ -157,7 +169,8 @@ class Worker:
                 if self._stopping:
                     return
                 entries = await self._spool.claim_due(limit=1, lease=self._sender.lease)
-                # Nothing due (the rest is leased to sync attempts in flight): no proof yet
-                # that NoojeeContact is back, so keep the pace.
-                if not entries or await self._deliver(entries):
+                # Nothing due (the rest is leased to sync attempts in flight), or nothing
+                # sent (expired): no proof yet that NoojeeContact is back, so keep the pace.
+                results = await self._deliver(entries) if entries else []
+                if not results or any(result.transient for result in results):
                     raise _Unavailable
