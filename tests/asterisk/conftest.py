@@ -54,6 +54,8 @@ from agi_bridge.testing.simulator import (
 )
 from tests.preparation import Preparation
 
+from .phones import phones  # noqa: F401 (the fixture: real SIP phones)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 SANDBOX_SCRIPT = REPO / "scripts" / "asterisk-sandbox"
@@ -61,6 +63,7 @@ EXTRA_EXTENSIONS = HERE / "sandbox-extensions.conf"
 EXTRA_FEATURES = HERE / "sandbox-features.conf"
 EXTRA_QUEUES = HERE / "sandbox-queues.conf"
 EXTRA_AGENTS = HERE / "sandbox-agents.conf"
+EXTRA_PJSIP = HERE / "sandbox-pjsip.conf"
 DEFAULT_ROOT = "/var/cache/agi-bridge/asterisk-sid"
 
 # WARNING lines that tests provoke on purpose (an unreachable bridge). Anything else at
@@ -141,6 +144,7 @@ class Sandbox:
     ami_user: str
     ami_secret: str
     bridge_port: int
+    sip_port: int
     log_path: Path
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -181,7 +185,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         str(SANDBOX_SCRIPT), "--instance", instance, "start", "--no-provision",
         "--owner-pid", str(os.getpid()),
         "--extensions", str(EXTRA_EXTENSIONS), "--features", str(EXTRA_FEATURES),
-        "--queues", str(EXTRA_QUEUES), "--agents", str(EXTRA_AGENTS),
+        "--queues", str(EXTRA_QUEUES), "--agents", str(EXTRA_AGENTS), "--pjsip", str(EXTRA_PJSIP),
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
     if res.returncode != 0:
@@ -195,6 +199,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         ami_user=state["AMI_USER"],
         ami_secret=state["AMI_SECRET"],
         bridge_port=int(state["BRIDGE_PORT"]),
+        sip_port=int(state["SIP_PORT"]),
         log_path=Path(state["LOG"]),
     )
     try:
