@@ -17,7 +17,8 @@ from panoramisk.message import Message
 from agi_bridge.testing.simulator import NoojeeSimulator
 
 from .conftest import STOP_PATH, Ami, BridgeProcess
-from .phones import StartPhone
+from .phones import Phone, StartPhone
+from .test_queue import _feature_done
 
 pytestmark = pytest.mark.asterisk
 
@@ -78,3 +79,162 @@ async def test_pjsip_member_one_stop_by_linkedid_when_the_customer_hangs_up(
     await ami.wait_hangup(cust)
     await bridge.wait_drained()
     assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]
+
+
+# The member channel Queue bridges with the customer, by the number the customer dials.
+MEMBERS = {"100": "PJSIP/410-", "101": "Local/410@test-sip-dial-"}
+
+
+async def _queue_call(
+    ami: Ami, phones: StartPhone, exten: str = "100"
+) -> tuple[Phone, Phone, str, str]:
+    """The customer calls ``exten``, 410 answers and they talk: (410, customer, the customer's
+    channel = the linkedid, the member's channel)."""
+    agent = await phones("410")
+    customer = await phones("customer")
+    since = len(ami.events)
+    await customer.call(exten)
+    cust = await _channel(ami, "PJSIP/customer-", since)
+    member = await _channel(ami, MEMBERS[exten], since)
+    await agent.answered()
+    await _bridged(ami, cust, member, since)
+    await asyncio.sleep(TALK)
+    return agent, customer, cust, member
+
+
+async def _ends(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, customer: Phone, *legs: str
+) -> None:
+    """The customer hangs up; the legs end; what the call sent is delivered."""
+    await customer.send("hangup", call="c1")
+    for leg in legs:
+        await ami.wait_hangup(leg)
+    await bridge.wait_drained()
+
+
+async def _handed_on(ami: Ami, cust: str, to: str, since: int) -> str:
+    """The customer's channel is bridged with a new channel of phone ``to`` and they talk,
+    and NoojeeContact received nothing meanwhile: the uniqueid of that channel."""
+    target = await _channel(ami, f"PJSIP/{to}-", since)
+    await _bridged(ami, cust, target, since)
+    await asyncio.sleep(TALK)
+    return target
+
+
+async def test_local_chain_member_agent_hangs_up_one_stop_with_the_member_name(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
+) -> None:
+    """A FreePBX-style member (Local/410@test-sip-dial/n, named Fred) rings PJSIP/410; the agent
+    hangs up first: one stop by the linkedid, with the member's name as the login."""
+    agent, customer, cust, member = await _queue_call(ami, phones, "101")
+    assert simulator.received == []
+    await agent.send("hangup", call="in1")
+    await ami.wait_hangup(member)
+    await customer.ended("c1")
+    await ami.wait_hangup(cust)
+    await bridge.wait_drained()
+    assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]
+
+
+async def test_star2_from_the_phone_then_hangup_one_stop_by_extension(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
+) -> None:
+    """The phone sends *2 (RFC 4733): one stop for 410 (Fred); nothing more at the end."""
+    agent, customer, cust, member = await _queue_call(ami, phones)
+    await agent.send("dtmf", call="in1", digits="*2")
+    await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=cust)
+    await _feature_done(ami, member)  # the agent heard the beep
+    await _ends(ami, bridge, simulator, customer, cust, member)
+    assert _requests(simulator) == [(STOP_PATH, "410", "Fred")]
+
+
+async def test_blind_transfer_by_the_phone_one_stop_at_the_end_with_the_target_login(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
+) -> None:
+    """410's phone transfers the customer to 411 (REFER): nothing while the customer talks to
+    411; one stop by the linkedid when the call ends, with 411's login."""
+    agent, customer, cust, member = await _queue_call(ami, phones)
+    await phones("411")
+    since = len(ami.events)
+    await agent.send("xfer", call="in1", to=agent.uri("411"))
+    await ami.wait_hangup(member)
+    target = await _handed_on(ami, cust, "411", since)
+    assert simulator.received == []
+    await _ends(ami, bridge, simulator, customer, cust, target)
+    assert _requests(simulator) == [(STOP_PATH, cust, "Wilma")]
+
+
+async def test_attended_transfer_by_the_phone_one_stop_at_the_end(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
+) -> None:
+    """410 holds the customer, calls 411 from its own phone, completes with REFER + Replaces:
+    nothing when 410 leaves nor while the customer talks to 411; one stop by the linkedid at
+    the end, naming 410 (the last agent our dialplan saw take the call: see the README)."""
+    agent, customer, cust, member = await _queue_call(ami, phones)
+    consulted = await phones("411")
+    await agent.send("hold", call="in1")
+    await agent.send("call", call="c2", to=agent.uri("411"))
+    await consulted.answered()
+    await agent.wait(event="state", call="c2", state="CONFIRMED")
+    await asyncio.sleep(TALK)  # 410 tells 411 about the customer
+    await agent.send("xfer_replaces", call="in1", other="c2")
+    await ami.wait_hangup(member)
+    target = await _handed_on(ami, cust, "411", 0)
+    assert simulator.received == []
+    await _ends(ami, bridge, simulator, customer, cust, target)
+    assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]
+
+
+async def test_cti_redirect_one_stop_at_the_end_with_the_target_login(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
+) -> None:
+    """Agent desktop software redirects the customer's channel (AMI Redirect) to a context that
+    dials 411: nothing when 410's leg ends nor while the customer talks to 411; one stop at the
+    end with 411's login."""
+    _agent, customer, cust, member = await _queue_call(ami, phones)
+    await phones("411")
+    since = len(ami.events)
+    action = {
+        "Action": "Redirect", "Channel": ami.channel_name(cust),
+        "Context": "test-phones", "Exten": "411", "Priority": "1",
+    }  # fmt: skip
+    resp = await ami.manager.send_action(action, as_list=False)
+    assert resp.get("Response") == "Success", dict(resp)
+    await ami.wait_hangup(member)
+    target = await _handed_on(ami, cust, "411", since)
+    assert simulator.received == []
+    await _ends(ami, bridge, simulator, customer, cust, target)
+    assert _requests(simulator) == [(STOP_PATH, cust, "Wilma")]
+
+
+async def test_transfer_target_that_never_answers_leaves_the_login_alone(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
+) -> None:
+    """410 transfers to 412, who rings and never answers; the customer gives up: one stop by
+    the linkedid with Fred's login (412 never had the call)."""
+    agent, customer, cust, member = await _queue_call(ami, phones)
+    ringing = await phones("412", ring=True)
+    await agent.send("xfer", call="in1", to=agent.uri("412"))
+    await ami.wait_hangup(member)
+    await ringing.ringing()
+    assert simulator.received == []
+    await _ends(ami, bridge, simulator, customer, cust)
+    assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]
+
+
+async def test_star2_before_a_blind_transfer_nothing_more_at_the_end(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
+) -> None:
+    """410 stops the recording with *2, then transfers to 411 (REFER): the call's state says
+    stopped, so the end of the call sends nothing more."""
+    agent, customer, cust, member = await _queue_call(ami, phones)
+    await phones("411")
+    await agent.send("dtmf", call="in1", digits="*2")
+    await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=cust)
+    await _feature_done(ami, member)  # the agent heard the beep
+    since = len(ami.events)
+    await agent.send("xfer", call="in1", to=agent.uri("411"))
+    await ami.wait_hangup(member)
+    target = await _handed_on(ami, cust, "411", since)
+    await _ends(ami, bridge, simulator, customer, cust, target)
+    assert _requests(simulator) == [(STOP_PATH, "410", "Fred")]
