@@ -55,6 +55,7 @@ from agi_bridge.testing.simulator import (
 from tests.preparation import Preparation
 
 from .phones import phones  # noqa: F401 (the fixture: real SIP phones)
+from .readme_snippets import write_all as write_readme_snippets
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -181,11 +182,13 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """Asterisk 22 with the shipped dialplan/, test contexts, free ports; stopped at the end."""
     SANDBOX_ROOT.check()  # provisions only if pytest_runtestloop did not
     instance = f"pytest-{os.getpid()}"
+    readme = write_readme_snippets(tmp_path_factory.mktemp("readme") / "readme-snippets.conf")
     cmd = [
         str(SANDBOX_SCRIPT), "--instance", instance, "start", "--no-provision",
         "--owner-pid", str(os.getpid()),
         "--extensions", str(EXTRA_EXTENSIONS), "--features", str(EXTRA_FEATURES),
         "--queues", str(EXTRA_QUEUES), "--agents", str(EXTRA_AGENTS), "--pjsip", str(EXTRA_PJSIP),
+        "--extensions", str(readme),
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
     if res.returncode != 0:

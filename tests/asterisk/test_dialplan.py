@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import SANDBOX_SCRIPT, Ami, FakeBridge, Sandbox
+from .readme_snippets import claims, snippets
 
 pytestmark = pytest.mark.asterisk
 
@@ -179,3 +180,32 @@ async def test_bridge_that_sets_no_status_counts_as_failed(
     await ami.wait_var(
         "NOOJEE_MESSAGE", "agi-bridge gave no answer (AGISTATUS=SUCCESS)", uniqueid=chan
     )
+
+
+def _priorities(out: str) -> dict[str, int]:
+    """extension -> number of priorities, from ``dialplan show <context>``."""
+    counts: dict[str, int] = {}
+    exten = None
+    for line in out.splitlines():
+        if m := re.match(r"\s*'([^']+)'\s*=>\s*\d+\.", line):
+            exten = m.group(1)
+            counts[exten] = 1
+        elif exten is not None and re.match(r"\s+\d+\.\s", line):
+            counts[exten] += 1
+        else:
+            exten = None
+    return counts
+
+
+def test_readme_snippets_load_as_written(sandbox: Sandbox) -> None:
+    """Every ```asterisk snippet of dialplan/README.md, copied verbatim into the sandbox, gives
+    Asterisk the contexts, extensions and priorities it claims, without a load problem."""
+    texts = snippets()
+    assert len(texts) >= 4  # queue call, survey, transfers, agent pool
+    for text in texts:
+        for context, extens in claims(text).items():
+            out = sandbox.cli(f"dialplan show {context}")
+            assert f"Context '{context}' created by 'pbx_config'" in out, out
+            assert _priorities(out) == extens, (context, out)
+    problems = [line for line in sandbox.log_problems() if "readme-snippets" in line]
+    assert problems == []
