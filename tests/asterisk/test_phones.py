@@ -43,6 +43,12 @@ async def _channel(ami: Ami, prefix: str, since: int) -> str:
     return str(event["Uniqueid"])
 
 
+def _uniqueid(ami: Ami, channel: str) -> str:
+    """The uniqueid of the channel named ``channel`` (its Newchannel event was seen)."""
+    [event] = [e for e in ami.events if e.event == "Newchannel" and e.get("Channel") == channel]
+    return str(event["Uniqueid"])
+
+
 async def _bridged(ami: Ami, a: str, b: str, since: int = 0) -> Message:
     """Channels ``a`` and ``b`` are in the same bridge (they talk), as AMI reports it."""
 
@@ -164,13 +170,19 @@ async def test_blind_transfer_by_the_phone_one_stop_at_the_end_with_the_target_l
     assert _requests(simulator) == [(STOP_PATH, cust, "Wilma")]
 
 
+@pytest.mark.parametrize("exten", ["100", "101"])  # a PJSIP member, a Local-chain member
 async def test_attended_transfer_by_the_phone_one_stop_at_the_end(
-    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone, exten: str
 ) -> None:
     """410 holds the customer, calls 411 from its own phone, completes with REFER + Replaces:
     nothing when 410 leaves nor while the customer talks to 411; one stop by the linkedid at
-    the end, naming 410 (the last agent our dialplan saw take the call: see the README)."""
-    agent, customer, cust, member = await _queue_call(ami, phones)
+    the end, with 411's login (noted by 410's leg as it leaves: ATTENDEDTRANSFER). With a
+    Local member the chain stays: its far end (``;2``) talks to 411 instead of the phone."""
+    since = len(ami.events)
+    agent, customer, cust, member = await _queue_call(ami, phones, exten)
+    phone = await _channel(ami, "PJSIP/410-", since)  # 410's phone's leg (the member, for 100)
+    # who 411 gets bridged with: the customer, or the ;2 half of the member's Local channel
+    peer = cust if exten == "100" else _uniqueid(ami, ami.channel_name(member)[:-1] + "2")
     consulted = await phones("411")
     await agent.send("hold", call="in1")
     await agent.send("call", call="c2", to=agent.uri("411"))
@@ -178,11 +190,11 @@ async def test_attended_transfer_by_the_phone_one_stop_at_the_end(
     await agent.wait(event="state", call="c2", state="CONFIRMED")
     await asyncio.sleep(TALK)  # 410 tells 411 about the customer
     await agent.send("xfer_replaces", call="in1", other="c2")
-    await ami.wait_hangup(member)
-    target = await _handed_on(ami, cust, "411", 0)
+    await ami.wait_hangup(phone)
+    target = await _handed_on(ami, peer, "411", 0)
     assert simulator.received == []
     await _ends(ami, bridge, simulator, customer, cust, target)
-    assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]
+    assert _requests(simulator) == [(STOP_PATH, cust, "Wilma")]
 
 
 async def test_cti_redirect_one_stop_at_the_end_with_the_target_login(
