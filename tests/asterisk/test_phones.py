@@ -88,7 +88,7 @@ async def test_pjsip_member_one_stop_by_linkedid_when_the_customer_hangs_up(
 
 
 # The member channel Queue bridges with the customer, by the number the customer dials.
-MEMBERS = {"100": "PJSIP/410-", "101": "Local/410@test-sip-dial-"}
+MEMBERS = {"100": "PJSIP/410-", "101": "Local/410@test-sip-dial-", "0299990001": "PJSIP/410-"}
 
 
 async def _queue_call(
@@ -250,3 +250,20 @@ async def test_star2_before_a_blind_transfer_nothing_more_at_the_end(
     target = await _handed_on(ami, cust, "411", since)
     await _ends(ami, bridge, simulator, customer, cust, target)
     assert _requests(simulator) == [(STOP_PATH, "410", "Fred")]
+
+
+async def test_readme_survey_snippet_stops_when_queue_returns(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
+) -> None:
+    """dialplan/README.md's survey snippet, as written: the agent hangs up, the stop goes out
+    when Queue() returns, before the customer's survey; the customer's end sends nothing more."""
+    agent, customer, cust, member = await _queue_call(ami, phones, "0299990001")
+    await agent.send("hangup", call="in1")
+    await ami.wait_hangup(member)
+    queued = await ami.wait_var("NOOJEE_STATUS", "QUEUED", uniqueid=cust)
+    survey = await ami.wait_app(cust, "Playback")
+    await customer.ended("c1")  # the snippet hangs up after its survey
+    hangup = await ami.wait_hangup(cust)
+    await bridge.wait_drained()
+    assert ami.events.index(queued) < ami.events.index(survey) < ami.events.index(hangup)
+    assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]

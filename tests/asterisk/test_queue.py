@@ -132,6 +132,23 @@ async def test_the_hangup_stop_identifier_is_a_parameter(
     assert simulator.received == [stop]
 
 
+async def test_an_inherited_login_on_the_customers_call_does_not_reach_the_stop(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+) -> None:
+    """A site's Set(__NOOJEE_AGENT=Fred) on the customer's call (as the README once said) is
+    cleared before Queue(): the unnamed member's stop names the bridge's login for 410 (its
+    channel's extension, not the customer's), not the inherited Fred."""
+    customer, member = await _call(
+        ami, "test-direct", TEST_AGENT_STAY="1", TEST_INHERITED_AGENT="Fred"
+    )
+    await ami.wait_hangup(member)
+    [stop] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+    await ami.wait_hangup(customer)
+    await bridge.wait_drained()
+    assert simulator.received == [stop]
+    assert (stop.params["extenOrUniqueId"], stop.params["agentLoginName"]) == (customer, "Wilma")
+
+
 @pytest.mark.parametrize("queue", DUAL)
 async def test_caller_hangs_up_first_one_stop_by_linkedid(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, queue: str
