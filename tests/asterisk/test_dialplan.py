@@ -209,3 +209,30 @@ def test_readme_snippets_load_as_written(sandbox: Sandbox) -> None:
             assert _priorities(out) == extens, (context, out)
     problems = [line for line in sandbox.log_problems() if "readme-snippets" in line]
     assert problems == []
+
+
+OURS = "agi_bridge_stop#agi_bridge_start#agi_bridge_toggle"
+
+
+async def test_dynamic_features_once_per_channel_keeping_the_sites(ami: Ami) -> None:
+    """A channel armed twice over a site's own DYNAMIC_FEATURES keeps the site's entry and
+    gets the codes once."""
+    _one, two = await ami.originate("Local/s@test-features/n", application="Wait", data="5")
+    features = await ami.wait_var("TEST_FEATURES", uniqueid=two)
+    assert features["Value"] == f"site_code#{OURS}"
+
+
+async def test_agent_call_features_stay_on_the_agents_channel(
+    ami: Ami, fake_bridge: FakeBridge
+) -> None:
+    """[agi-bridge-agent-call] enables the codes on the agent's channel only: the callee
+    (the customer, a transfer target) inherits none of them."""
+    phone, agent = await ami.originate(
+        "Local/410@test-agent/n", application="Wait", data="10",
+        variables={"TEST_CALLEE_WAIT": "1"},
+    )  # fmt: skip
+    callee = await ami.wait_var("TEST_CALLEE_FEATURES")
+    assert callee.get("Value", "") == ""
+    assert ami.values("DYNAMIC_FEATURES", agent) == [OURS]
+    await ami.wait_hangup(phone)
+    await fake_bridge.wait_sessions(1)  # the agent's hangup stop
