@@ -151,15 +151,27 @@ async def test_target_feature_code_after_a_transfer(
     assert ami.ran(target, "Playback") == ["beep"]
 
 
+@pytest.mark.parametrize("by", ["dtmf", "ami"])
 async def test_attended_transfer_completed_sends_no_stop_for_the_call_that_goes_on(
-    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, by: str
 ) -> None:
-    """410 presses #8 411, talks to 411, hangs up (the transfer completes): 410's leg sends
-    nothing; the one stop, by the linkedid, comes from the customer's channel when the
-    customer hangs up, with 411's login."""
-    customer, member = await _call(
-        ami, QUEUE, TEST_DTMF="#8", TEST_DTMF2="411", TEST_DTMF2_AFTER="2", TEST_AGENT_STAY="30"
-    )
+    """410 presses #8 411 (or a console sends AMI Atxfer), talks to 411, hangs up (the transfer
+    completes): 410's leg sends nothing; the one stop, by the linkedid, comes from the
+    customer's channel when the customer hangs up, with 411's login."""
+    if by == "dtmf":
+        customer, member = await _call(
+            ami, QUEUE, TEST_DTMF="#8", TEST_DTMF2="411", TEST_DTMF2_AFTER="2",
+            TEST_AGENT_STAY="30",
+        )  # fmt: skip
+    else:
+        customer, member = await _call(ami, QUEUE, TEST_AGENT_STAY="30")
+        await _answered(ami, member)
+        action = {
+            "Action": "Atxfer", "Channel": ami.channel_name(member),
+            "Context": "test-transfer", "Exten": "411",
+        }  # fmt: skip
+        resp = await ami.manager.send_action(action, as_list=False)
+        assert resp.get("Response") == "Success", dict(resp)
     target = await _member(ami, customer, TARGET)
     await _answered(ami, target)
     await ami.hangup(member)
