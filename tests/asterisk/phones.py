@@ -8,6 +8,7 @@ Every wait waits for the phone's own event (no sleeps); every phone is ended wit
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -112,6 +113,13 @@ StartPhone = Callable[..., Awaitable[Phone]]
 @pytest_asyncio.fixture(loop_scope="session")
 async def phones(sandbox: Sandbox, tmp_path: Path) -> AsyncIterator[StartPhone]:
     """Starts SIP phones (``await phones("410", ring=False)``); all of them end with the test."""
+    if importlib.util.find_spec("pjsua2") is None:
+        from .conftest import SANDBOX_ROOT  # here: conftest imports this module
+
+        SANDBOX_ROOT.skip_or_fail(
+            "NO PJSUA2 for the SIP phones: pip install -e '.[test]' on Python 3.11 "
+            "(pjsua2-python ships wheels for it)"
+        )
     started: list[Phone] = []
     server = f"127.0.0.1:{sandbox.sip_port}"
 
