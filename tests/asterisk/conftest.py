@@ -325,6 +325,14 @@ class Ami:
                 return str(e["Channel"])
         raise AssertionError(f"no Newchannel event for {uniqueid}")
 
+    async def action(self, name: str, **fields: str) -> Message:
+        """Send the AMI action ``name``; its answer, which must be Success."""
+        resp = await asyncio.wait_for(
+            self.manager.send_action({"Action": name, **fields}, as_list=False), 10
+        )
+        assert resp.get("Response") == "Success", f"{name} refused: {dict(resp)}"
+        return resp  # type: ignore[no-any-return]
+
     async def hangup(self, uniqueid: str) -> None:
         """Hang the channel up, as a phone hanging up would (AMI Hangup action)."""
         action = {"Action": "Hangup", "Channel": self.channel_name(uniqueid), "Cause": "16"}

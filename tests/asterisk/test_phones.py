@@ -118,12 +118,14 @@ async def _ends(
     await bridge.wait_drained()
 
 
-async def _handed_on(ami: Ami, cust: str, to: str, since: int) -> str:
+async def _handed_on(ami: Ami, simulator: NoojeeSimulator, cust: str, to: str, since: int) -> str:
     """The customer's channel is bridged with a new channel of phone ``to`` and they talk,
     and NoojeeContact received nothing meanwhile: the uniqueid of that channel."""
+    before = len(simulator.received)
     target = await _channel(ami, f"PJSIP/{to}-", since)
     await _bridged(ami, cust, target, since)
     await asyncio.sleep(TALK)
+    assert simulator.received[before:] == []
     return target
 
 
@@ -164,8 +166,7 @@ async def test_blind_transfer_by_the_phone_one_stop_at_the_end_with_the_target_l
     since = len(ami.events)
     await agent.send("xfer", call="in1", to=agent.uri("411"))
     await ami.wait_hangup(member)
-    target = await _handed_on(ami, cust, "411", since)
-    assert simulator.received == []
+    target = await _handed_on(ami, simulator, cust, "411", since)
     await _ends(ami, bridge, simulator, customer, cust, target)
     assert _requests(simulator) == [(STOP_PATH, cust, "Wilma")]
 
@@ -191,8 +192,7 @@ async def test_attended_transfer_by_the_phone_one_stop_at_the_end(
     await asyncio.sleep(TALK)  # 410 tells 411 about the customer
     await agent.send("xfer_replaces", call="in1", other="c2")
     await ami.wait_hangup(phone)
-    target = await _handed_on(ami, peer, "411", 0)
-    assert simulator.received == []
+    target = await _handed_on(ami, simulator, peer, "411", 0)
     await _ends(ami, bridge, simulator, customer, cust, target)
     assert _requests(simulator) == [(STOP_PATH, cust, "Wilma")]
 
@@ -206,15 +206,11 @@ async def test_cti_redirect_one_stop_at_the_end_with_the_target_login(
     _agent, customer, cust, member = await _queue_call(ami, phones)
     await phones("411")
     since = len(ami.events)
-    action = {
-        "Action": "Redirect", "Channel": ami.channel_name(cust),
-        "Context": "test-phones", "Exten": "411", "Priority": "1",
-    }  # fmt: skip
-    resp = await ami.manager.send_action(action, as_list=False)
-    assert resp.get("Response") == "Success", dict(resp)
+    await ami.action(
+        "Redirect", Channel=ami.channel_name(cust), Context="test-phones", Exten="411", Priority="1"
+    )
     await ami.wait_hangup(member)
-    target = await _handed_on(ami, cust, "411", since)
-    assert simulator.received == []
+    target = await _handed_on(ami, simulator, cust, "411", since)
     await _ends(ami, bridge, simulator, customer, cust, target)
     assert _requests(simulator) == [(STOP_PATH, cust, "Wilma")]
 
@@ -247,7 +243,7 @@ async def test_star2_before_a_blind_transfer_nothing_more_at_the_end(
     since = len(ami.events)
     await agent.send("xfer", call="in1", to=agent.uri("411"))
     await ami.wait_hangup(member)
-    target = await _handed_on(ami, cust, "411", since)
+    target = await _handed_on(ami, simulator, cust, "411", since)
     await _ends(ami, bridge, simulator, customer, cust, target)
     assert _requests(simulator) == [(STOP_PATH, "410", "Fred")]
 

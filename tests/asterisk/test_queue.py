@@ -78,14 +78,10 @@ async def _feature_done(ami: Ami, uniqueid: str) -> None:
     )  # fmt: skip
 
 
-async def _blind_transfer(ami: Ami, member: str) -> None:
-    """AMI BlindTransfer of the member's call to 411 (test-transfer), as a console does."""
-    action = {
-        "Action": "BlindTransfer", "Channel": ami.channel_name(member),
-        "Context": "test-transfer", "Exten": "411",
-    }  # fmt: skip
-    resp = await ami.manager.send_action(action, as_list=False)
-    assert resp.get("Response") == "Success", dict(resp)
+async def _blind_transfer(ami: Ami, member: str, action: str = "BlindTransfer") -> None:
+    """AMI BlindTransfer (or Atxfer) of the member's call to 411 (test-transfer), as a console
+    does."""
+    await ami.action(action, Channel=ami.channel_name(member), Context="test-transfer", Exten="411")
 
 
 async def _connected(ami: Ami, member: str) -> Message:

@@ -166,12 +166,7 @@ async def test_attended_transfer_completed_sends_no_stop_for_the_call_that_goes_
     else:
         customer, member = await _call(ami, QUEUE, TEST_AGENT_STAY="30")
         await _answered(ami, member)
-        action = {
-            "Action": "Atxfer", "Channel": ami.channel_name(member),
-            "Context": "test-transfer", "Exten": "411",
-        }  # fmt: skip
-        resp = await ami.manager.send_action(action, as_list=False)
-        assert resp.get("Response") == "Success", dict(resp)
+        await _blind_transfer(ami, member, "Atxfer")
     target = await _member(ami, customer, TARGET)
     await _answered(ami, target)
     await ami.hangup(member)
