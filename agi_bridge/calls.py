@@ -17,7 +17,7 @@ from agi_bridge.protocol import Environment
 from agi_bridge.settings import By, Mode, Settings
 from agi_bridge.vocabulary import Action, RecordingRequest, TargetKind, target_kind
 
-KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode", "channel"})
+KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode", "channel", "call"})
 
 # Asterisk accepts a uniqueid of up to 149 characters when it is set at Originate
 # (AST_MAX_UNIQUEID 150 including the NUL); NoojeeContact identifiers are no longer.
@@ -44,6 +44,11 @@ class CallParameters:
     # The channel whose extension is meant, when it is not the one running the AGI: an agent
     # pool's queue member (Local/1001@agent-request) stands for the phone that logged in.
     channel: str | None = None
+    # The call this request belongs to (the dialplan sends ${CHANNEL(linkedid)}), when it is
+    # not this channel's own uniqueid: requests made on different legs of one call (an
+    # agent's *2 on the member's leg, the end stop on the customer's channel) then name the
+    # same call, so that the call's own stop cancels what it still has queued by extension.
+    call: str | None = None
 
 
 def _pairs_to_dict(pairs: Iterable[tuple[str, str]], source: str) -> dict[str, str]:
@@ -103,9 +108,9 @@ def _checked(merged: Mapping[str, str]) -> CallParameters:
         key: _check_text(
             key,
             merged[key],
-            MAX_IDENTIFIER_LENGTH if key in ("id", "channel") else MAX_VALUE_LENGTH,
+            MAX_IDENTIFIER_LENGTH if key in ("id", "channel", "call") else MAX_VALUE_LENGTH,
         )
-        for key in ("id", "agent", "tag", "channel")
+        for key in ("id", "agent", "tag", "channel", "call")
         if key in merged
     }
     return CallParameters(

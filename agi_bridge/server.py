@@ -331,7 +331,10 @@ class AgiServer:
             mode, budget = settings.start_mode, settings.start_budget
         mode = parameters.mode or mode
         return await self.delivery.submit(
-            request, call_uniqueid=environment.uniqueid, mode=mode, budget=budget
+            request,
+            call_uniqueid=parameters.call or environment.uniqueid,
+            mode=mode,
+            budget=budget,
         )
 
 

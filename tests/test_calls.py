@@ -167,7 +167,7 @@ def test_unknown_key_rejected() -> None:
         parse_parameters(environment(arguments=["agnet=Fred"]))
     assert "'agnet'" in caught.value.reason
     assert "AGI arguments" in caught.value.reason
-    assert "agent, by, channel, id, mode, tag" in caught.value.reason
+    assert "agent, by, call, channel, id, mode, tag" in caught.value.reason
 
 
 def test_unknown_key_in_query_rejected() -> None:
@@ -206,7 +206,7 @@ def test_bad_by_or_mode_rejected(argument: str, reason: str) -> None:
     assert reason in caught.value.reason
 
 
-@pytest.mark.parametrize("key", ["agent", "tag", "id", "channel"])
+@pytest.mark.parametrize("key", ["agent", "tag", "id", "channel", "call"])
 @pytest.mark.parametrize("bad", ["a\tb", "a\x7fb", "a\x1bb", "a\x00b"])
 def test_control_characters_rejected(key: str, bad: str) -> None:
     """Values with control characters are rejected (from the query, percent-encoded)."""
@@ -222,6 +222,7 @@ def test_control_characters_rejected(key: str, bad: str) -> None:
         ("tag", MAX_VALUE_LENGTH),
         ("id", MAX_IDENTIFIER_LENGTH),
         ("channel", MAX_IDENTIFIER_LENGTH),
+        ("call", MAX_IDENTIFIER_LENGTH),
     ],
 )
 def test_value_length_limits(key: str, limit: int) -> None:
@@ -232,7 +233,7 @@ def test_value_length_limits(key: str, limit: int) -> None:
         parse_parameters(environment(arguments=[f"{key}={'x' * (limit + 1)}"]))
 
 
-@pytest.mark.parametrize("key", ["agent", "tag", "id", "by", "mode", "channel"])
+@pytest.mark.parametrize("key", ["agent", "tag", "id", "by", "mode", "channel", "call"])
 def test_empty_value_means_not_given(key: str) -> None:
     """key= with nothing after it (agent=${UNSET} in the dialplan) falls back to the defaults,
     exactly like an empty argument."""

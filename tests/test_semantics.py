@@ -130,6 +130,28 @@ async def test_the_calls_own_stop_cancels_its_queued_request_by_extension(
     assert "410" not in targets
 
 
+async def test_the_end_stop_on_the_customers_channel_cancels_a_members_star2(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A queue call: the *2 runs on the member's leg, the end stop on the customer's channel
+    (another uniqueid); both name the call by its linkedid (call=), so the end stop still
+    cancels the *2 queued by extension."""
+    linkedid, member_leg = "1764633600.40", "1764633600.43"
+    simulator.set_failure(FailureMode.REFUSE)
+    async with running_bridge(_settings(simulator, ca_file, tmp_path)) as bridge:
+        star2 = await call(bridge, "Fred", "by=extension", f"call={linkedid}", uniqueid=member_leg)
+        assert star2.variables["NOOJEE_STATUS"] == "QUEUED"
+        await call(
+            bridge, "Fred", f"id={linkedid}", "mode=async", f"call={linkedid}", uniqueid=linkedid
+        )
+        await _until("cancelled", lambda: [e.reason for e in _dead(bridge)] == ["cancelled"])
+        simulator.set_failure(FailureMode.NONE)
+        await _marker(bridge, simulator, "1764633600.90")
+    targets = [r.params["extenOrUniqueId"] for r in simulator.received]
+    assert targets[0] == linkedid
+    assert "410" not in targets
+
+
 async def test_the_calls_own_stop_cancels_it_after_a_restart_too(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:

@@ -99,7 +99,8 @@ async def test_hangup_handler_stops_by_uniqueid_async_without_sighup(
     assert handler.env["agi_network_script"] == "recording/stop"
     assert handler.env["agi_uniqueid"] == agent
     assert handler.env["agi_context"] == "agi-bridge-recording"
-    assert handler.args == ["by=uniqueid", "mode=async"]  # no NOOJEE_AGENT on this call
+    # no NOOJEE_AGENT on this call; the call named by its linkedid, the first channel's uniqueid
+    assert handler.args == ["by=uniqueid", "mode=async", f"call={phone}"]
     # dead channel: SET VARIABLE still works, and AGISIGHUP=no spared the HANGUP line
     assert handler.replies == ["200 result=1", "200 result=1"]
     assert handler.hangup_lines == 0
@@ -119,7 +120,7 @@ async def test_agisighup_no_is_what_spares_the_hangup_line(
 
 
 async def test_h_extension_variant(ami: Ami, fake_bridge: FakeBridge) -> None:
-    _, agent = await ami.originate(
+    phone, agent = await ami.originate(
         "Local/410@test-agent-h/n", application="Wait", data="10",
         variables={"TEST_CALLEE_WAIT": "1"},
     )  # fmt: skip
@@ -133,7 +134,7 @@ async def test_h_extension_variant(ami: Ami, fake_bridge: FakeBridge) -> None:
     await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=agent)
     [h] = await fake_bridge.wait_sessions(1)
     assert h.env["agi_uniqueid"] == agent
-    assert h.args == ["by=uniqueid", "mode=async"]
+    assert h.args == ["by=uniqueid", "mode=async", f"call={phone}"]  # phone's: the linkedid
     assert h.hangup_lines == 0
 
 

@@ -367,8 +367,8 @@ async def test_an_expired_star2_plays_the_error_beep_and_the_hangup_stop_follows
     await ami.wait_hangup(member, within=20)
     await bridge.wait_log(
         lambda line: line.get("event") == "agi.session.finished"
-        and line.get("uniqueid") == member and line.get("message") == "queued for delivery",
-        what="the hangup stop, queued",
+        and line.get("uniqueid") == customer and line.get("message") == "queued for delivery",
+        what="the end stop (on the customer's channel), queued",
     )  # fmt: skip
     simulator.set_failure(FailureMode.NONE)
     [stop] = await simulator.wait_for(1, timeout=15)
@@ -376,9 +376,12 @@ async def test_an_expired_star2_plays_the_error_beep_and_the_hangup_stop_follows
     await bridge.wait_drained()
     assert ami.ran(member, "PlayTones") == [PIPS]
     assert ami.ran(member, "Playback") == ["beeperr"]
+    # the *2 queued, then expired (the recording runs on), then the end stop itself, queued on
+    # the customer's channel where it runs
     assert [v for v in ami.values("NOOJEE_CALL_RECORDING", customer) if v] == [
         "stopping",
         "started",
+        "stopping",
     ]
     assert (stop.params["extenOrUniqueId"], stop.answered_code) == (customer, 0)
     assert simulator.received == [stop]
