@@ -369,6 +369,47 @@ async def test_second_signal_exits_at_once_and_keeps_what_is_queued(
     assert replayed.params["agentLoginName"] == "Fred"
 
 
+async def test_second_signal_shortens_the_stop_and_every_session_gets_a_status(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """Two SIGTERMs while 60 sessions wait for a NoojeeContact that does not answer: each
+    session still hears QUEUED, the process exits 130 well before the grace or the budget
+    (stop_budget 5 s, NoojeeContact 30 s) would end, and the next start delivers all 60."""
+    sessions = 60
+    process, port = await _start_process(simulator, ca_file, tmp_path)
+    simulator.set_failure(FailureMode.SLOW, delay=30)
+    calls = [
+        asyncio.create_task(
+            run_call(
+                Call(arguments=("Fred", "by=uniqueid"), uniqueid=f"1700.{i}", port=port),
+                deadline=40,
+            )
+        )
+        for i in range(sessions)
+    ]
+    await simulator.wait_for(sessions, predicate=lambda r: r.path == STOP_PATH)
+    process.send_signal(signal.SIGTERM)
+    await _wait_for_line(process, b"agi.server.stopping")
+    process.send_signal(signal.SIGTERM)
+    # Generous against a loaded box; the budget alone would hold the sessions 5 s.
+    assert await asyncio.wait_for(process.wait(), timeout=4) == 130
+    results = await asyncio.gather(*calls)
+    assert [r.variables.get("NOOJEE_STATUS") for r in results] == ["QUEUED"] * sessions
+    simulator.set_failure(FailureMode.NONE)
+    simulator.clear()
+    process, _ = await _start_process(simulator, ca_file, tmp_path)
+    try:
+        replayed = await simulator.wait_for(
+            sessions,
+            timeout=30,
+            predicate=lambda r: r.path == STOP_PATH and r.answered_code == 0,
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
+    assert {r.params["extenOrUniqueId"] for r in replayed} == {f"1700.{i}" for i in range(sessions)}
+
+
 async def _wait_for_line(process: asyncio.subprocess.Process, marker: bytes) -> None:
     assert process.stderr is not None
     while line := await process.stderr.readline():
