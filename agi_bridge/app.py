@@ -169,7 +169,8 @@ async def serve(settings: Settings) -> int:
 
 async def run_until_signal(bridge: Bridge) -> int:
     """Run until SIGTERM/SIGINT. A second signal shortens the stop (every session still gets
-    its status, requests in flight stay queued); a third exits at once."""
+    its status, requests in flight stay queued); a third exits at once. SIGHUP is logged and
+    changes nothing: logs go to stderr, there is no file to reopen."""
     signals: list[int] = []
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -190,8 +191,13 @@ async def run_until_signal(bridge: Bridge) -> int:
             bridge.spool.close(timeout=SPOOL_FLUSH_TIMEOUT)
             os._exit(FORCED_EXIT)
 
+    def on_hangup() -> None:
+        # A closed terminal or a log rotation script: not a reason to drop the calls in hand.
+        log.info("agi.server.sighup_ignored", reason="logs go to stderr: nothing to reopen")
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await bridge.start()
     try:
         await stopping.wait()

@@ -410,6 +410,24 @@ async def test_second_signal_shortens_the_stop_and_every_session_gets_a_status(
     assert {r.params["extenOrUniqueId"] for r in replayed} == {f"1700.{i}" for i in range(sessions)}
 
 
+async def test_sighup_is_logged_and_changes_nothing(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """SIGHUP (a closed terminal, log rotation) while a session is held: one log line, the
+    session still ends STOPPED, and the bridge keeps serving until SIGTERM (exit 0)."""
+    process, port = await _start_process(simulator, ca_file, tmp_path)
+    simulator.set_failure(FailureMode.SLOW, delay=0.5)
+    session = asyncio.create_task(_call_port(port))
+    await simulator.wait_for(1)
+    process.send_signal(signal.SIGHUP)
+    await _wait_for_line(process, b"agi.server.sighup_ignored")
+    assert (await session).variables["NOOJEE_STATUS"] == "STOPPED"
+    simulator.set_failure(FailureMode.NONE)
+    assert (await _call_port(port)).variables["NOOJEE_STATUS"] == "STOPPED"
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+
+
 async def _wait_for_line(process: asyncio.subprocess.Process, marker: bytes) -> None:
     assert process.stderr is not None
     while line := await process.stderr.readline():
