@@ -464,3 +464,86 @@ async def test_garbage_from_noojee_queues_and_the_worker_survives(
 def _worker_dead(bridge: Bridge) -> bool:
     worker = bridge._worker
     return worker is None or worker.done()
+
+
+@contextlib.asynccontextmanager
+async def _busy_noojee(
+    retry_after: str, busy: int, done: asyncio.Event
+) -> AsyncIterator[tuple[int, list[float]]]:
+    """An HTTP NoojeeContact whose first ``busy`` requests get 503 with ``Retry-After``, the
+    next ``busy`` a success (then ``done`` is set); yields its port and the loop time of every
+    request it received."""
+    loop = asyncio.get_running_loop()
+    seen: list[float] = []
+    busy_answer = (
+        f"HTTP/1.1 503 Service Unavailable\r\nRetry-After: {retry_after}\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+    body = b'{"Message":"Recording stopped","Code":0}'
+    ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    writers: set[asyncio.StreamWriter] = set()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.add(writer)
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                seen.append(loop.time())
+                writer.write(busy_answer if len(seen) <= busy else ok)
+                await writer.drain()
+                if len(seen) == 2 * busy:
+                    done.set()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], seen
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "retry_max_delay", "least_gap"),
+    [
+        ("1", 5.0, 1.0),  # honoured: nothing more before 1 s, though the backoff starts at 50 ms
+        ("3600", 0.3, 0.3),  # bounded: an hour is cut to retry_max_delay
+    ],
+)
+async def test_retry_after_is_honoured_and_bounded(
+    simulator: NoojeeSimulator,
+    ca_file: Path,
+    tmp_path: Path,
+    retry_after: str,
+    retry_max_delay: float,
+    least_gap: float,
+) -> None:
+    """Four queued stops meet 503 with Retry-After: the worker sends nothing more until the
+    Retry-After (at most retry_max_delay) has passed, then delivers all four."""
+    entries = 4
+    delivered = asyncio.Event()
+    async with _busy_noojee(retry_after, entries, delivered) as (port, seen):
+        settings = make_settings(
+            simulator,
+            ca_file,
+            tmp_path,
+            noojee_url=f"http://127.0.0.1:{port}/servicemanager/rest",
+            retry_max_delay=retry_max_delay,
+        )
+        async with running_bridge(settings) as bridge:
+            for i in range(entries):
+                result = await call(bridge, "Fred", "mode=async", uniqueid=f"1700.{i}")
+                assert result.variables["NOOJEE_STATUS"] == "QUEUED"
+            await delivered.wait()
+    assert len(seen) == 2 * entries  # each sent once more, none twice
+    assert seen[entries] - max(seen[:entries]) >= least_gap
+    spool = Spool(tmp_path)
+    spool.open(create=False)
+    try:
+        assert spool.sync_stats().pending == 0
+    finally:
+        spool.close()

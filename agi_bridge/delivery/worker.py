@@ -88,8 +88,9 @@ class Worker:
             if not self._stopping:
                 await self._wait_for_work()
             return
-        if await self._deliver(entries) and not self._stopping:
-            await self._back_off()
+        pause = await self._deliver(entries)
+        if pause is not None and not self._stopping:
+            await self._back_off(pause)
 
     async def _wait_for_work(self) -> None:
         if self._work.is_set():
@@ -100,10 +101,13 @@ class Worker:
             async with asyncio.timeout(min(timeout, IDLE_POLL)):
                 await self._work.wait()
 
-    async def _deliver(self, entries: list[SpoolEntry]) -> bool:
-        """One attempt for each of ``entries``, all at once; True when one failed transiently."""
+    async def _deliver(self, entries: list[SpoolEntry]) -> float | None:
+        """One attempt for each of ``entries``, all at once. When one failed transiently, the
+        seconds NoojeeContact asked us to wait (its longest Retry-After, 0 without one, at
+        most ``retry_max_delay``); None when none did."""
         results = await asyncio.gather(*(self._send_entry(entry) for entry in entries))
-        return any(result.transient for result in results)
+        failed = [result.retry_after or 0.0 for result in results if result.transient]
+        return min(max(failed), self._settings.retry_max_delay) if failed else None
 
     async def _send_entry(self, entry: SpoolEntry) -> NoojeeResult:
         result = await self._sender.attempt(entry.request, from_session=False)
@@ -126,11 +130,12 @@ class Worker:
             )
         return result
 
-    async def _back_off(self) -> None:
-        """Probe with one entry at a time, backing off, until NoojeeContact answers again."""
+    async def _back_off(self, pause: float) -> None:
+        """Wait ``pause`` (a Retry-After), then probe with one entry at a time, backing off,
+        until NoojeeContact answers again."""
         recovered = self._sender.recovered
         recovered.clear()
-        probe = asyncio.ensure_future(self._probe())
+        probe = asyncio.ensure_future(self._probe(pause))
         waiter = asyncio.ensure_future(recovered.wait())
         try:
             await asyncio.wait((probe, waiter), return_when=asyncio.FIRST_COMPLETED)
@@ -142,9 +147,12 @@ class Worker:
             raise probe.exception()  # type: ignore[misc]  # e.g. the spool failing: run() logs it
         log.info("noojee.available")
 
-    async def _probe(self) -> None:
+    async def _probe(self, pause: float) -> None:
         settings = self._settings
-        log.warning("noojee.unavailable", retry_max_delay=settings.retry_max_delay)
+        log.warning(
+            "noojee.unavailable", retry_max_delay=settings.retry_max_delay, retry_after=pause
+        )
+        await asyncio.sleep(pause)  # a session's success or the stop ends it (_back_off)
         async for attempt in stamina.retry_context(
             on=_Unavailable,
             attempts=None,  # the spool's own limits (attempts, age) end an entry's life
@@ -159,5 +167,9 @@ class Worker:
                 entries = await self._spool.claim_due(limit=1, lease=self._sender.lease)
                 # Nothing due (the rest is leased to sync attempts in flight): no proof yet
                 # that NoojeeContact is back, so keep the pace.
-                if not entries or await self._deliver(entries):
+                if not entries:
+                    raise _Unavailable
+                wait = await self._deliver(entries)
+                if wait is not None:
+                    await asyncio.sleep(wait)  # the Retry-After, before stamina's own wait
                     raise _Unavailable
