@@ -29,6 +29,7 @@ from agi_bridge.delivery import Delivery
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
 from agi_bridge.protocol import (
+    MAX_LINE_BYTES,
     NEED_DATA,
     AgiConnection,
     EndOfStream,
@@ -77,7 +78,8 @@ class _Session(asyncio.Protocol):
     def __init__(self, server: AgiServer) -> None:
         self.server = server
         self.settings = server.settings
-        self.connection = AgiConnection()
+        # An overlong argument (a 10 kB agent) is dropped, not fatal: the call hears REJECTED.
+        self.connection = AgiConnection(cut_overlong_lines=True)
         self.transport: asyncio.Transport | None = None
         self.hung_up = False
         self._waiter: asyncio.Future[None] | None = None
@@ -320,6 +322,11 @@ class AgiServer:
         )
 
     async def _dispatch(self, environment: Environment, route: str) -> Outcome:
+        if environment.overlong:
+            return Outcome(
+                Status.REJECTED,
+                f"{', '.join(environment.overlong)} longer than {MAX_LINE_BYTES} bytes: not read",
+            )
         action = ROUTES.get(route)
         if action is None:
             known = ", ".join(ROUTES)

@@ -123,6 +123,30 @@ async def test_hostile_client_is_closed_cleanly_and_others_are_served(
     assert [r.path for r in simulator.received] == [STOP_PATH]
 
 
+TEN_KB = "x" * 10_000
+
+
+@pytest.mark.parametrize(
+    ("script", "arguments"),
+    [
+        ("recording/stop", (TEN_KB,)),  # the agent, the lone argument
+        ("recording/stop", ("Fred", f"id={TEN_KB}")),
+        ("recording/start", ("Fred", f"tag={TEN_KB}")),
+    ],
+)
+async def test_a_10kb_value_is_rejected_with_a_status_before_closing(
+    bridge: Bridge, simulator: NoojeeSimulator, script: str, arguments: tuple[str, ...]
+) -> None:
+    """A dialplan argument of 10 kB (agent, uniqueid, tag): the call hears REJECTED with the
+    reason, nothing is sent to NoojeeContact, and the next call is served."""
+    result = await call(bridge, *arguments, script=script)
+    assert result.agistatus == "SUCCESS"
+    assert result.variables["NOOJEE_STATUS"] == "REJECTED"
+    assert "longer than 8192 bytes" in result.variables["NOOJEE_MESSAGE"]
+    assert (await call(bridge, "Fred")).variables["NOOJEE_STATUS"] == "STOPPED"
+    assert [r.path for r in simulator.received] == [STOP_PATH]
+
+
 async def test_a_peer_flooding_a_busy_session_is_not_read_into_memory(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
