@@ -23,6 +23,7 @@ from prometheus_client import generate_latest
 from agi_bridge.delivery import Delivery
 from agi_bridge.delivery.ledger import STORE_TIMEOUT
 from agi_bridge.health import HealthServer
+from agi_bridge.lock import DataDirLock
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
 from agi_bridge.noojee import NoojeeClient
@@ -64,6 +65,7 @@ class Bridge:
         self.settings = settings
         self.metrics = Metrics()
         self.client = noojee_client(settings)
+        self.lock = DataDirLock(settings.data_dir)
         self.spool = Spool(settings.data_dir, fsync=settings.spool_fsync)
         self.delivery = Delivery(
             settings=settings, client=self.client, spool=self.spool, metrics=self.metrics
@@ -81,9 +83,13 @@ class Bridge:
         self._hurried = False
 
     async def start(self) -> None:
-        """Open the spool, start the worker and the listeners; on failure, undo what started."""
-        self.spool.open()
+        """Lock the data folder, bind the FastAGI port, open the spool, start the worker and
+        the listeners; on failure, undo what started. The lock comes first: a second bridge
+        on the same folder, or one that cannot bind its port, touches nothing."""
+        self.lock.acquire()
         try:
+            await self.server.bind()
+            self.spool.open()
             released = await self.spool.release_leases()
             if released:
                 log.info("spool.replay", pending=released)
@@ -121,6 +127,7 @@ class Bridge:
         finally:
             await self.client.aclose()
             self.spool.close(timeout=SPOOL_FLUSH_TIMEOUT)
+            self.lock.release()
         log.info("agi.server.stopped")
 
     @property

@@ -19,6 +19,7 @@ from typing import Any, Final, Literal
 
 from agi_bridge import __version__
 from agi_bridge.calls import Rejected, parameters_from, request_for
+from agi_bridge.lock import DataDirInUse
 from agi_bridge.settings import (
     CONFIG_ENV,
     Address,
@@ -414,6 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except SpoolError as exc:
         print(f"agi-bridge: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except DataDirInUse as exc:
+        print(f"agi-bridge: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except BrokenPipeError:
         # `agi-bridge check-config | head`: the reader left; nothing is wrong with us. Before

@@ -201,16 +201,26 @@ class AgiServer:
     def port(self) -> int:
         return int(self.sockets[0].getsockname()[1])
 
+    async def bind(self) -> None:
+        """Take the listening socket without accepting yet: a port in use fails the start
+        before the spool is touched."""
+        if self._server is None:
+            address = self.settings.listen_address
+            self._server = await asyncio.get_running_loop().create_server(
+                lambda: _Session(self),
+                address.host,
+                address.port,
+                backlog=BACKLOG,
+                reuse_address=True,
+                start_serving=False,
+            )
+
     async def start(self) -> None:
+        """Accept connections (binding first if :meth:`bind` was not called)."""
+        await self.bind()
+        assert self._server is not None
+        await self._server.start_serving()
         address = self.settings.listen_address
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Session(self),
-            address.host,
-            address.port,
-            backlog=BACKLOG,
-            reuse_address=True,
-        )
         log.info(
             "agi.server.listening",
             listen=f"{address.host}:{self.port}",

@@ -320,10 +320,8 @@ async def test_the_worst_case_stop_ends_within_one_shutdown_grace(
 # --- the real process and its signals ----------------------------------------------------
 
 
-async def _start_process(
-    simulator: NoojeeSimulator, ca_file: Path, data_dir: Path
-) -> tuple[asyncio.subprocess.Process, int]:
-    env = {
+def _bridge_env(simulator: NoojeeSimulator, ca_file: Path, data_dir: Path) -> dict[str, str]:
+    return {
         **os.environ,
         "AGI_BRIDGE_LISTEN": "127.0.0.1:0",
         "AGI_BRIDGE_METRICS_LISTEN": "",
@@ -334,12 +332,17 @@ async def _start_process(
         "AGI_BRIDGE_LOG_FORMAT": "json",
         "AGI_BRIDGE_STOP_BUDGET": "5",
     }
+
+
+async def _start_process(
+    simulator: NoojeeSimulator, ca_file: Path, data_dir: Path
+) -> tuple[asyncio.subprocess.Process, int]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "agi_bridge",
         "serve",
-        env=env,
+        env=_bridge_env(simulator, ca_file, data_dir),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -349,6 +352,41 @@ async def _start_process(
             port = int(line.split(b'"listen": "127.0.0.1:')[1].split(b'"')[0])
             return process, port
     raise AssertionError(f"the bridge did not start: exit {await process.wait()}")
+
+
+@pytest.mark.parametrize("port", ["free", "taken"])
+async def test_a_second_bridge_on_the_same_data_dir_exits_at_once_touching_nothing(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path, port: str
+) -> None:
+    """A second `serve` on a running bridge's data_dir, on a free port or on the first one's
+    (it cannot bind): it exits 1 at once naming the folder and the running pid, without
+    opening the spool: the stop the first bridge has in flight is not sent a second time."""
+    first, first_port = await _start_process(simulator, ca_file, tmp_path)
+    try:
+        simulator.set_failure(FailureMode.SLOW, delay=30)
+        session = asyncio.create_task(_call_port(first_port))
+        await simulator.wait_for(1)
+        listen = "127.0.0.1:0" if port == "free" else f"127.0.0.1:{first_port}"
+        second = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agi_bridge",
+            "serve",
+            env=_bridge_env(simulator, ca_file, tmp_path) | {"AGI_BRIDGE_LISTEN": listen},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        # Generous for a cold interpreter on a loaded box; the old bridge never exited.
+        _, err = await asyncio.wait_for(second.communicate(), timeout=20)
+        assert second.returncode == 1
+        message = err.decode()
+        assert f"data_dir {tmp_path} is in use by a running agi-bridge (pid {first.pid}" in message
+        assert "Traceback" not in message
+        assert (await session).variables["NOOJEE_STATUS"] == "QUEUED"
+        assert len(simulator.received) == 1  # nobody sent the entry in flight again
+    finally:
+        first.send_signal(signal.SIGTERM)
+        await first.wait()
 
 
 async def test_sigterm_lets_the_session_in_flight_finish_then_exits_0(
