@@ -1,13 +1,13 @@
 """``agi-bridge``: the command line. Every setting lives in :mod:`agi_bridge.settings`; the CLI
 only adds ``--config`` and the arguments of one-off commands, so nothing is defined twice.
 
-Each command imports what it needs when it runs: ``--help`` loads neither the HTTP client nor
-the server, and ``serve`` loads none of the testing tools."""
+Each command imports what it needs when it runs: ``--help`` (and a usage error), which end in
+the parser, load neither the settings' pydantic, the HTTP client, the spool nor the event loop,
+and ``serve`` loads none of the testing tools."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import os
@@ -15,22 +15,10 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-from agi_bridge import __version__
-from agi_bridge.calls import Rejected, parameters_from, request_for
-from agi_bridge.lock import DataDirInUse
-from agi_bridge.settings import (
-    CONFIG_ENV,
-    Address,
-    ConfigError,
-    Settings,
-    env_name,
-    load_settings,
-    setting_name,
-    settings_warnings,
-)
-from agi_bridge.spool import Spool, SpoolEntry, SpoolError
+from agi_bridge import __version__, defaults
+from agi_bridge.defaults import CONFIG_ENV, env_name
 from agi_bridge.testing.defaults import (
     DEFAULT_CHANNEL,
     DEFAULT_UNIQUEID,
@@ -38,8 +26,11 @@ from agi_bridge.testing.defaults import (
     DEMO_KEY,
     DEMO_PORT,
 )
-from agi_bridge.tls import STRICT_ADVICE, cas_without_key_usage, strict_by_default, verify_advice
 from agi_bridge.vocabulary import Action, RecordingRequest
+
+if TYPE_CHECKING:
+    from agi_bridge.settings import Settings
+    from agi_bridge.spool import SpoolEntry
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1  # the command ran and what it tried failed (send, spool)
@@ -48,6 +39,7 @@ EXIT_CONFIG: Final = 2  # the configuration is unusable: nothing was started
 
 def _settings(args: argparse.Namespace) -> Settings:
     from agi_bridge.logs import configure_logging, get_logger
+    from agi_bridge.settings import load_settings, settings_warnings
 
     settings = load_settings(args.config)
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=[settings.api_key])
@@ -59,6 +51,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _run(main: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
     """Run ``main()`` on the fastest event loop installed (uvloop: the ``fast`` extra)."""
+    import asyncio
+
     try:
         import uvloop  # optional: measured in bench/, not required
     except ImportError:
@@ -77,6 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from agi_bridge.settings import load_settings, settings_warnings
+
     settings = load_settings(args.config)
     json.dump(settings.masked(), sys.stdout, indent=2, sort_keys=True)
     print()
@@ -89,6 +85,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def _send_request(args: argparse.Namespace, settings: Settings) -> RecordingRequest:
     """The checks and the agent lookup of a call from the dialplan: what send tries is what
     the bridge would send. The identifier goes out as given, which is what id= means."""
+    from agi_bridge.calls import Rejected, parameters_from, request_for
+
     given = (("id", args.uniqueid or args.extension), ("agent", args.agent), ("tag", args.tag))
     parameters = parameters_from(
         ((key, value) for key, value in given if value is not None), "the command line"
@@ -104,6 +102,9 @@ def _tls_warnings(settings: Settings) -> list[str]:
     Warnings, not problems: the file may hold other CAs besides the one NoojeeContact's
     certificate chains to, and only a handshake (``send``) tells for sure.
     """
+    from agi_bridge.settings import setting_name
+    from agi_bridge.tls import STRICT_ADVICE, cas_without_key_usage, strict_by_default
+
     ca_file = settings.noojee_ca_file
     if ca_file is None or not (
         settings.noojee_verify_tls and settings.noojee_tls_strict and strict_by_default()
@@ -123,6 +124,8 @@ def _tls_warnings(settings: Settings) -> list[str]:
 
 def cmd_send(args: argparse.Namespace) -> int:
     from agi_bridge.app import noojee_client
+    from agi_bridge.calls import Rejected
+    from agi_bridge.tls import verify_advice
 
     settings = _settings(args)
     try:
@@ -184,6 +187,9 @@ def _age(seconds: float) -> str:
 
 
 def cmd_spool(args: argparse.Namespace) -> int:
+    from agi_bridge.settings import load_settings
+    from agi_bridge.spool import Spool
+
     settings = load_settings(args.config, for_noojee=False)
     spool = Spool(settings.data_dir, fsync=settings.spool_fsync)
     spool.open(create=False)
@@ -237,6 +243,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_fake_call(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agi_bridge.settings import Address
     from agi_bridge.testing.fake_asterisk import Call, run_call
 
     address = Address.parse(args.to)
@@ -300,13 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=cmd_serve)
 
-    defaults = Settings.model_fields
     demo = commands.add_parser(
         "demo",
         parents=[common],
         help="run the bridge against a built-in NoojeeContact simulator (try it out)",
-        description=f"The bridge on {defaults['listen'].default} (metrics, health: "
-        f"{defaults['metrics_listen'].default}; {env_name('listen')} and "
+        description=f"The bridge on {defaults.LISTEN} (metrics, health: "
+        f"{defaults.METRICS_LISTEN}; {env_name('listen')} and "
         f"{env_name('metrics_listen')} change them), NoojeeContact's simulator on "
         f"127.0.0.1:{DEMO_PORT} (plain HTTP, key {DEMO_KEY}), the spool in "
         f"{DEMO_DATA_DIR}/ under the working directory whatever the settings say, so it never "
@@ -385,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         "arguments", nargs="*", help="AGI arguments, e.g. Fred or agent=Fred mode=async"
     )
     fake.add_argument(
-        "--to", default="127.0.0.1:4573", help="bridge host:port (default %(default)s)"
+        "--to", default=defaults.LISTEN, help="bridge host:port (default %(default)s)"
     )
     fake.add_argument(
         "--channel", default=DEFAULT_CHANNEL, help="agi_channel (default %(default)s)"
@@ -408,6 +416,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Past the parser, which ends --help: from here on a command runs and loads what it needs.
+    from agi_bridge.settings import ConfigError
+    from agi_bridge.spool import SpoolError
+
     try:
         return int(args.func(args))
     except ConfigError as exc:
@@ -415,9 +427,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except SpoolError as exc:
         print(f"agi-bridge: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except DataDirInUse as exc:
-        print(f"agi-bridge: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except BrokenPipeError:
         # `agi-bridge check-config | head`: the reader left; nothing is wrong with us. Before

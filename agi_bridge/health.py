@@ -1,7 +1,7 @@
 """The operator's HTTP listener: ``/metrics`` (Prometheus text), ``/healthz``, ``/readyz``.
 
 A few requests a minute from Prometheus and a load balancer: a minimal HTTP/1.1 server on h11
-(already installed with httpx) rather than another web framework.
+(declared in pyproject; httpx's own parser too) rather than another web framework.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ LOCK_FILE: Final = "agi-bridge.lock"
 MAX_PID_TEXT: Final = 32
 
 
-class DataDirInUse(Exception):
-    """Another process holds the data folder's lock; the message names both."""
+class DataDirInUse(OSError):
+    """Another process holds the data folder's lock; the message names both. An OSError, as
+    a port in use is: the command line reports both as "cannot start"."""
 
 
 class DataDirLock:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Final, TypeVar, cast
+from collections.abc import Mapping
+from typing import Any, Final, Literal, TypeVar, cast, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -13,7 +14,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
-from agi_bridge.vocabulary import NoojeeResult
+from agi_bridge.vocabulary import ROUTES, NoojeeResult, ResultKind, Status, confirmed_status
 
 _M = TypeVar("_M", bound=MetricWrapperBase)
 
@@ -24,6 +25,33 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometh
 # healthy sync stop) and up to the largest budget we allow (30 s).
 HOLD_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ROUND_TRIP_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+# Every label value is known in advance, and every label set is exported from the start at
+# zero (Prometheus' advice): a series that appears only with its first event is invisible to
+# rate() until then, and an alert cannot tell "none yet" from "metric missing".
+Refusal = Literal["shutting_down", "not_allowed", "too_many_sessions"]
+# Every script path outside ROUTES shares one label: the paths are the caller's to choose.
+UNKNOWN_ROUTE: Final = "unknown"
+
+
+def _session_statuses() -> Mapping[str, tuple[Status, ...]]:
+    """Each route label and the NOOJEE_STATUS values its sessions can end with: any but the
+    other action's confirmation; an unknown route is always REJECTED (server.py)."""
+    confirmations = {confirmed_status(action) for action in ROUTES.values()}
+    statuses = {
+        route: tuple(
+            status
+            for status in Status
+            if status not in confirmations or status is confirmed_status(action)
+        )
+        for route, action in ROUTES.items()
+    }
+    return {**statuses, UNKNOWN_ROUTE: (Status.REJECTED,)}
+
+
+SESSION_STATUSES: Final = _session_statuses()
+# The kinds observe_noojee counts as errors: NoojeeResult says which, so the two cannot differ.
+ERROR_KINDS: Final = tuple(kind for kind in ResultKind if not NoojeeResult(kind, "").ok)
 
 
 class Metrics:
@@ -97,8 +125,19 @@ class Metrics:
         )
         # Labelled children by (metric, label values). labels() validates and hashes its
         # arguments on every call, which every session would pay; the label values are few
-        # (routes, statuses, result kinds), so this stays small.
+        # (routes, statuses, result kinds), so this stays small. Every known label set is
+        # created here, at zero: see Refusal.
         self._children: dict[tuple[object, ...], Any] = {}
+        for route, statuses in SESSION_STATUSES.items():
+            self._child(self.hold_seconds, route)
+            for status in statuses:
+                self._child(self.sessions, route, status.value)
+        for reason in get_args(Refusal):
+            self._child(self.connections_refused, reason)
+        for kind in ResultKind:
+            self._child(self.noojee_seconds, kind.value)
+        for kind in ERROR_KINDS:
+            self._child(self.noojee_errors, kind.value)
 
     def _child(self, metric: _M, *values: str) -> _M:
         key = (id(metric), *values)
@@ -108,9 +147,14 @@ class Metrics:
         return cast(_M, child)
 
     def session_finished(self, route: str, status: str, held: float) -> None:
-        """One session ended with NOOJEE_STATUS ``status`` after holding the channel."""
-        self._child(self.sessions, route, status).inc()
-        self._child(self.hold_seconds, route).observe(held)
+        """A session for script path ``route`` ended with NOOJEE_STATUS ``status`` after
+        holding the channel ``held`` seconds."""
+        label = route if route in ROUTES else UNKNOWN_ROUTE
+        self._child(self.sessions, label, status).inc()
+        self._child(self.hold_seconds, label).observe(held)
+
+    def connection_refused(self, reason: Refusal) -> None:
+        self._child(self.connections_refused, reason).inc()
 
     def observe_noojee(self, result: NoojeeResult, seconds: float) -> None:
         self._child(self.noojee_seconds, result.kind.value).observe(seconds)

@@ -18,7 +18,6 @@ import contextlib
 import ipaddress
 import socket
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -27,7 +26,7 @@ import structlog
 from agi_bridge.calls import Rejected, build_request, parse_parameters
 from agi_bridge.delivery import Delivery
 from agi_bridge.logs import get_logger
-from agi_bridge.metrics import Metrics
+from agi_bridge.metrics import Metrics, Refusal
 from agi_bridge.protocol import (
     MAX_LINE_BYTES,
     NEED_DATA,
@@ -40,12 +39,9 @@ from agi_bridge.protocol import (
 )
 from agi_bridge.settings import Settings
 from agi_bridge.tasks import finish_within
-from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, Action, Outcome, Status
+from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, ROUTES, Outcome, Status
 
 log = get_logger("agi_bridge.server")
-
-# The explicit route table: a script path not listed here is REJECTED, never looked up.
-ROUTES: Final[Mapping[str, Action]] = {"recording/stop": "stop", "recording/start": "start"}
 
 # An environment block is ~700 bytes and replies are one short line. A peer that sends more
 # than this while the session is busy elsewhere (waiting for NoojeeContact) is not read from
@@ -257,7 +253,7 @@ class AgiServer:
         assert session.transport is not None
         peername = session.transport.get_extra_info("peername") or ("?", 0)
         peer = _Peer(str(peername[0]), int(peername[1]))
-        refusal = None
+        refusal: Refusal | None = None
         if not self.serving:
             refusal = "shutting_down"  # accepted just as stop() began: it would not wait for us
         elif not self._allowed(peer):
@@ -265,7 +261,7 @@ class AgiServer:
         elif len(self._sessions) >= self.settings.max_sessions:
             refusal = "too_many_sessions"
         if refusal is not None:
-            self.metrics.connections_refused.labels(refusal).inc()
+            self.metrics.connection_refused(refusal)
             log.warning("agi.connection.refused", peer=str(peer), reason=refusal)
             with contextlib.suppress(_Closed):
                 session.write(FAILURE_LINE)
@@ -319,8 +315,7 @@ class AgiServer:
                 reason=getattr(exc, "reason", ""),
             )
         held = time.monotonic() - started
-        label = route if route in ROUTES else "unknown"
-        self.metrics.session_finished(label, outcome.status.value, held)
+        self.metrics.session_finished(route, outcome.status.value, held)
         level = log.warning if outcome.status in (Status.FAILED, Status.REJECTED) else log.info
         level(
             "agi.session.finished",

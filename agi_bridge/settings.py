@@ -31,10 +31,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from agi_bridge import defaults
+from agi_bridge.defaults import CONFIG_ENV, ENV_PREFIX, env_name
 from agi_bridge.redact import MASK
-
-ENV_PREFIX = "AGI_BRIDGE_"
-CONFIG_ENV = ENV_PREFIX + "CONFIG"
 
 By = Literal["uniqueid", "extension", "id"]
 Mode = Literal["sync", "async"]
@@ -95,7 +94,7 @@ class Settings(BaseSettings):
 
     # --- FastAGI listener -------------------------------------------------------------------
     listen: str = Field(
-        "127.0.0.1:4573",
+        defaults.LISTEN,
         description="host:port of the FastAGI listener (4573 is Asterisk's default AGI port)",
     )
     allow_clients: Annotated[tuple[IPNetwork, ...], NoDecode] = Field(
@@ -109,7 +108,8 @@ class Settings(BaseSettings):
         "authentication: anyone who reaches the port can stop recordings)",
     )
     metrics_listen: str = Field(
-        "127.0.0.1:9573", description="host:port for /metrics, /healthz, /readyz; empty disables"
+        defaults.METRICS_LISTEN,
+        description="host:port for /metrics, /healthz, /readyz; empty disables",
     )
     # Asterisk sends the whole environment right after it connects: 2 s is generous on a LAN
     # and bounds what a silent or byte-a-second client can hold.
@@ -360,10 +360,6 @@ class _Given(Settings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings,)
-
-
-def env_name(field: str) -> str:
-    return ENV_PREFIX + field.upper()
 
 
 def setting_name(field: str) -> str:

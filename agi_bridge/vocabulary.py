@@ -5,11 +5,13 @@ side never load the HTTP client to name a request or a status."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
 __all__ = [
     "MESSAGE_MAX_CHARS",
+    "ROUTES",
     "Action",
     "NoojeeResult",
     "Outcome",
@@ -21,6 +23,9 @@ __all__ = [
 
 Action = Literal["start", "stop"]
 _ACTIONS: Final[frozenset[str]] = frozenset(get_args(Action))
+
+# The explicit route table: a script path not listed here is REJECTED, never looked up.
+ROUTES: Final[Mapping[str, Action]] = {"recording/stop": "stop", "recording/start": "start"}
 
 # Result messages end up in a channel variable and a log line: one short line.
 MESSAGE_MAX_CHARS: Final = 200

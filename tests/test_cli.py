@@ -144,13 +144,27 @@ TESTING_TOOLS = {
 }
 
 
-async def test_help_loads_no_http_client_and_no_testing_tool(
-    tmp_path: Path, base_env: dict[str, str]
+# What --help has no use for, and which cost it ten times a bare interpreter's start.
+HEAVY_FOR_HELP = {
+    "pydantic",
+    "pydantic_settings",
+    "agi_bridge.settings",
+    "httpx",
+    "aiohttp",
+    "agi_bridge.app",
+    "agi_bridge.server",
+}
+
+
+@pytest.mark.parametrize("command", [["--help"], ["demo", "--help"]], ids=" ".join)
+async def test_help_loads_neither_settings_nor_http_client_nor_testing_tool(
+    command: list[str], tmp_path: Path, base_env: dict[str, str]
 ) -> None:
-    """--help imports neither httpx, aiohttp nor the server, and none of the testing tools."""
-    modules = await imported_by("-m", "agi_bridge", "--help", cwd=tmp_path, env=base_env)
+    """--help (demo's too, which shows the listeners' defaults) imports neither pydantic,
+    httpx, aiohttp nor the server, and none of the testing tools."""
+    modules = await imported_by("-m", "agi_bridge", *command, cwd=tmp_path, env=base_env)
     assert "agi_bridge.cli" in modules  # the listing is what it claims to be
-    assert not modules & {"httpx", "aiohttp", "agi_bridge.app", "agi_bridge.server"}
+    assert not modules & HEAVY_FOR_HELP
     assert not modules & TESTING_TOOLS
 
 

@@ -1,8 +1,8 @@
 """The Grafana dashboard and the Prometheus alert rules in deploy/ against promtool and the code.
 
 promtool (Debian's ``prometheus`` package, installed by scripts/test as root) checks the rules,
-runs their unit tests and parses every dashboard query; a running bridge's ``/metrics`` must
-carry every metric the dashboard and the rules name.
+runs their unit tests and parses every dashboard query; a bridge's ``/metrics`` must carry
+every metric the dashboard and the rules name from the start, before its first call.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import httpx
 import pytest
 import yaml
 
+from agi_bridge.app import Bridge
+from agi_bridge.settings import Settings
 from agi_bridge.testing.simulator import NoojeeSimulator
 from tests.bridge_helpers import call, make_settings, running_bridge, running_simulator
 from tests.test_deploy import _tool
@@ -157,43 +159,75 @@ async def _refused_connection(port: int) -> bytes:
         await writer.wait_closed()
 
 
-async def test_every_metric_the_dashboard_and_rules_name_is_exported(
-    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
-) -> None:
-    """After successful, failing, queued and refused calls, /metrics has every metric named."""
-    names = _metric_names(_dashboard_queries()) | _metric_names([r["expr"] for r in _rules()])
-    settings = make_settings(
+def _series(exposition: str) -> set[str]:
+    """Every series of a Prometheus text exposition: its name and labels, without the value."""
+    return {line.rsplit(" ", 1)[0] for line in exposition.splitlines() if not line.startswith("#")}
+
+
+def _names(series: set[str]) -> set[str]:
+    return {name.split("{", 1)[0] for name in series}
+
+
+async def _scrape(bridge: Bridge) -> str:
+    assert bridge.health is not None
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{bridge.health.port}/metrics")
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def _bridge_settings(simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path) -> Settings:
+    return make_settings(
         simulator,
         ca_file,
         tmp_path,
         metrics_listen="127.0.0.1:0",
         allow_clients=("127.0.0.1/32",),
     )
-    async with running_bridge(settings) as bridge:
-        assert (await call(bridge, "Fred")).variables["NOOJEE_STATUS"] == "STOPPED"
-        assert (await call(bridge, "Pebbles", uniqueid="2.2")).variables[
-            "NOOJEE_STATUS"
-        ] == "FAILED"
-        queued = await call(bridge, "agent=Wilma", "mode=async", uniqueid="3.3")
-        assert queued.variables["NOOJEE_STATUS"] == "QUEUED"
-        assert await _refused_connection(bridge.server.port) == b"failure\n"
-        assert bridge.health is not None
-        async with httpx.AsyncClient() as client:
-            response = await client.get(f"http://127.0.0.1:{bridge.health.port}/metrics")
-    exported = {
-        match.group(0)
-        for line in response.text.splitlines()
-        if not line.startswith("#") and (match := re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line))
-    }
+
+
+async def test_a_fresh_bridge_exports_every_metric_the_dashboard_and_rules_name(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """Before its first call, /metrics has every metric the dashboard and the rules name."""
+    names = _metric_names(_dashboard_queries()) | _metric_names([r["expr"] for r in _rules()])
+    async with running_bridge(_bridge_settings(simulator, ca_file, tmp_path)) as bridge:
+        exported = _names(_series(await _scrape(bridge)))
     # The parsing found the metrics of every panel group and alert, not a handful.
     assert {
         "agi_bridge_sessions_total",
         "agi_bridge_hold_seconds_bucket",
         "agi_bridge_noojee_request_seconds_bucket",
         "agi_bridge_noojee_errors_total",
+        "agi_bridge_connections_refused_total",
         "agi_bridge_spool_pending",
         "agi_bridge_spool_oldest_age_seconds",
         "agi_bridge_spool_dead",
         "up",
     } <= names
     assert sorted(names - exported - PROMETHEUS_OWN) == []
+
+
+async def test_calls_add_no_series_to_those_of_a_fresh_bridge(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """Every label set that successful, failing, queued, rejected and refused calls count
+    was exported, at zero, before the first call."""
+    async with running_bridge(_bridge_settings(simulator, ca_file, tmp_path)) as bridge:
+        fresh = await _scrape(bridge)
+        assert (await call(bridge, "Fred")).variables["NOOJEE_STATUS"] == "STOPPED"
+        started = await call(bridge, "Fred", script="recording/start", uniqueid="1.1")
+        assert started.variables["NOOJEE_STATUS"] == "STARTED"
+        assert (await call(bridge, "Pebbles", uniqueid="2.2")).variables[
+            "NOOJEE_STATUS"
+        ] == "FAILED"
+        queued = await call(bridge, "agent=Wilma", "mode=async", uniqueid="3.3")
+        assert queued.variables["NOOJEE_STATUS"] == "QUEUED"
+        unknown = await call(bridge, script="recording/nope", uniqueid="4.4")
+        assert unknown.variables["NOOJEE_STATUS"] == "REJECTED"
+        assert await _refused_connection(bridge.server.port) == b"failure\n"
+        after = await _scrape(bridge)
+    # The second scrape saw the calls: they changed values, not the set of series.
+    assert fresh != after
+    assert 'agi_bridge_connections_refused_total{reason="not_allowed"} 1.0' in after
+    assert sorted(_series(after) - _series(fresh)) == []

@@ -6,6 +6,8 @@ one skips, naming the package to install, only when the binary is absent.
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import ipaddress
 import os
 import re
@@ -695,3 +697,82 @@ def test_python_classifiers_are_the_versions_scripts_test_runs() -> None:
     assert loop, "scripts/test: the loop over Python versions is gone"
     assert loop.group(1).split() == versions
     assert project["requires-python"] == f">={versions[0]}"
+
+
+# --- the dependencies -------------------------------------------------------------------------
+
+# A PEP 508 requirement starts with the distribution's name.
+REQUIREMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Only the tests use these; the package must not lean on them.
+TEST_EXTRA = "test"
+
+
+def _distribution(name: str) -> str:
+    """PEP 503's normal form of a distribution's name, the one pip compares."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _declared(requirements: list[str]) -> set[str]:
+    names = set()
+    for requirement in requirements:
+        match = REQUIREMENT_NAME.match(requirement)
+        assert match, f"pyproject.toml: no distribution name in {requirement!r}"
+        names.add(_distribution(match.group()))
+    return names
+
+
+def _third_party_imports(source: str) -> Iterator[tuple[str, bool]]:
+    """Each module imported from outside the standard library and agi_bridge (its top-level
+    name), and whether the import is optional: inside a try that catches ImportError."""
+    tree = ast.parse(source)
+    optional = {
+        id(node)
+        for guard in ast.walk(tree)
+        if isinstance(guard, ast.Try)
+        and any(
+            isinstance(handler.type, ast.Name)
+            and handler.type.id in ("ImportError", "ModuleNotFoundError")
+            for handler in guard.handlers
+        )
+        for statement in guard.body
+        for node in ast.walk(statement)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules = [node.module]
+        else:
+            continue
+        for module in modules:
+            top = module.split(".", 1)[0]
+            if top not in sys.stdlib_module_names and top != "agi_bridge":
+                yield top, id(node) in optional
+
+
+def test_every_third_party_import_is_a_declared_dependency() -> None:
+    """Every package agi_bridge/ imports is declared in pyproject, not pulled in by another
+    (an optional import, guarded by ImportError, may come from an extra other than test)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    required = _declared(project["dependencies"])
+    extras = _declared(
+        [
+            r
+            for extra, rs in project["optional-dependencies"].items()
+            if extra != TEST_EXTRA
+            for r in rs
+        ]
+    )
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = set()
+    imported = set()
+    for path in sorted((REPO / "agi_bridge").rglob("*.py")):
+        for module, optional in _third_party_imports(path.read_text(encoding="utf-8")):
+            # Not installed: its distribution is taken to bear its name (what pip would say).
+            names = {_distribution(d) for d in distributions.get(module, [module])}
+            imported.add(module)
+            if not names & ((required | extras) if optional else required):
+                where = "dependencies or an extra" if optional else "dependencies"
+                undeclared.add(f"{path.relative_to(REPO)} imports {module}: add it to {where}")
+    assert {"httpx", "pydantic_settings", "structlog"} <= imported  # the scan finds imports
+    assert sorted(undeclared) == []
