@@ -24,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, TypeVar, cast
 
+from agi_bridge.logs import get_logger
 from agi_bridge.vocabulary import Action, RecordingRequest
 
 T = TypeVar("T")
+
+log = get_logger("agi_bridge.spool")
 
 SPOOL_FILE: Final = "spool.sqlite3"
 # How long another process (``agi-bridge spool ...`` next to a running server) waits for the
@@ -145,6 +148,9 @@ class Spool:
         self._clock = clock
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Why the file the spool thread writes is no longer the one at ``path`` (deleted or
+        # replaced under us), once it noticed: from then on every operation fails with it.
+        self.lost: str | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -189,6 +195,7 @@ class Spool:
             self._thread = None
 
     def _run(self, connection: sqlite3.Connection) -> None:
+        opened = _identity(self.path)
         stopping = False
         while not stopping:
             first = self._jobs.get()
@@ -204,12 +211,29 @@ class Spool:
                     stopping = True
                     break
                 batch.append(job)
-            self._run_batch(connection, batch)
+            self._run_batch(connection, batch, opened)
         connection.close()
 
-    @staticmethod
-    def _run_batch(connection: sqlite3.Connection, batch: list[_Job]) -> None:
-        outcomes = Spool._execute(connection, batch)
+    def _check_file(self, opened: tuple[int, int] | None) -> SpoolError | None:
+        """The spool file deleted or replaced under the bridge: writes would go to a file
+        nobody will read again, so every operation fails from then on. One stat per batch
+        (microseconds); the worker's idle poll makes it one at least every second."""
+        if self.lost is None and _identity(self.path) != opened:
+            self.lost = (
+                f"the spool file {self.path} was deleted or replaced while the bridge ran: "
+                "nothing more is queued into it. Restart the bridge (it starts a new spool); "
+                "what was pending in the old file went with it"
+            )
+            log.error("spool.file.lost", path=str(self.path), problem=self.lost)
+        return None if self.lost is None else SpoolError(self.lost)
+
+    def _run_batch(
+        self, connection: sqlite3.Connection, batch: list[_Job], opened: tuple[int, int] | None
+    ) -> None:
+        lost = self._check_file(opened)
+        outcomes = (
+            Spool._execute(connection, batch) if lost is None else [(None, lost)] * len(batch)
+        )
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[object], _Outcome]]]
         by_loop = {}
         for job, (value, error) in zip(batch, outcomes, strict=True):
@@ -479,6 +503,15 @@ class Spool:
             return db.execute(f"DELETE FROM {table}{where}", params).rowcount  # noqa: S608
 
         return self._scall(work)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode), None when there is none."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _existing(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import ssl
@@ -19,7 +20,7 @@ import structlog
 from agi_bridge.app import SPOOL_FLUSH_TIMEOUT, Bridge
 from agi_bridge.protocol import MAX_ENVIRONMENT_BYTES, MAX_LINE_BYTES, Environment
 from agi_bridge.server import AgiServer
-from agi_bridge.spool import Spool
+from agi_bridge.spool import SPOOL_FILE, Spool
 from agi_bridge.testing.fake_asterisk import Call, SessionResult, environment_block, run_call
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 from agi_bridge.vocabulary import Outcome, RecordingRequest
@@ -34,6 +35,7 @@ from tests.bridge_helpers import (
 
 STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
 ENVIRONMENT_TIMEOUT = 0.5  # short, so the slow-client tests end quickly
+SESSION_DEADLINE = 10.0  # a whole session against a process, generous for a loaded box
 
 
 @pytest.fixture
@@ -389,6 +391,50 @@ async def test_a_second_bridge_on_the_same_data_dir_exits_at_once_touching_nothi
         await first.wait()
 
 
+def _delete_spool(data_dir: Path) -> Path:
+    """``rm`` the spool file and its WAL, as a careless clean-up would; returns its path."""
+    path = data_dir / SPOOL_FILE
+    for name in (SPOOL_FILE, f"{SPOOL_FILE}-wal", f"{SPOOL_FILE}-shm"):
+        (data_dir / name).unlink(missing_ok=True)
+    return path
+
+
+async def test_a_deleted_spool_is_noticed_by_the_idle_bridge_within_seconds(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """The spool file deleted under an idle bridge: an ERROR naming it comes within seconds
+    (the worker looks at the spool every second), and a stop is then FAILED, not QUEUED into
+    a file nobody will read."""
+    process, port = await _start_process(simulator, ca_file, tmp_path)
+    try:
+        path = _delete_spool(tmp_path)
+        line = await asyncio.wait_for(_line_with(process, b"spool.file.lost"), timeout=10)
+        event = json.loads(line)
+        assert event["level"] == "error"
+        assert str(path) in event["problem"]
+        result = await run_call(
+            Call(arguments=("Fred", "mode=async"), port=port), deadline=SESSION_DEADLINE
+        )
+        assert result.variables["NOOJEE_STATUS"] == "FAILED"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
+
+
+async def test_after_the_spool_is_deleted_nothing_is_acknowledged_into_it(
+    bridge: Bridge, simulator: NoojeeSimulator, tmp_path: Path
+) -> None:
+    """Once the spool file is gone, /readyz says so naming it, an async stop is FAILED (never
+    QUEUED into the deleted file), and a stop NoojeeContact confirms at once still works."""
+    assert (await call(bridge, "Fred", "mode=async")).variables["NOOJEE_STATUS"] == "QUEUED"
+    path = _delete_spool(tmp_path)
+    problems = await bridge.readiness()
+    assert any(f"the spool file {path} was deleted" in p for p in problems), problems
+    after = await call(bridge, "Fred", "mode=async", uniqueid="2.2")
+    assert after.variables["NOOJEE_STATUS"] == "FAILED"
+    assert (await call(bridge, "Fred", uniqueid="3.3")).variables["NOOJEE_STATUS"] == "STOPPED"
+
+
 async def test_sigterm_lets_the_session_in_flight_finish_then_exits_0(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
@@ -491,10 +537,15 @@ async def test_sighup_is_logged_and_changes_nothing(
 
 
 async def _wait_for_line(process: asyncio.subprocess.Process, marker: bytes) -> None:
+    await _line_with(process, marker)
+
+
+async def _line_with(process: asyncio.subprocess.Process, marker: bytes) -> bytes:
+    """The next line of the bridge's log that holds ``marker``."""
     assert process.stderr is not None
     while line := await process.stderr.readline():
         if marker in line:
-            return
+            return line
     raise AssertionError(f"the bridge never logged {marker!r}")
 
 
