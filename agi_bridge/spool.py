@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar, cast
 
 from agi_bridge.logs import get_logger
 from agi_bridge.vocabulary import Action, RecordingRequest
@@ -151,6 +151,11 @@ class Spool:
         # Why the file the spool thread writes is no longer the one at ``path`` (deleted or
         # replaced under us), once it noticed: from then on every operation fails with it.
         self.lost: str | None = None
+        # While the disk takes no write (full): entries claimed without writing their lease,
+        # held here until then (id -> epoch seconds), and entries settled (delivered, or a
+        # stop NoojeeContact no longer knows) whose deletion is still to be written.
+        self._held: dict[int, float] = {}
+        self._settled: set[int] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -238,7 +243,9 @@ class Spool:
         by_loop = {}
         for job, (value, error) in zip(batch, outcomes, strict=True):
             if error is not None and not isinstance(error, SpoolError):
+                cause = error
                 error = SpoolError(f"spool {error.__class__.__name__}: {error}")
+                error.__cause__ = cause  # tells a full disk (_full) from the rest
             if job.loop is None:
                 future = cast("Future[object]", job.future)
                 if future.set_running_or_notify_cancel():
@@ -358,16 +365,79 @@ class Spool:
 
     def delivered(self, entry_id: int) -> asyncio.Future[None]:
         """Forget a delivered entry. Callers need not wait for the future: a crash before the
-        commit only means one harmless redelivery."""
+        commit only means one harmless redelivery. On a disk that takes no write the entry is
+        forgotten in memory (never claimed again by this process) and deleted once it can."""
 
         def work(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM pending WHERE id = ?", (entry_id,))
 
-        return self._acall(work)
+        return self._unless_full(self._acall(work), entry_id, settled=True)
+
+    def _unless_full(
+        self, write: asyncio.Future[Any], entry_id: int, *, settled: bool
+    ) -> asyncio.Future[None]:
+        """``write``, except that its failure (a full disk) is not the caller's: what it would
+        have recorded is retried later (a delivered entry is deleted by a later claim; a
+        failed attempt is simply tried again once its lease ends)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def settle(write: asyncio.Future[Any]) -> None:
+            error = write.exception()
+            if error is not None and _full(error):
+                log.warning("spool.write.deferred", id=entry_id, error=str(error))
+                if settled:
+                    self._settled.add(entry_id)
+                error = None
+            if done.done():
+                return  # the waiter was cancelled
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        write.add_done_callback(settle)
+        return done
 
     async def claim_due(self, *, limit: int, lease: float) -> list[SpoolEntry]:
-        """Up to ``limit`` entries whose time has come, oldest first, leased for ``lease`` s."""
+        """Up to ``limit`` entries whose time has come, oldest first, leased for ``lease`` s.
+
+        On a disk that takes no write (full), the leases are held in memory instead and only
+        stops are claimed: a stop sent twice is harmless, a start is not (it waits)."""
         now = self._clock()
+        settled = tuple(self._settled)
+        if settled:
+            with contextlib.suppress(SpoolError):
+                await self._acall(
+                    lambda db: db.executemany(
+                        "DELETE FROM pending WHERE id = ?", [(i,) for i in settled]
+                    )
+                )
+                self._settled.difference_update(settled)
+        try:
+            entries = await self._claim_written(now, limit, lease)
+        except SpoolError as exc:
+            if not _full(exc):
+                raise
+            entries = await self._claim_held(now, limit, lease)
+        return [entry for entry in entries if entry.id not in self._settled]
+
+    async def _claim_held(self, now: float, limit: int, lease: float) -> list[SpoolEntry]:
+        """Due stops, leased in memory: claiming writes nothing."""
+        self._held = {i: until for i, until in self._held.items() if until > now}
+        skip = self._held.keys() | self._settled
+        rows = await self._acall(
+            lambda db: db.execute(
+                f"SELECT {_COLUMNS}, last_error FROM pending "  # noqa: S608
+                "WHERE next_at <= ? AND action = 'stop' ORDER BY id LIMIT ?",
+                (now, limit + len(skip)),
+            ).fetchall()
+        )
+        entries = [_entry(row) for row in rows if row[0] not in skip][:limit]
+        for entry in entries:
+            self._held[entry.id] = now + lease
+        return entries
+
+    async def _claim_written(self, now: float, limit: int, lease: float) -> list[SpoolEntry]:
 
         def work(db: sqlite3.Connection) -> list[SpoolEntry]:
             rows = db.execute(
@@ -406,15 +476,17 @@ class Spool:
 
         return await self._acall(work)
 
-    def failed(self, entry_id: int, error: str, *, retry_at: float) -> asyncio.Future[object]:
-        """Count a failed attempt and set when to try again."""
-        return self._acall(
+    def failed(self, entry_id: int, error: str, *, retry_at: float) -> asyncio.Future[None]:
+        """Count a failed attempt and set when to try again (on a full disk: uncounted, tried
+        again when its lease ends)."""
+        write = self._acall(
             lambda db: db.execute(
                 "UPDATE pending SET attempts = attempts + 1, last_error = ?, next_at = ? "
                 "WHERE id = ?",
                 (error, retry_at, entry_id),
             )
         )
+        return self._unless_full(write, entry_id, settled=False)
 
     def dead_letter(
         self, entry_id: int, error: str, *, attempted: bool = True
@@ -503,6 +575,12 @@ class Spool:
             return db.execute(f"DELETE FROM {table}{where}", params).rowcount  # noqa: S608
 
         return self._scall(work)
+
+
+def _full(error: BaseException) -> bool:
+    """The disk took no write for want of room (SQLITE_FULL), and nothing worse."""
+    cause = error.__cause__
+    return isinstance(cause, sqlite3.Error) and cause.sqlite_errorcode == sqlite3.SQLITE_FULL
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
