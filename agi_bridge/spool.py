@@ -74,6 +74,15 @@ CREATE TABLE IF NOT EXISTS dead (
 _COLUMNS: Final = "id, action, target, agent, tag, call_uniqueid, created, attempts"
 
 
+# What the operator does about a damaged spool (the README's "Salvaging a damaged spool").
+SALVAGE: Final = (
+    "stop the bridge, move the file aside and copy what SQLite can still read into a new one: "
+    "`sqlite3 spool.damaged .dump | sqlite3 spool.sqlite3` (README: salvaging a damaged spool)"
+)
+# SQLite's answers that mean the file itself is damaged.
+_DAMAGE_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
 class SpoolError(Exception):
     """The spool could not be opened or written; the message says where and why."""
 
@@ -155,6 +164,8 @@ class Spool:
         # held here until then (id -> epoch seconds), and entries settled (delivered, or a
         # stop NoojeeContact no longer knows) whose deletion is still to be written.
         self._held: dict[int, float] = {}
+        # What SQLite found wrong with the file (a corrupt page), at open or since.
+        self.damaged: str | None = None
         self._settled: set[int] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -201,6 +212,7 @@ class Spool:
 
     def _run(self, connection: sqlite3.Connection) -> None:
         opened = _identity(self.path)
+        self._damage(_damage(connection))
         stopping = False
         while not stopping:
             first = self._jobs.get()
@@ -232,6 +244,12 @@ class Spool:
             log.error("spool.file.lost", path=str(self.path), problem=self.lost)
         return None if self.lost is None else SpoolError(self.lost)
 
+    def _damage(self, problem: str | None) -> None:
+        """Say once (ERROR, then /readyz) that SQLite found the file damaged."""
+        if problem is not None and self.damaged is None:
+            self.damaged = problem
+            log.error("spool.file.damaged", path=str(self.path), problem=problem, help=SALVAGE)
+
     def _run_batch(
         self, connection: sqlite3.Connection, batch: list[_Job], opened: tuple[int, int] | None
     ) -> None:
@@ -239,6 +257,9 @@ class Spool:
         outcomes = (
             Spool._execute(connection, batch) if lost is None else [(None, lost)] * len(batch)
         )
+        for _, error in outcomes:
+            if isinstance(error, sqlite3.Error) and error.sqlite_errorcode in _DAMAGE_CODES:
+                self._damage(str(error))
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[object], _Outcome]]]
         by_loop = {}
         for job, (value, error) in zip(batch, outcomes, strict=True):
@@ -511,6 +532,8 @@ class Spool:
     async def problems(self) -> list[str]:
         """Why the spool could not keep a request now (for /readyz); empty when it can."""
         problems = []
+        if self.damaged is not None:
+            problems.append(f"spool {self.path} is damaged ({self.damaged}): {SALVAGE}")
         try:
             now = self._clock()
             await self._acall(
@@ -575,6 +598,35 @@ class Spool:
             return db.execute(f"DELETE FROM {table}{where}", params).rowcount  # noqa: S608
 
         return self._scall(work)
+
+
+def damage(path: Path) -> str | None:
+    """What SQLite's quick check finds wrong with the spool at ``path`` (read only), None when
+    nothing (or when there is no spool there)."""
+    if not path.is_file():
+        return None
+    try:
+        connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return str(exc)
+    try:
+        return _damage(connection)
+    finally:
+        connection.close()
+
+
+def _damage(connection: sqlite3.Connection) -> str | None:
+    """SQLite's quick check (every page and row, no index contents): its first finding."""
+    try:
+        rows = connection.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.Error as exc:
+        return str(exc)
+    lines = [line for row in rows for line in str(row[0]).splitlines()]
+    if lines == ["ok"]:
+        return None
+    findings = [line for line in lines if not line.startswith("***")]
+    more = f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""
+    return f"{findings[0] if findings else lines[0]}{more}"
 
 
 def _full(error: BaseException) -> bool:

@@ -1,21 +1,33 @@
-"""The spool's disk on an operator's worst day: full, or with a corrupt page. Each case runs on
+"""The spool's disk on an operator's worst day: full, or with a corrupt page. The full disk is
 a small filesystem of its own that the test mounts (a tmpfs, root only): skipped elsewhere
 with a message, never faked."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import shutil
+import sqlite3
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from agi_bridge.app import Bridge
+from agi_bridge.spool import Spool
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
-from tests.bridge_helpers import call, make_settings, running_bridge, running_simulator
+from agi_bridge.vocabulary import RecordingRequest
+from tests.bridge_helpers import (
+    API_KEY,
+    call,
+    make_settings,
+    running_bridge,
+    running_simulator,
+)
 
 STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
 # Room for the spool and its WAL with a few dozen entries; the filler takes the rest.
@@ -95,3 +107,74 @@ async def test_queued_stops_are_delivered_while_the_disk_stays_full(
 
 async def _readiness(bridge: Bridge) -> list[str]:
     return await bridge.readiness()
+
+
+def _salvage(path: Path) -> None:
+    """The README's salvage, word for word: move aside, dump what reads into a new file."""
+    damaged = path.with_name("spool.damaged")
+    path.rename(damaged)
+    dump = subprocess.run(["sqlite3", str(damaged), ".dump"], capture_output=True, check=True)
+    subprocess.run(["sqlite3", str(path)], input=dump.stdout, check=True)
+
+
+async def _damaged_spool(data_dir: Path, entries: int) -> Path:
+    """A spool of ``entries`` stops whose index page is overwritten with garbage, as a bad
+    sector or a torn write leaves it; the table itself is readable."""
+    spool = Spool(data_dir, fsync=False)
+    spool.open()
+    for i in range(entries):
+        stop = RecordingRequest("stop", f"1900.{i}", "Fred")
+        await spool.add(stop, call_uniqueid=f"1900.{i}")
+    spool.close()  # checkpoints the WAL into the file
+    with sqlite3.connect(spool.path) as db:
+        (root,) = db.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'pending_due'"
+        ).fetchone()
+        (size,) = db.execute("PRAGMA page_size").fetchone()
+    db.close()
+    with spool.path.open("r+b") as handle:
+        handle.seek((root - 1) * size + 100)
+        handle.write(b"\xff" * (size - 200))
+    return spool.path
+
+
+async def test_a_damaged_spool_is_reported_and_the_readme_salvage_saves_it(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A corrupt page: check-config exits 1 naming the file and the salvage, /readyz reports
+    it; the README's salvage (sqlite3 .dump into a new file) keeps every entry and the bridge
+    is ready again on it."""
+    entries = 50
+    path = await _damaged_spool(tmp_path, entries)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGI_BRIDGE_")} | {
+        "AGI_BRIDGE_NOOJEE_URL": simulator.base_url,
+        "AGI_BRIDGE_NOOJEE_API_KEY": API_KEY,
+        "AGI_BRIDGE_DATA_DIR": str(tmp_path),
+    }
+    checked = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agi_bridge",
+        "check-config",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(checked.communicate(), timeout=30)
+    assert checked.returncode == 1
+    assert f"the spool {path} is damaged (" in err.decode()
+    assert ".dump" in err.decode()
+    settings = make_settings(simulator, ca_file, tmp_path)
+    simulator.set_failure(FailureMode.HTTP_503)  # keep the entries queued
+    async with running_bridge(settings) as bridge:
+        problems = await bridge.readiness()
+    assert any(f"spool {path} is damaged" in p for p in problems), problems
+
+    if shutil.which("sqlite3") is None:
+        pytest.skip("no sqlite3 command to try the README's salvage (apt install sqlite3)")
+    await asyncio.to_thread(_salvage, path)
+    async with running_bridge(settings) as bridge:
+        problems = await bridge.readiness()
+        stats = await bridge.spool.stats()
+    assert not any("damaged" in p for p in problems), problems
+    assert stats.pending == entries
