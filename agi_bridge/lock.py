@@ -9,7 +9,6 @@ beside a bridge, simply do not take it.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -57,10 +56,10 @@ class DataDirLock:
         self._fd = fd
 
     def release(self) -> None:
-        """Give the lock up (idempotent). The file stays: removed, a process that opened it
-        just before would lock a file nobody else sees any more."""
+        """Give the lock up (idempotent). Nothing is written: on a frozen or dead disk a
+        write would hang the exit. The file stays, with the last pid in it (the next holder
+        writes its own): removed, a process that opened it just before would lock a file
+        nobody else sees any more."""
         if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None

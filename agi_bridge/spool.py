@@ -38,6 +38,9 @@ BUSY_TIMEOUT_MS: Final = 5000
 # Below this much free disk the next commits may fail (SQLite needs room for WAL frames and
 # the checkpoint); an entry is ~200 bytes, so 1 MiB still holds thousands of stops.
 MIN_FREE_BYTES: Final = 1024 * 1024
+# A batch commits in milliseconds, a busy disk's fsync takes well under a second: one still
+# running after this is held by the disk (frozen by fsfreeze or a snapshot, or dying).
+STALLED_AFTER: Final = 2.0
 # Bounds one group commit so a huge burst cannot hold the write lock for long.
 MAX_BATCH: Final = 1000
 
@@ -133,6 +136,7 @@ class _Job:
     work: Callable[[sqlite3.Connection], object]
     future: asyncio.Future[object] | Future[object]
     loop: asyncio.AbstractEventLoop | None
+    what: str | None = None  # the request it stores, named if it never reaches the disk
 
 
 def _resolve(outcomes: list[tuple[asyncio.Future[object], _Outcome]]) -> None:
@@ -166,6 +170,10 @@ class Spool:
         self._held: dict[int, float] = {}
         # What SQLite found wrong with the file (a corrupt page), at open or since.
         self.damaged: str | None = None
+        # The batch the spool thread is running, and since when (monotonic): what a frozen
+        # disk holds up.
+        self._in_hand: list[_Job] = []
+        self._busy_since: float | None = None
         self._settled: set[int] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -204,11 +212,42 @@ class Spool:
 
     def close(self, timeout: float | None = None) -> None:
         """Finish every queued write, then close the database; give up waiting for that
-        after ``timeout`` seconds (the thread goes on, and dies with the process)."""
+        after ``timeout`` seconds (the thread goes on, and dies with the process), naming at
+        ERROR every request not known to be on disk then (a frozen or dead disk)."""
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._report_unwritten()
             self._thread = None
+
+    def _report_unwritten(self) -> None:
+        unwritten = [job.what for job in self._in_hand if job.what is not None]
+        with contextlib.suppress(queue.Empty):
+            while True:
+                job = self._jobs.get_nowait()
+                if job is not None and job.what is not None:
+                    unwritten.append(job.what)
+        stalled = self.stalled()
+        log.error(
+            "spool.unwritten",
+            path=str(self.path),
+            stalled_for=None if stalled is None else round(stalled, 1),
+            count=len(unwritten),
+            requests=unwritten,
+            help="the disk took no write: these may not be in the spool; once it is back, "
+            "`agi-bridge spool list` shows what is, `agi-bridge send` sends what is not. The "
+            "process itself ends only then: the kernel holds the thread that writes",
+        )
+
+    def stalled(self) -> float | None:
+        """Seconds the batch in hand has been running, if that is longer than SQLite ever
+        takes on a working disk (a frozen or dying one): None otherwise."""
+        since = self._busy_since
+        if since is None:
+            return None
+        running = time.monotonic() - since
+        return running if running > STALLED_AFTER else None
 
     def _run(self, connection: sqlite3.Connection) -> None:
         opened = _identity(self.path)
@@ -228,7 +267,9 @@ class Spool:
                     stopping = True
                     break
                 batch.append(job)
+            self._in_hand, self._busy_since = batch, time.monotonic()
             self._run_batch(connection, batch, opened)
+            self._in_hand, self._busy_since = [], None
         connection.close()
 
     def _check_file(self, opened: tuple[int, int] | None) -> SpoolError | None:
@@ -333,13 +374,21 @@ class Spool:
         self._submit(_Job(work, future, None))
         return cast("Future[T]", future)
 
-    def _acall(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Queue ``work``; the returned future completes once it is committed. Cancelling the
-        waiter does not undo the write: a stop stored for a session cut short by shutdown is
-        still delivered, and a delivery made is still recorded (not sent again)."""
+    def _acall(
+        self, work: Callable[[sqlite3.Connection], T], what: str | None = None
+    ) -> asyncio.Future[T]:
+        """Queue ``work`` (storing the request ``what``, if any); the returned future
+        completes once it is committed. Cancelling the waiter does not undo the write: a stop
+        stored for a session cut short by shutdown is still delivered, and a delivery made is
+        still recorded (not sent again)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
-        self._submit(_Job(work, future, loop))
+        stalled = self.stalled()
+        if what is not None and stalled is not None:
+            # Not queued behind a write the disk holds: the caller hears FAILED now, not in 5 s.
+            future.set_exception(SpoolError(f"the disk took no write for {stalled:.0f} s"))
+        else:
+            self._submit(_Job(work, future, loop, what))
         return cast("asyncio.Future[T]", future)
 
     def _scall(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -371,7 +420,8 @@ class Spool:
             )
             return cast(int, cursor.lastrowid)
 
-        return self._acall(work)
+        what = f"{request.action} {request.exten_or_uniqueid} agent={request.agent}"
+        return self._acall(work, f"{what} call={call_uniqueid}")
 
     async def release_leases(self) -> int:
         """Make every pending entry due now. Called once when the bridge starts: no attempt of
@@ -534,6 +584,14 @@ class Spool:
         problems = []
         if self.damaged is not None:
             problems.append(f"spool {self.path} is damaged ({self.damaged}): {SALVAGE}")
+        stalled = self.stalled()
+        if stalled is not None:
+            # No probe write: it would wait behind the stuck one.
+            return [
+                *problems,
+                f"spool {self.path}: the disk has completed no write for {stalled:.0f} s "
+                "(frozen, or failing)",
+            ]
         try:
             now = self._clock()
             await self._acall(

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import shutil
+import signal
 import sqlite3
 import ssl
 import subprocess
@@ -19,6 +21,7 @@ import pytest
 
 from agi_bridge.app import Bridge
 from agi_bridge.spool import Spool
+from agi_bridge.testing.fake_asterisk import Call, run_call
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 from agi_bridge.vocabulary import RecordingRequest
 from tests.bridge_helpers import (
@@ -28,11 +31,14 @@ from tests.bridge_helpers import (
     running_bridge,
     running_simulator,
 )
+from tests.test_robustness import _bridge_env, _line_with
 
 STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
 # Room for the spool and its WAL with a few dozen entries; the filler takes the rest.
 SMALL_DISK = "2m"
 FILL_CHUNK = 64 * 1024
+# ext4's smallest comfortable size with a journal: the spool needs a few pages of it.
+FREEZABLE_DISK_BYTES = 32 * 1024 * 1024
 
 
 @pytest.fixture
@@ -178,3 +184,80 @@ async def test_a_damaged_spool_is_reported_and_the_readme_salvage_saves_it(
         stats = await bridge.spool.stats()
     assert not any("damaged" in p for p in problems), problems
     assert stats.pending == entries
+
+
+@pytest.fixture
+def freezable_disk(tmp_path: Path) -> Iterator[Path]:
+    """A small ext4 on a loop device (fsfreeze needs a real filesystem), mounted for this
+    test alone; thawed and unmounted whatever happens."""
+    if os.geteuid() != 0:
+        pytest.skip("a loop device and fsfreeze need root (run ./scripts/test as root)")
+    missing = [tool for tool in ("mkfs.ext4", "fsfreeze") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} missing (apt install e2fsprogs util-linux)")
+    image, mount = tmp_path / "ext4.img", tmp_path / "frozen"
+    mount.mkdir()
+    with image.open("wb") as handle:
+        handle.truncate(FREEZABLE_DISK_BYTES)
+    for command in (
+        ["mkfs.ext4", "-q", "-F", str(image)],
+        ["mount", "-o", "loop", str(image), str(mount)],
+    ):
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot make a loop ext4 here ({command[0]}): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mount)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_frozen_disk_fails_requests_fast_and_the_stop_names_what_it_could_not_write(
+    freezable_disk: Path, simulator: NoojeeSimulator, ca_file: Path
+) -> None:
+    """fsfreeze under a running bridge: a stop is FAILED (5 s, the spool's commit timeout)
+    and the next one at once; SIGTERM ends the stop within its deadline with an ERROR naming
+    the request the disk never took; once thawed, the process exits 0."""
+    data_dir = freezable_disk / "data"
+    env = _bridge_env(simulator, ca_file, data_dir) | {"AGI_BRIDGE_SHUTDOWN_GRACE": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agi_bridge",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        line = await asyncio.wait_for(_line_with(process, b"agi.server.listening"), timeout=30)
+        port = int(json.loads(line)["listen"].rsplit(":", 1)[1])
+        simulator.set_failure(FailureMode.HTTP_503)
+        assert (await _async_stop(port, "2000.1")) == "QUEUED"
+        await asyncio.to_thread(subprocess.run, ["fsfreeze", "-f", str(freezable_disk)], check=True)
+        assert (await _async_stop(port, "2000.2")) == "FAILED"  # held 5 s by the stuck commit
+        assert (await _async_stop(port, "2000.3")) == "FAILED"  # at once: the disk is stalled
+        process.send_signal(signal.SIGTERM)
+        # shutdown_grace 1 s + the spool's last flush 2 s, with a margin for a loaded box.
+        unwritten = await asyncio.wait_for(_line_with(process, b"spool.unwritten"), timeout=10)
+        event = json.loads(unwritten)
+        assert event["level"] == "error"
+        assert any("call=2000.2" in request for request in event["requests"]), event
+        await asyncio.wait_for(_line_with(process, b"agi.server.stopped"), timeout=5)
+        await asyncio.to_thread(subprocess.run, ["fsfreeze", "-u", str(freezable_disk)], check=True)
+        assert await asyncio.wait_for(process.wait(), timeout=10) == 0
+    finally:
+        if process.returncode is None:
+            await asyncio.to_thread(
+                subprocess.run, ["fsfreeze", "-u", str(freezable_disk)], check=False
+            )
+            process.kill()
+            await process.wait()
+
+
+async def _async_stop(port: int, uniqueid: str) -> str:
+    result = await run_call(
+        Call(arguments=("Fred", "mode=async"), uniqueid=uniqueid, port=port), deadline=20
+    )
+    return result.variables.get("NOOJEE_STATUS", f"AGISTATUS={result.agistatus}")
