@@ -218,6 +218,33 @@ async def test_sessions_beyond_the_limit_are_refused_not_queued(
     assert [r.variables["NOOJEE_STATUS"] for r in done] == ["STOPPED", "STOPPED"]
 
 
+async def test_idle_connections_make_room_for_a_real_call(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """Every slot held by connections that sent nothing (environment_timeout is a minute): a
+    real call is still served, the oldest idle connection hears 'failure' and is closed to
+    make room, and the younger idle ones keep their slots."""
+    slots = 3
+    settings = make_settings(
+        simulator, ca_file, tmp_path, max_sessions=slots, environment_timeout=60.0
+    )
+    async with running_bridge(settings) as bridge:
+        idle = [await asyncio.open_connection("127.0.0.1", bridge.server.port) for _ in range(3)]
+        # Connected first, so accepted first: their sessions hold every slot by the time the
+        # call's connection is accepted (the loop runs the accepts and their tasks in order).
+        result = await call(bridge, "Fred")
+        opened = bridge.metrics.connections_open
+        oldest = await _read_all(idle[0][0])
+        still_open = opened._value.get()
+        evicted = bridge.metrics.connections_refused.labels("idle_evicted")._value.get()
+        for _, writer in idle:
+            writer.close()
+    assert result.variables["NOOJEE_STATUS"] == "STOPPED"
+    assert oldest == b"failure\n"
+    assert evicted == 1
+    assert still_open == slots - 1  # the two younger idle ones; the call is over
+
+
 async def test_a_session_that_hits_a_bug_is_logged_and_the_next_is_served(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
