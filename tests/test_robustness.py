@@ -233,13 +233,13 @@ async def test_idle_connections_make_room_for_a_real_call(
         # Connected first, so accepted first: their sessions hold every slot by the time the
         # call's connection is accepted (the loop runs the accepts and their tasks in order).
         result = await call(bridge, "Fred")
+        assert result.variables.get("NOOJEE_STATUS") == "STOPPED", result
         opened = bridge.metrics.connections_open
         oldest = await _read_all(idle[0][0])
         still_open = opened._value.get()
         evicted = bridge.metrics.connections_refused.labels("idle_evicted")._value.get()
         for _, writer in idle:
             writer.close()
-    assert result.variables["NOOJEE_STATUS"] == "STOPPED"
     assert oldest == b"failure\n"
     assert evicted == 1
     assert still_open == slots - 1  # the two younger idle ones; the call is over
