@@ -91,6 +91,7 @@ class Bridge:
             await self.server.bind()
             self.spool.open()
             try:
+                await self.delivery.recover()
                 released = await self.spool.release_leases()
             except SpoolError as exc:
                 # A damaged spool (reported by /readyz) still lets sync requests through: the

@@ -15,7 +15,7 @@ from typing import Final, get_args
 
 from agi_bridge.protocol import Environment
 from agi_bridge.settings import By, Mode, Settings
-from agi_bridge.vocabulary import Action, RecordingRequest
+from agi_bridge.vocabulary import Action, RecordingRequest, TargetKind, target_kind
 
 KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode", "channel"})
 
@@ -169,7 +169,7 @@ def build_request(
             raise Rejected(f"no extension in channel {channel!r}: use by=uniqueid or by=id")
         # Checked like a uniqueid: agi_channel is as unchecked as agi_uniqueid.
         target = _check_text("extension", extension, MAX_IDENTIFIER_LENGTH)
-    return request_for(action, target, extension, parameters, settings)
+    return request_for(action, target, extension, parameters, settings, target_kind(by))
 
 
 def request_for(
@@ -178,6 +178,7 @@ def request_for(
     extension: str | None,
     parameters: CallParameters,
     settings: Settings,
+    kind: TargetKind,
 ) -> RecordingRequest:
     """The request for ``target`` (checked): what every request goes through, from a call or
     from ``agi-bridge send``. ``extension`` looks the agent up in ``agents`` (None: no lookup).
@@ -192,7 +193,7 @@ def request_for(
     if agent is None and action == "stop":
         raise Rejected("stop needs an agent: pass agent=<login>, or set agents / default_agent")
     return RecordingRequest(
-        action=action, exten_or_uniqueid=target, agent=agent, tag=parameters.tag
+        action=action, exten_or_uniqueid=target, agent=agent, tag=parameters.tag, kind=kind
     )
 
 

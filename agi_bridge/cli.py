@@ -26,7 +26,7 @@ from agi_bridge.testing.defaults import (
     DEMO_KEY,
     DEMO_PORT,
 )
-from agi_bridge.vocabulary import Action, RecordingRequest
+from agi_bridge.vocabulary import Action, RecordingRequest, target_kind
 
 if TYPE_CHECKING:
     from agi_bridge.settings import Settings
@@ -102,7 +102,8 @@ def _send_request(args: argparse.Namespace, settings: Settings) -> RecordingRequ
     )
     if parameters.id is None:
         raise Rejected("the extension or uniqueid is empty")
-    return request_for(args.action, parameters.id, args.extension, parameters, settings)
+    kind = target_kind("extension" if args.extension else "id")
+    return request_for(args.action, parameters.id, args.extension, parameters, settings, kind)
 
 
 def _tls_warnings(settings: Settings) -> list[str]:
@@ -177,13 +178,20 @@ def cmd_send(args: argparse.Namespace) -> int:
     return _run(send)
 
 
-def _print_entries(entries: Sequence[SpoolEntry], now: float) -> None:
-    print(f"{'id':>6}  {'action':6}  {'target':20}  {'agent':12}  {'age':>8}  {'tries':>5}  error")
+def _print_entries(entries: Sequence[SpoolEntry], now: float, *, dead: bool) -> None:
+    """One line per entry: the target's kind (extension: acts on whatever call the extension
+    is on when it arrives) and, for a dead letter, why it was settled."""
+    why = f"  {'why':11}" if dead else ""
+    print(
+        f"{'id':>6}  {'action':6}  {'target':20}  {'agent':12}  {'kind':9}  {'age':>8}  "
+        f"{'tries':>5}{why}  error"
+    )
     for e in entries:
         r = e.request
+        why = f"  {e.reason or '-':11}" if dead else ""
         print(
             f"{e.id:>6}  {r.action:6}  {r.exten_or_uniqueid[:20]:20}  {(r.agent or '-')[:12]:12}"
-            f"  {_age(now - e.created):>8}  {e.attempts:>5}  {e.last_error or ''}"
+            f"  {r.kind:9}  {_age(now - e.created):>8}  {e.attempts:>5}{why}  {e.last_error or ''}"
         )
 
 
@@ -206,14 +214,14 @@ def cmd_spool(args: argparse.Namespace) -> int:
         if args.spool_command == "list":
             table: Literal["pending", "dead"] = "dead" if args.dead else "pending"
             entries = spool.list(table)
-            _print_entries(entries, time.time())
+            _print_entries(entries, time.time(), dead=args.dead)
             stats = spool.sync_stats()
             oldest = (
                 "-" if stats.oldest_pending is None else _age(time.time() - stats.oldest_pending)
             )
             print(f"\npending {stats.pending} (oldest {oldest}), dead letters {stats.dead}")
         elif args.spool_command == "retry":
-            moved = spool.retry_dead(args.ids or None)
+            moved = spool.retry_dead(args.ids or None, force=args.force)
             print(
                 f"{len(moved)} dead letter(s) moved back to pending, same ids"
                 f"{': ' if moved else ''}{', '.join(map(str, moved))}; a running bridge sends "
@@ -366,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         "retry", parents=[common], help="move dead letters back to pending"
     )
     retry.add_argument("ids", nargs="*", type=int, help="entry ids (default: all dead letters)")
+    retry.add_argument(
+        "--force",
+        action="store_true",
+        help="also unconfirmed starts (may add a recording leg) and expired or cancelled "
+        "requests by extension (may reach another call): check NoojeeContact first",
+    )
     purge = spool_commands.add_parser("purge", parents=[common], help="delete entries for good")
     purge.add_argument("ids", nargs="*", type=int, help="entry ids")
     purge.add_argument("--dead", action="store_true", help="purge dead letters, not pending")

@@ -111,6 +111,16 @@ class Metrics:
         self.dead_letters = Counter(
             "agi_bridge_spool_dead_letters", "Requests moved to the dead letters", registry=r
         )
+        self.settled = Counter(
+            "agi_bridge_spool_settled",
+            "Requests settled without a confirmation, never sent again, by reason: unconfirmed "
+            "(a start that may have reached NoojeeContact), expired or cancelled (by extension)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("unconfirmed", "expired", "cancelled"):
+            # Exported at 0 from the start: an alert on increase() needs the series to exist.
+            self.settled.labels(reason)
         self.duplicates = Counter(
             "agi_bridge_duplicates",
             "Repeats of an action on a call, answered without sending",
@@ -119,7 +129,11 @@ class Metrics:
         self.spool_pending = Gauge(
             "agi_bridge_spool_pending", "Requests waiting in the spool", registry=r
         )
-        self.spool_dead = Gauge("agi_bridge_spool_dead", "Requests in the dead letters", registry=r)
+        self.spool_dead = Gauge(
+            "agi_bridge_spool_dead",
+            "Dead letters that need an operator (refused, out of retries, unconfirmed starts)",
+            registry=r,
+        )
         self.spool_oldest_age = Gauge(
             "agi_bridge_spool_oldest_age_seconds",
             "Age of the oldest pending request",
@@ -157,6 +171,10 @@ class Metrics:
 
     def connection_refused(self, reason: Refusal) -> None:
         self._child(self.connections_refused, reason).inc()
+
+    def settle(self, reason: str) -> None:
+        """A request was settled without a confirmation (unconfirmed, expired, cancelled)."""
+        self._child(self.settled, reason).inc()
 
     def observe_noojee(self, result: NoojeeResult, seconds: float) -> None:
         self._child(self.noojee_seconds, result.kind.value).observe(seconds)

@@ -174,6 +174,17 @@ class Settings(BaseSettings):
         ge=0,
         description="seconds in which a repeat of the same action on the same call is sent once",
     )
+    # A request by extension acts on whatever call the extension is on when it ARRIVES; queue
+    # calls follow each other within seconds when wrap-up is 0. 10 s covers a NoojeeContact
+    # blip (the worker's first retries) while the agent is still on the call that asked; past
+    # it the request is settled "expired", never sent. (The call's own stop by uniqueid or
+    # linkedid cancels it sooner, and is kept for retry_max_age.)
+    extension_max_age: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a request by extension may wait for delivery before it expires "
+        "(at most dedup_window, when that is set)",
+    )
 
     # --- NoojeeContact ----------------------------------------------------------------------
     noojee_url: str = Field(
@@ -537,6 +548,17 @@ def _cross_checks(
             "allow_clients is empty: anyone who reaches the port could stop recordings. Set "
             f"{setting_name('allow_clients')} to your Asterisk servers (e.g. 10.0.0.5/32) or, "
             f"knowingly, {setting_name('listen_unrestricted')} to true"
+        )
+    if (
+        valid("extension_max_age", "dedup_window")
+        and settings.dedup_window > 0
+        and settings.extension_max_age > settings.dedup_window
+    ):
+        # A fresh press (after the window) must never meet the earlier request of the same
+        # call still queued by extension; and a repeat within the window learns its fate.
+        problems.append(
+            f"{setting_name('extension_max_age')} is larger than {setting_name('dedup_window')}:"
+            " a request by extension must be settled before its repeats stop being recognised"
         )
     if (
         valid("retry_initial_delay", "retry_max_delay")

@@ -5,8 +5,14 @@ SQLite in WAL mode, owned by one thread. Operations from the event loop are queu
 thread, which runs everything waiting in ONE transaction and commits once (group commit): under
 a hangup burst a single fsync covers hundreds of requests, and the event loop never blocks on
 the disk. Entries are claimed with a lease (``next_at`` moved past the time a request can take),
-so a request in flight is not sent twice by this process, and after ``kill -9`` it is replayed
-once the lease runs out.
+so a request in flight is not sent twice by this process. A stop is at least once: after
+``kill -9`` it is replayed. A start is at most once: its entry is marked ``attempted`` in the
+same commit that claims it (or writes it ahead of its session's attempt), before a byte is
+sent, and a start found so marked at the next start-up may have reached NoojeeContact: it is
+settled as "unconfirmed", never resent.
+
+The schema has a version (``PRAGMA user_version``, :data:`SCHEMA_VERSION`); opening an older
+spool migrates it in one transaction, and a newer one is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -25,7 +32,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
 
 from agi_bridge.logs import get_logger
-from agi_bridge.vocabulary import Action, RecordingRequest
+from agi_bridge.vocabulary import Action, RecordingRequest, TargetKind
 
 T = TypeVar("T")
 
@@ -44,8 +51,12 @@ STALLED_AFTER: Final = 2.0
 # Bounds one group commit so a huge burst cannot hold the write lock for long.
 MAX_BATCH: Final = 1000
 
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS pending (
+# 0: the release before versions (no target kind, no attempted mark, no settle reason).
+# 1: pending.kind and pending.attempted, dead.kind and dead.reason.
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = (
+    """CREATE TABLE pending (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     action TEXT NOT NULL,
     target TEXT NOT NULL,
@@ -55,13 +66,17 @@ CREATE TABLE IF NOT EXISTS pending (
     created REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_at REAL NOT NULL,
-    last_error TEXT
-);
-CREATE INDEX IF NOT EXISTS pending_due ON pending (next_at);
--- One row, rewritten by the readiness probe: a real write, not a no-op that would succeed
--- on a filesystem that no longer takes any.
-CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS dead (
+    last_error TEXT,
+    kind TEXT NOT NULL DEFAULT 'extension',
+    -- 1: a start that may be on its way to NoojeeContact (claimed, or written ahead of its
+    -- session's attempt); never claimed again, and settled unconfirmed if found at start-up.
+    attempted INTEGER NOT NULL DEFAULT 0
+)""",
+    "CREATE INDEX pending_due ON pending (next_at)",
+    # One row, rewritten by the readiness probe: a real write, not a no-op that would succeed
+    # on a filesystem that no longer takes any.
+    "CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL)",
+    """CREATE TABLE dead (
     id INTEGER PRIMARY KEY,
     action TEXT NOT NULL,
     target TEXT NOT NULL,
@@ -71,16 +86,40 @@ CREATE TABLE IF NOT EXISTS dead (
     created REAL NOT NULL,
     attempts INTEGER NOT NULL,
     failed_at REAL NOT NULL,
-    last_error TEXT NOT NULL
-);
-"""
-_COLUMNS: Final = "id, action, target, agent, tag, call_uniqueid, created, attempts"
+    last_error TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'extension',
+    reason TEXT NOT NULL DEFAULT 'failed'
+)""",
+)
+# From version 0. The old spool did not record target kinds: inferred from the target's shape
+# (a uniqueid or linkedid looks like "1733100000.42"; anything else may be an extension, the
+# safe reading). A start it had claimed or written ahead (next_at moved past its creation, or
+# an attempt counted) may have been sent: marked attempted, so it is never resent.
+_MIGRATE_FROM_0: Final = (
+    "ALTER TABLE pending ADD COLUMN kind TEXT NOT NULL DEFAULT 'extension'",
+    "ALTER TABLE pending ADD COLUMN attempted INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE dead ADD COLUMN kind TEXT NOT NULL DEFAULT 'extension'",
+    "ALTER TABLE dead ADD COLUMN reason TEXT NOT NULL DEFAULT 'failed'",
+    "UPDATE pending SET attempted = 1 "
+    "WHERE action = 'start' AND (attempts > 0 OR next_at > created)",
+)
+# An Asterisk uniqueid or linkedid: epoch seconds, a dot, a counter ("1733100000.42"), after
+# the system name and a dash when asterisk.conf sets systemname ("pbx1-1733100000.42").
+_UNIQUEID_RE: Final = re.compile(r"(?:.+-)?[0-9]+\.[0-9]+")
+_COLUMNS: Final = "id, action, target, agent, tag, call_uniqueid, created, attempts, kind"
+
+# Why an entry is in the dead letters.
+# failed: NoojeeContact refused it, or it used up its attempts or its age;
+# unconfirmed: a start that may have reached NoojeeContact without a confirmation;
+# expired: a request by extension not delivered within its validity;
+# cancelled: a request by extension superseded by its call's own stop (the call ended).
+SettleReason = Literal["failed", "unconfirmed", "expired", "cancelled"]
 
 
 # What the operator does about a damaged spool (the README's "Salvaging a damaged spool").
 SALVAGE: Final = (
-    "stop the bridge, move the file aside and copy what SQLite can still read into a new one: "
-    "`sqlite3 spool.damaged .dump | sqlite3 spool.sqlite3` (README: salvaging a damaged spool)"
+    "stop the bridge, move the file aside and copy what SQLite can still read into a new one "
+    "with `sqlite3 spool.damaged .dump`, as the README says (salvaging a damaged spool)"
 )
 # SQLite's answers that mean the file itself is damaged.
 _DAMAGE_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
@@ -98,22 +137,25 @@ class SpoolEntry:
     created: float
     attempts: int
     last_error: str | None = None
+    reason: SettleReason | None = None  # dead letters only
 
 
 @dataclass(frozen=True, slots=True)
 class SpoolStats:
     pending: int
-    dead: int
+    dead: int  # dead letters that need an operator: refused for good, or unconfirmed starts
     oldest_pending: float | None  # creation time (epoch seconds) of the oldest pending entry
 
 
 def _entry(row: tuple[object, ...]) -> SpoolEntry:
-    id_, action, target, agent, tag, uniqueid, created, attempts, *rest = row
+    """An entry from ``_COLUMNS``, then optionally last_error and the settle reason."""
+    id_, action, target, agent, tag, uniqueid, created, attempts, kind, *rest = row
     request = RecordingRequest(
         action=cast(Action, action),
         exten_or_uniqueid=cast(str, target),
         agent=cast("str | None", agent),
         tag=cast("str | None", tag),
+        kind=cast(TargetKind, kind),
     )
     return SpoolEntry(
         id=cast(int, id_),
@@ -122,7 +164,49 @@ def _entry(row: tuple[object, ...]) -> SpoolEntry:
         created=cast(float, created),
         attempts=cast(int, attempts),
         last_error=cast("str | None", rest[0]) if rest else None,
+        reason=cast("SettleReason | None", rest[1]) if len(rest) > 1 else None,
     )
+
+
+def _upgrade(db: sqlite3.Connection, path: Path) -> None:
+    """Create the tables, or migrate an older spool to :data:`SCHEMA_VERSION`, in one
+    transaction (another process opening the spool at the same time waits, then sees it
+    done)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        _migrate(db, path)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise SpoolError(
+            f"the spool at {path} has schema version {version}, written by a newer "
+            f"agi-bridge (this one reads up to {SCHEMA_VERSION}): run the newer release, "
+            "or move the spool aside"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    legacy = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'pending'").fetchone()
+    for statement in _MIGRATE_FROM_0 if legacy else _SCHEMA:
+        db.execute(statement)
+    if legacy:
+        for table in ("pending", "dead"):
+            rows = db.execute(f"SELECT id, target FROM {table}").fetchall()  # noqa: S608
+            db.executemany(
+                f"UPDATE {table} SET kind = ? WHERE id = ?",  # noqa: S608
+                [(_legacy_kind(target), id_) for id_, target in rows],
+            )
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _legacy_kind(target: str) -> TargetKind:
+    """An entry's kind when the spool did not record it: a call only if shaped like one."""
+    return "uniqueid" if _UNIQUEID_RE.fullmatch(target) else "extension"
 
 
 _Outcome = tuple[object, Exception | None]
@@ -198,12 +282,14 @@ class Spool:
             # FULL fsyncs the WAL at every commit: a stop survives a power cut, not only a
             # crash. NORMAL survives kill -9 but may lose the last commits on power loss.
             connection.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
-            connection.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
+            _upgrade(connection, self.path)
+        except (OSError, sqlite3.Error, SpoolError) as exc:
             # Close what was opened: a connection left to the garbage collector is a leaked
             # file descriptor (a ResourceWarning on Python 3.13+).
             if connection is not None:
                 connection.close()
+            if isinstance(exc, SpoolError):
+                raise
             raise SpoolError(f"cannot open the spool at {self.path}: {exc}") from exc
         self._thread = threading.Thread(
             target=self._run, args=(connection,), name="agi-bridge-spool", daemon=True
@@ -398,16 +484,22 @@ class Spool:
     # --- the delivery path ----------------------------------------------------------------
 
     def add(
-        self, request: RecordingRequest, *, call_uniqueid: str, lease: float = 0.0
+        self,
+        request: RecordingRequest,
+        *,
+        call_uniqueid: str,
+        lease: float = 0.0,
+        attempted: bool = False,
     ) -> asyncio.Future[int]:
         """Store ``request``; the future completes once it is committed. ``lease``: seconds
-        before the worker may pick it up (the time the caller's own attempt may take)."""
+        before the worker may pick it up (the time the caller's own attempt may take).
+        ``attempted``: a start whose attempt is already under way (never claimed again)."""
         now = self._clock()
 
         def work(db: sqlite3.Connection) -> int:
             cursor = db.execute(
-                "INSERT INTO pending (action, target, agent, tag, call_uniqueid, created, next_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO pending (action, target, agent, tag, call_uniqueid, created, next_at,"
+                " kind, attempted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     request.action,
                     request.exten_or_uniqueid,
@@ -416,6 +508,8 @@ class Spool:
                     call_uniqueid,
                     now,
                     now + lease,
+                    request.kind,
+                    int(attempted),
                 ),
             )
             return cast(int, cursor.lastrowid)
@@ -434,6 +528,52 @@ class Spool:
             )
         )
 
+    async def settle_interrupted(self, error: str) -> list[SpoolEntry]:
+        """Settle as unconfirmed every start marked attempted, and return them. Called once
+        when the bridge starts, before anything is sent: such a start was on its way when the
+        last process ended (killed, or stopped before its answer came) and may have reached
+        NoojeeContact, so it must not be sent again."""
+
+        def work(db: sqlite3.Connection) -> list[SpoolEntry]:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM pending WHERE attempted = 1 ORDER BY id"  # noqa: S608
+            ).fetchall()
+            for row in rows:
+                _move_to_dead(db, cast(int, row[0]), error, "unconfirmed", 0, self._clock())
+            return [_entry(row) for row in rows]
+
+        return await self._acall(work)
+
+    async def by_extension(self) -> list[SpoolEntry]:
+        """The pending requests by extension, oldest first."""
+        return await self._acall(
+            lambda db: [
+                _entry(row)
+                for row in db.execute(
+                    f"SELECT {_COLUMNS} FROM pending WHERE kind = 'extension' ORDER BY id"  # noqa: S608
+                )
+            ]
+        )
+
+    def cancel_by_extension(self, call_uniqueid: str, error: str) -> asyncio.Future[list[int]]:
+        """Settle as cancelled what is still queued by extension for call ``call_uniqueid``
+        and not on its way (a start being sent is settled by its attempt); return their ids."""
+
+        def work(db: sqlite3.Connection) -> list[int]:
+            ids = [
+                cast(int, row[0])
+                for row in db.execute(
+                    "SELECT id FROM pending WHERE call_uniqueid = ? AND kind = 'extension' "
+                    "AND attempted = 0 ORDER BY id",
+                    (call_uniqueid,),
+                )
+            ]
+            for entry_id in ids:
+                _move_to_dead(db, entry_id, error, "cancelled", 0, self._clock())
+            return ids
+
+        return self._acall(work)
+
     def delivered(self, entry_id: int) -> asyncio.Future[None]:
         """Forget a delivered entry. Callers need not wait for the future: a crash before the
         commit only means one harmless redelivery. On a disk that takes no write the entry is
@@ -441,6 +581,9 @@ class Spool:
 
         def work(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM pending WHERE id = ?", (entry_id,))
+            # Cancelled while its attempt was on its way (cancel_by_extension): it was delivered
+            # after all, and a repeat must hear that, not "cancelled".
+            db.execute("DELETE FROM dead WHERE id = ? AND reason = 'cancelled'", (entry_id,))
 
         return self._unless_full(self._acall(work), entry_id, settled=True)
 
@@ -499,7 +642,7 @@ class Spool:
         rows = await self._acall(
             lambda db: db.execute(
                 f"SELECT {_COLUMNS}, last_error FROM pending "  # noqa: S608
-                "WHERE next_at <= ? AND action = 'stop' ORDER BY id LIMIT ?",
+                "WHERE next_at <= ? AND action = 'stop' AND attempted = 0 ORDER BY id LIMIT ?",
                 (now, limit + len(skip)),
             ).fetchall()
         )
@@ -512,12 +655,14 @@ class Spool:
 
         def work(db: sqlite3.Connection) -> list[SpoolEntry]:
             rows = db.execute(
-                f"SELECT {_COLUMNS}, last_error FROM pending WHERE next_at <= ? "  # noqa: S608
-                "ORDER BY id LIMIT ?",
+                f"SELECT {_COLUMNS}, last_error FROM pending "  # noqa: S608
+                "WHERE next_at <= ? AND attempted = 0 ORDER BY id LIMIT ?",
                 (now, limit),
             ).fetchall()
+            # A start is marked attempted in this very commit, before it is sent (at most once).
             db.executemany(
-                "UPDATE pending SET next_at = ? WHERE id = ?", [(now + lease, r[0]) for r in rows]
+                "UPDATE pending SET next_at = ?, attempted = (action = 'start') WHERE id = ?",
+                [(now + lease, r[0]) for r in rows],
             )
             return [_entry(row) for row in rows]
 
@@ -526,55 +671,58 @@ class Spool:
     async def next_due(self) -> float | None:
         """When the earliest pending entry becomes due (epoch seconds), None when empty."""
         row = await self._acall(
-            lambda db: db.execute("SELECT min(next_at) FROM pending").fetchone()
+            lambda db: db.execute("SELECT min(next_at) FROM pending WHERE attempted = 0").fetchone()
         )
         return cast("float | None", row[0])
 
-    async def where(self, entry_id: int) -> tuple[Literal["pending", "dead"], str | None] | None:
-        """Which table holds entry ``entry_id`` and its last error; None when neither does
-        (delivered, or purged by the operator)."""
+    async def where(
+        self, entry_id: int
+    ) -> tuple[Literal["pending", "dead"], str | None, SettleReason | None] | None:
+        """Which table holds entry ``entry_id``, its last error and (dead letters) why it was
+        settled; None when neither does (delivered, or purged by the operator)."""
 
-        def work(db: sqlite3.Connection) -> tuple[Literal["pending", "dead"], str | None] | None:
-            tables: tuple[Literal["pending", "dead"], ...] = ("pending", "dead")
-            for table in tables:
-                row = db.execute(
-                    f"SELECT last_error FROM {table} WHERE id = ?",  # noqa: S608
-                    (entry_id,),
-                ).fetchone()
-                if row is not None:
-                    return table, cast("str | None", row[0])
+        def work(
+            db: sqlite3.Connection,
+        ) -> tuple[Literal["pending", "dead"], str | None, SettleReason | None] | None:
+            row = db.execute("SELECT last_error FROM pending WHERE id = ?", (entry_id,)).fetchone()
+            if row is not None:
+                return "pending", cast("str | None", row[0]), None
+            row = db.execute(
+                "SELECT last_error, reason FROM dead WHERE id = ?", (entry_id,)
+            ).fetchone()
+            if row is not None:
+                return "dead", cast(str, row[0]), cast(SettleReason, row[1])
             return None
 
         return await self._acall(work)
 
     def failed(self, entry_id: int, error: str, *, retry_at: float) -> asyncio.Future[None]:
-        """Count a failed attempt and set when to try again (on a full disk: uncounted, tried
-        again when its lease ends)."""
+        """Count a failed attempt and set when to try again (for a start: one that certainly
+        never reached NoojeeContact, so it may be sent again). On a full disk: uncounted,
+        tried again when its lease ends (a start stays marked attempted: never resent)."""
         write = self._acall(
             lambda db: db.execute(
-                "UPDATE pending SET attempts = attempts + 1, last_error = ?, next_at = ? "
-                "WHERE id = ?",
+                "UPDATE pending SET attempts = attempts + 1, last_error = ?, next_at = ?, "
+                "attempted = 0 WHERE id = ?",
                 (error, retry_at, entry_id),
             )
         )
         return self._unless_full(write, entry_id, settled=False)
 
     def dead_letter(
-        self, entry_id: int, error: str, *, attempted: bool = True
+        self,
+        entry_id: int,
+        error: str,
+        *,
+        attempted: bool = True,
+        reason: SettleReason = "failed",
     ) -> asyncio.Future[None]:
-        """Move an entry to the dead letters with ``error``; ``attempted`` counts this try."""
+        """Move an entry to the dead letters with ``error`` and ``reason``; ``attempted``
+        counts this try."""
         now = self._clock()
-
-        def work(db: sqlite3.Connection) -> None:
-            db.execute(
-                f"INSERT OR REPLACE INTO dead ({_COLUMNS}, failed_at, last_error) "  # noqa: S608
-                f"SELECT {_COLUMNS.replace('attempts', 'attempts + ?')}, ?, ? "
-                "FROM pending WHERE id = ?",
-                (int(attempted), now, error, entry_id),
-            )
-            db.execute("DELETE FROM pending WHERE id = ?", (entry_id,))
-
-        return self._acall(work)
+        return self._acall(
+            lambda db: _move_to_dead(db, entry_id, error, reason, int(attempted), now)
+        )
 
     async def stats(self) -> SpoolStats:
         return await self._acall(_stats)
@@ -614,11 +762,12 @@ class Spool:
     # --- the operator's view (CLI) --------------------------------------------------------
 
     def list(self, table: Literal["pending", "dead"]) -> list[SpoolEntry]:
+        reason = "reason" if table == "dead" else "NULL"
         return self._scall(
             lambda db: [
                 _entry(row)
                 for row in db.execute(
-                    f"SELECT {_COLUMNS}, last_error FROM {table} ORDER BY id"  # noqa: S608
+                    f"SELECT {_COLUMNS}, last_error, {reason} FROM {table} ORDER BY id"  # noqa: S608
                 )
             ]
         )
@@ -626,19 +775,33 @@ class Spool:
     def sync_stats(self) -> SpoolStats:
         return self._scall(_stats)
 
-    def retry_dead(self, ids: Iterable[int] | None = None) -> tuple[int, ...]:
-        """Move dead letters (all, or ``ids``) back to pending with a fresh attempt count, and
-        return their ids. They keep their ids, so a following ``purge`` by id finds them."""
+    def retry_dead(
+        self, ids: Iterable[int] | None = None, *, force: bool = False
+    ) -> tuple[int, ...]:
+        """Move dead letters (all, or ``ids``) back to pending with a fresh attempt count and
+        a fresh age, and return their ids. They keep their ids, so a following ``purge`` by id
+        finds them. Without ``force``, an unconfirmed start (resending it may add a recording
+        leg) or an expired or cancelled request by extension (it would act on whatever call
+        the extension is on now) is refused: :class:`SpoolError` naming them and why."""
         now = self._clock()
         selected = None if ids is None else list(ids)
 
         def work(db: sqlite3.Connection) -> tuple[int, ...]:
             moved = _existing(db, "dead", selected)
             where, params = _id_filter(selected)
+            if not force:
+                risky = db.execute(
+                    f"SELECT id, reason FROM dead{where}{' AND' if where else ' WHERE'} "  # noqa: S608
+                    "(reason = 'unconfirmed' OR (reason IN ('expired', 'cancelled') "
+                    "AND kind = 'extension')) ORDER BY id",
+                    params,
+                ).fetchall()
+                if risky:
+                    raise SpoolError(_refusal(risky))
             # ``where`` holds only ``?`` placeholders: no value is formatted into the SQL.
             # The id is copied too: pending's AUTOINCREMENT never hands out an id twice, so
             # the one a dead letter took from pending cannot be in use there.
-            columns = "id, action, target, agent, tag, call_uniqueid"
+            columns = "id, action, target, agent, tag, call_uniqueid, kind"
             copy = f"INSERT INTO pending ({columns}, created, next_at, last_error) SELECT {columns}"
             db.execute(f"{copy}, ?, ?, last_error FROM dead{where}", (now, now, *params))
             db.execute(f"DELETE FROM dead{where}", params)  # noqa: S608
@@ -702,6 +865,44 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
+def _move_to_dead(
+    db: sqlite3.Connection,
+    entry_id: int,
+    error: str,
+    reason: SettleReason,
+    attempted: int,
+    now: float,
+) -> None:
+    db.execute(
+        f"INSERT OR REPLACE INTO dead ({_COLUMNS}, failed_at, last_error, reason) "  # noqa: S608
+        f"SELECT {_COLUMNS.replace('attempts', 'attempts + ?')}, ?, ?, ? "
+        "FROM pending WHERE id = ?",
+        (attempted, now, error, reason, entry_id),
+    )
+    db.execute("DELETE FROM pending WHERE id = ?", (entry_id,))
+
+
+_WHY_NOT_RETRIED: Final[dict[str, str]] = {
+    "unconfirmed": "unconfirmed start (it may have reached NoojeeContact: sent again, it may "
+    "add a second recording leg)",
+    "expired": "expired request by extension (sent now, it acts on whatever call that "
+    "extension is on now, perhaps another customer's)",
+    "cancelled": "cancelled request by extension (its call had ended; sent now, it acts on "
+    "whatever call that extension is on now)",
+}
+
+
+def _refusal(rows: list[tuple[int, str]]) -> str:
+    lines = [f"  {id_}: {_WHY_NOT_RETRIED[reason]}" for id_, reason in rows]
+    return "\n".join(
+        [
+            "not retried, nothing changed; check NoojeeContact first, then retry with --force "
+            "if the request must still be sent:",
+            *lines,
+        ]
+    )
+
+
 def _existing(
     db: sqlite3.Connection, table: Literal["pending", "dead"], ids: list[int] | None
 ) -> tuple[int, ...]:
@@ -722,7 +923,11 @@ def _existing(
 
 def _stats(db: sqlite3.Connection) -> SpoolStats:
     pending, oldest = db.execute("SELECT count(*), min(created) FROM pending").fetchone()
-    (dead,) = db.execute("SELECT count(*) FROM dead").fetchone()
+    # Expired and cancelled requests by extension need nobody: what they asked for was either
+    # superseded by their call's own stop or told to the agent, who may press again.
+    (dead,) = db.execute(
+        "SELECT count(*) FROM dead WHERE reason IN ('failed', 'unconfirmed')"
+    ).fetchone()
     return SpoolStats(pending=pending, dead=dead, oldest_pending=oldest)
 
 

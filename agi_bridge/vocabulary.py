@@ -18,7 +18,10 @@ __all__ = [
     "RecordingRequest",
     "ResultKind",
     "Status",
+    "TargetKind",
     "confirmed_status",
+    "target_kind",
+    "unconfirmed_message",
 ]
 
 Action = Literal["start", "stop"]
@@ -26,6 +29,11 @@ _ACTIONS: Final[frozenset[str]] = frozenset(get_args(Action))
 
 # The explicit route table: a script path not listed here is REJECTED, never looked up.
 ROUTES: Final[Mapping[str, Action]] = {"recording/stop": "stop", "recording/start": "start"}
+
+# What ``extenOrUniqueId`` names: a call (its uniqueid, or an explicit id such as its
+# linkedid) or an extension, which NoojeeContact applies to whatever call that extension is on
+# when the request arrives. Only "extension" requests have a short validity.
+TargetKind = Literal["uniqueid", "id", "extension"]
 
 # Result messages end up in a channel variable and a log line: one short line.
 MESSAGE_MAX_CHARS: Final = 200
@@ -39,16 +47,26 @@ class RecordingRequest:
     exten_or_uniqueid: str  # -> extenOrUniqueId
     agent: str | None = None  # -> agentLoginName
     tag: str | None = None  # -> tag (start only)
+    # How the call named its target; decides how long the request may wait (not sent).
+    kind: TargetKind = "uniqueid"
 
     def __post_init__(self) -> None:
         if self.action not in _ACTIONS:
             raise ValueError(f"action must be 'start' or 'stop', not {self.action!r}")
 
 
+def target_kind(by: str) -> TargetKind:
+    """The kind of target a call's ``by`` sends: ``by=id`` names a call (the dialplan passes
+    the linkedid that way; an extension goes by ``by=extension``)."""
+    if by == "uniqueid":
+        return "uniqueid"
+    return "id" if by == "id" else "extension"
+
+
 class ResultKind(enum.StrEnum):
     """What happened to one request, split by whose fault it was."""
 
-    OK = "ok"  # 2xx and Code 0, or 2xx with a non-JSON body
+    OK = "ok"  # 2xx and Code 0, or 2xx with an empty body
     WARNING = "warning"  # 2xx and Code > 0: success, but log it
     API_ERROR = "api_error"  # JSON Code < 0 (any status): Message says why. Not transient
     # JSON Code < 0 saying NoojeeContact knows no such call: typical of a stop sent after the
@@ -58,6 +76,9 @@ class ResultKind(enum.StrEnum):
     HTTP_ERROR = "http_error"  # non-2xx. 5xx (and 429) transient, other statuses not
     TIMEOUT = "timeout"  # transient
     TRANSPORT = "transport"  # refused, reset, TLS failure...: transient, except TLS verification
+    # 2xx whose body is not NoojeeContact's (a proxy's login page, cut-off JSON, JSON without
+    # Code): nothing confirmed. Transient (a stop is retried); a start is settled unconfirmed.
+    UNEXPECTED = "unexpected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +96,9 @@ class NoojeeResult:
     # Seconds NoojeeContact (or a proxy before it) asked us to wait, by a 429 or 503 with a
     # Retry-After header: the worker sends nothing more before then.
     retry_after: float | None = None
+    # The request certainly never reached NoojeeContact (refused, connect timeout, TLS
+    # handshake, no free connection, no time stamp): even a start may be sent again.
+    unsent: bool = False
 
     @property
     def ok(self) -> bool:
@@ -85,7 +109,7 @@ class NoojeeResult:
     def transient(self) -> bool:
         """True when the same request may succeed later without anybody changing anything."""
         kind = self.kind
-        if kind is ResultKind.TIMEOUT:
+        if kind is ResultKind.TIMEOUT or kind is ResultKind.UNEXPECTED:
             return True
         if kind is ResultKind.TRANSPORT:
             return not self.tls_verify_failed
@@ -93,6 +117,20 @@ class NoojeeResult:
             status = self.http_status or 0
             return status >= 500 or status == 429
         return False
+
+    @property
+    def uncertain(self) -> bool:
+        """True when NoojeeContact may have done what was asked without saying so: sent and
+        no answer, or an answer that is not NoojeeContact's. A start is then never resent."""
+        kind = self.kind
+        if kind is ResultKind.UNEXPECTED:
+            return True
+        if kind is ResultKind.TIMEOUT or kind is ResultKind.TRANSPORT:
+            return not self.unsent and not self.tls_verify_failed
+        # A 5xx may come from NoojeeContact after it acted, or from a proxy that forwarded the
+        # request (502/504); 503 and 429 say the request was not taken.
+        status = self.http_status or 0
+        return kind is ResultKind.HTTP_ERROR and status >= 500 and status != 503
 
 
 class Status(enum.StrEnum):
@@ -103,11 +141,22 @@ class Status(enum.StrEnum):
     QUEUED = "QUEUED"
     FAILED = "FAILED"
     REJECTED = "REJECTED"
+    # A start that may have reached NoojeeContact without a confirmation: never sent again.
+    UNCONFIRMED = "UNCONFIRMED"
+    # A request by extension not delivered while its call could still be on that extension
+    # (too late, or the call's own stop superseded it): not sent, nothing changed.
+    EXPIRED = "EXPIRED"
 
 
 def confirmed_status(action: Action) -> Status:
     """What the dialplan hears once NoojeeContact has done ``action``."""
     return Status.STOPPED if action == "stop" else Status.STARTED
+
+
+def unconfirmed_message(result: NoojeeResult) -> str:
+    """What the dialplan is told of a start that may have reached NoojeeContact."""
+    text = f"may have reached NoojeeContact, not sent again: {result.message}"
+    return text[:MESSAGE_MAX_CHARS]
 
 
 @dataclass(frozen=True, slots=True)

@@ -252,7 +252,7 @@ def test_empty_agent_falls_back_to_the_agents_map() -> None:
 def test_by_extension_uses_the_channel() -> None:
     """by=extension sends the endpoint of agi_channel."""
     request = request_for("stop", arguments=["by=extension", "Fred"], channel="SIP/alice-0000002a")
-    assert request == RecordingRequest("stop", "alice", agent="Fred")
+    assert request == RecordingRequest("stop", "alice", agent="Fred", kind="extension")
 
 
 def test_by_uniqueid_uses_agi_uniqueid() -> None:
@@ -264,62 +264,7 @@ def test_by_uniqueid_uses_agi_uniqueid() -> None:
 def test_by_id_uses_the_id_argument() -> None:
     """by=id sends the explicit id (e.g. the linkedid)."""
     request = request_for("stop", arguments=["by=id", "id=1795811300.7", "Fred"])
-    assert request == RecordingRequest("stop", "1795811300.7", agent="Fred")
-
-
-def test_id_implies_by_id() -> None:
-    """id= without by= means by=id, whatever default_by says."""
-    request = request_for("stop", arguments=["id=1795811300.7", "Fred"], default_by="uniqueid")
-    assert request.exten_or_uniqueid == "1795811300.7"
-
-
-def test_by_id_without_id_rejected() -> None:
-    """by=id needs id=: the reason says how to give one."""
-    assert "by=id needs id=" in rejected("stop", arguments=["by=id", "Fred"])
-
-
-def test_id_with_another_by_rejected() -> None:
-    """id= next to by=uniqueid is contradictory: rejected rather than one ignored."""
-    reason = rejected("stop", arguments=["by=uniqueid", "id=1.2", "Fred"])
-    assert "id= is only used with by=id" in reason
-
-
-@pytest.mark.parametrize(("default_by", "target"), [("uniqueid", UNIQUEID), ("extension", "410")])
-def test_default_by_from_settings(default_by: str, target: str) -> None:
-    """Without by= the configured default_by picks the identifier."""
-    request = request_for("stop", arguments=["Fred"], default_by=default_by)
-    assert request.exten_or_uniqueid == target
-
-
-def test_default_by_id_without_id_rejected() -> None:
-    """default_by=id with no id= in the call is rejected, not sent empty."""
-    assert "by=id needs id=" in rejected("stop", arguments=["Fred"], default_by="id")
-
-
-POOL_MEMBER = "Local/1001@agent-request-00000007;1"  # an agent pool's queue member leg
-
-
-def test_channel_parameter_names_the_extension() -> None:
-    """channel= (an agent pool's phone) gives the extension sent and the agents lookup, not the
-    channel running the AGI (the queue member, named after the agent number)."""
-    request = request_for(
-        "stop",
-        arguments=["channel=PJSIP/410-0000000c"],
-        channel=POOL_MEMBER,
-        agents={"410": "Fred", "1001": "Wilma"},
-    )
-    assert request == RecordingRequest("stop", "410", agent="Fred")
-
-
-def test_channel_parameter_with_another_identifier() -> None:
-    """With by=id the id is sent as given; channel= still picks the agent from agents."""
-    request = request_for(
-        "stop",
-        arguments=["by=id", "id=1795811300.7", "channel=PJSIP/410-0000000c"],
-        channel=POOL_MEMBER,
-        agents={"410": "Fred"},
-    )
-    assert request == RecordingRequest("stop", "1795811300.7", agent="Fred")
+    assert request == RecordingRequest("stop", "1795811300.7", agent="Fred", kind="id")
 
 
 def test_channel_parameter_without_extension_rejected() -> None:
@@ -390,13 +335,13 @@ def test_stop_with_empty_default_agent_rejected() -> None:
 def test_start_without_agent_allowed() -> None:
     """start may go without an agent: agentLoginName is then omitted."""
     request = request_for("start", script="recording/start")
-    assert request == RecordingRequest("start", "410", agent=None, tag=None)
+    assert request == RecordingRequest("start", "410", agent=None, tag=None, kind="extension")
 
 
 def test_start_with_tag() -> None:
     """tag is passed through on start."""
     request = request_for("start", script="recording/start", arguments=["tag=CRM-42", "Fred"])
-    assert request == RecordingRequest("start", "410", agent="Fred", tag="CRM-42")
+    assert request == RecordingRequest("start", "410", agent="Fred", tag="CRM-42", kind="extension")
 
 
 def test_tag_on_stop_rejected() -> None:

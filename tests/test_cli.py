@@ -788,3 +788,41 @@ async def test_fake_call_says_the_bridge_refused_the_session(
         "not in allow_clients" in ran.stderr
     )
     assert simulator.received == []
+
+
+async def test_spool_list_shows_kinds_and_why_and_retry_refuses_the_risky(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """spool list shows each entry's target kind and why a dead letter was settled; retry
+    refuses an unconfirmed start or an expired request by extension, saying why, unless
+    --force."""
+    data = tmp_path / "data"
+    spool = Spool(data, fsync=False)
+    spool.open()
+    try:
+        start = await spool.add(RecordingRequest("start", "1795811316.2"), call_uniqueid="1.1")
+        await spool.dead_letter(start, "timed out waiting for the answer", reason="unconfirmed")
+        ext = await spool.add(
+            RecordingRequest("stop", "410", agent="Fred", kind="extension"), call_uniqueid="1.2"
+        )
+        await spool.dead_letter(ext, "expired", reason="expired")
+    finally:
+        spool.close()
+    listed = await agi_bridge("spool", "list", "--dead", env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    table = rows(listed.stdout)
+    assert table[start][4] == "uniqueid"
+    assert table[start][7] == "unconfirmed"
+    assert (table[ext][4], table[ext][7]) == ("extension", "expired")
+    assert "dead letters 1" in listed.stdout  # the expired one needs nobody
+
+    refused = await agi_bridge("spool", "retry", env=env, cwd=tmp_path)
+    assert refused.returncode == 1
+    assert f"{start}: unconfirmed start" in refused.stderr
+    assert f"{ext}: expired request by extension" in refused.stderr
+    assert "--force" in refused.stderr
+    assert_no_traceback(refused)
+    assert spool_contents(data) == ([], ["1795811316.2", "410"])
+    forced = await agi_bridge("spool", "retry", "--force", str(start), env=env, cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert spool_contents(data) == (["1795811316.2"], ["410"])

@@ -417,3 +417,38 @@ async def test_a_session_getting_through_ends_the_backoff_at_once(
     parts.worker.stop()
     await asyncio.wait_for(run, timeout=5)
     assert spool.list("pending") == []
+
+
+# --- issue 18: starts at most once, only NoojeeContact confirms ------------------------------
+
+RESET = NoojeeResult(ResultKind.TRANSPORT, "ReadError: connection reset")  # after sending
+REFUSED = NoojeeResult(ResultKind.TRANSPORT, "cannot connect: Connection refused", unsent=True)
+LOGIN_PAGE = NoojeeResult(
+    ResultKind.UNEXPECTED, "unexpected answer, HTTP 200 with a body that is not its JSON", None, 200
+)
+
+
+@pytest.mark.parametrize(
+    ("request_", "result", "where"),
+    [
+        (START, RESET, ("dead", "unconfirmed")),  # may have reached it: never resent
+        (START, LOGIN_PAGE, ("dead", "unconfirmed")),
+        (START, REFUSED, ("pending", None)),  # certainly never left: retried
+        (STOP, RESET, ("pending", None)),  # a stop is retried whatever the failure
+        (STOP, LOGIN_PAGE, ("pending", None)),
+    ],
+)
+async def test_a_failed_attempt_is_retried_only_when_a_repeat_cannot_add_a_leg(
+    parts: Parts, request_: RecordingRequest, result: NoojeeResult, where: tuple[str, str | None]
+) -> None:
+    """The ledger settles a start that may have reached NoojeeContact as unconfirmed (counted),
+    and keeps for a retry a start that never left and any stop."""
+    entry = await parts.spool.add(request_, call_uniqueid="1.1")
+    await parts.ledger.failed(entry, request_, result, attempts=0, created=parts.clock())
+    found = await parts.spool.where(entry)
+    assert found is not None
+    assert (found[0], found[2]) == where
+    unconfirmed = parts.metrics.registry.get_sample_value(
+        "agi_bridge_spool_settled_total", {"reason": "unconfirmed"}
+    )
+    assert unconfirmed == (1 if where[1] == "unconfirmed" else 0)

@@ -121,6 +121,10 @@ def _salvage(path: Path) -> None:
     path.rename(damaged)
     dump = subprocess.run(["sqlite3", str(damaged), ".dump"], capture_output=True, check=True)
     subprocess.run(["sqlite3", str(path)], input=dump.stdout, check=True)
+    version = subprocess.run(
+        ["sqlite3", str(damaged), "PRAGMA user_version"], capture_output=True, check=True
+    ).stdout.decode()
+    subprocess.run(["sqlite3", str(path), f"PRAGMA user_version = {version.strip()}"], check=True)
 
 
 async def _damaged_spool(data_dir: Path, entries: int) -> Path:

@@ -700,7 +700,10 @@ def test_classify_response_never_raises_and_messages_stay_clean(status: int, bod
     """Any status and body yield a result with a short, printable, quote-free message."""
     result = classify_response(status, body, secret=KEY)
     assert isinstance(result.kind, ResultKind)
-    assert result.ok is (200 <= status < 300 and result.kind is not ResultKind.API_ERROR)
+    # Only NoojeeContact's answer confirms: its JSON with a Code of 0 or more, or nothing.
+    envelope = classify_response(200, body)
+    confirming = (envelope.code is not None and envelope.code >= 0) or not body.strip()
+    assert result.ok is (200 <= status < 300 and confirming)
     _assert_clean(result)
 
 
@@ -709,14 +712,42 @@ def test_classify_response_never_raises_and_messages_stay_clean(status: int, bod
     [
         (200, b'{"Message":"Channel Hungup","Code":0}', ResultKind.OK, 0, "Channel Hungup"),
         (200, b'{"Message":"odd","Code":"2"}', ResultKind.WARNING, 2, "odd"),
-        (200, b"done", ResultKind.OK, None, "HTTP 200 with a non-JSON body: done"),
+        (
+            200,
+            b"done",
+            ResultKind.UNEXPECTED,
+            None,
+            "unexpected answer, HTTP 200 with a body that is not its JSON: done",
+        ),
+        (
+            200,
+            b'{"Code": -1, "Message": "Permission den',
+            ResultKind.UNEXPECTED,
+            None,
+            "unexpected answer, HTTP 200 with a body that is not its JSON: "
+            "{'Code': -1, 'Message': 'Permission den",
+        ),
+        (
+            200,
+            b'{"Message":"Recording stopped"}',
+            ResultKind.UNEXPECTED,
+            None,
+            "unexpected answer, HTTP 200 with JSON without a Code: {'Message':'Recording stopped'}",
+        ),
+        (
+            200,
+            b"<html><head><title>Sign in</title></head><body><form>Password</form></body></html>",
+            ResultKind.UNEXPECTED,
+            None,
+            "unexpected answer, HTTP 200 with a body that is not its JSON: Password",
+        ),
         (204, b"", ResultKind.OK, None, "HTTP 204 with an empty body"),
         (500, b'{"Message":"Boom","Code":-3}', ResultKind.API_ERROR, -3, "Boom"),
         (200, b'{"Message":"Call not found","Code":-1}', ResultKind.NOT_FOUND, -1, None),
         (200, b'{"Message":"No such call","Code":-2}', ResultKind.NOT_FOUND, -2, None),
         (200, b'{"Message":"Agent not found","Code":-1}', ResultKind.API_ERROR, -1, None),
         (502, b"\x00bad\tgate\nway\x7f", ResultKind.HTTP_ERROR, None, "HTTP 502: bad gate way"),
-        (200, b"[" * 100_000, ResultKind.OK, None, None),
+        (200, b"[" * 100_000, ResultKind.UNEXPECTED, None, None),
         (
             400,
             b'say "hi" \\ <b>now</b> &amp; then',
@@ -1030,3 +1061,39 @@ def test_retry_after_is_read_as_seconds_or_a_date_and_bounded(
     """Retry-After as delta-seconds or an HTTP date, at most a day; unreadable means none."""
     now = 1796169600.0  # Wed, 02 Dec 2026 00:00:00 GMT
     assert retry_after_seconds(header, now) == seconds
+
+
+@pytest.mark.parametrize(
+    ("mode", "uncertain"),
+    [
+        (FailureMode.REFUSE, False),  # nothing reached NoojeeContact: a start may be resent
+        (FailureMode.RESET, True),  # read, then no answer: it may have acted
+        (FailureMode.SLOW, True),  # read timeout: it may have acted
+        (FailureMode.HTTP_503, False),  # "not now": the request was not taken
+        (FailureMode.HTTP_500, True),  # the server may have acted before it failed
+    ],
+)
+async def test_a_failure_says_whether_the_request_may_have_reached_noojeecontact(
+    sim: NoojeeSimulator, make_client: MakeClient, mode: FailureMode, uncertain: bool
+) -> None:
+    """Only a failure before a byte was sent (or an answer refusing it) leaves a start safe to
+    resend; a reset or a timeout after sending is uncertain."""
+    client = await make_client(request_timeout=0.2)
+    sim.set_failure(mode, delay=5.0)
+    result = await client.send(STOP_410)
+    assert not result.ok
+    assert result.transient
+    assert result.uncertain is uncertain
+
+
+async def test_a_missing_time_stamp_means_the_request_was_never_sent(
+    sim: NoojeeSimulator, make_client: MakeClient
+) -> None:
+    """Hash scheme: /Time times out, so the start itself never left: not uncertain."""
+    client = await make_client(auth="hash", request_timeout=0.2)
+    sim.set_failure(FailureMode.SLOW, delay=5.0)
+    result = await client.send(STOP_410)
+    assert result.kind is ResultKind.TIMEOUT
+    assert result.unsent
+    assert not result.uncertain
+    assert [r.path for r in sim.received] == [sim.config.prefix + "/Time"]

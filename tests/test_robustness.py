@@ -485,11 +485,7 @@ async def test_second_signal_exits_at_once_and_keeps_what_is_queued(
     simulator.set_failure(FailureMode.SLOW, delay=30)
     session = asyncio.create_task(_call_port(port))
     await simulator.wait_for(1)
-    process.send_signal(signal.SIGTERM)
-    # Two signals sent back to back may merge in the kernel: wait until the first is handled.
-    await _wait_for_line(process, b"agi.server.stopping")
-    process.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(process.wait(), timeout=5) == 130
+    assert await _signal_twice(process) == 130
     await session
     simulator.set_failure(FailureMode.NONE)
     simulator.clear()
@@ -523,11 +519,8 @@ async def test_second_signal_shortens_the_stop_and_every_session_gets_a_status(
         for i in range(sessions)
     ]
     await simulator.wait_for(sessions, predicate=lambda r: r.path == STOP_PATH)
-    process.send_signal(signal.SIGTERM)
-    await _wait_for_line(process, b"agi.server.stopping")
-    process.send_signal(signal.SIGTERM)
     # Generous against a loaded box; the budget alone would hold the sessions 5 s.
-    assert await asyncio.wait_for(process.wait(), timeout=4) == 130
+    assert await _signal_twice(process, within=4) == 130
     results = await asyncio.gather(*calls)
     assert [r.variables.get("NOOJEE_STATUS") for r in results] == ["QUEUED"] * sessions
     simulator.set_failure(FailureMode.NONE)
@@ -561,6 +554,39 @@ async def test_sighup_is_logged_and_changes_nothing(
     assert (await _call_port(port)).variables["NOOJEE_STATUS"] == "STOPPED"
     process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+
+
+async def test_a_start_in_flight_at_a_second_signal_is_never_sent_again(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A start NoojeeContact received but has not answered when two SIGTERMs end the bridge:
+    the next process settles it unconfirmed and never sends it (one start, one leg), while a
+    stop queued after it is delivered."""
+    process, port = await _start_process(simulator, ca_file, tmp_path)
+    simulator.set_failure(FailureMode.SLOW, delay=30)
+    start = Call(script="recording/start", arguments=("Fred", "by=uniqueid"), port=port)
+    session = asyncio.create_task(run_call(start, deadline=40))
+    await simulator.wait_for(1)
+    assert await _signal_twice(process) == 130
+    await session
+    simulator.set_failure(FailureMode.NONE)
+    process, port = await _start_process(simulator, ca_file, tmp_path)
+    try:
+        await _call_port(port)  # a stop, sent after the restart: the spool was looked at
+        await simulator.wait_for(1, timeout=30, predicate=lambda r: r.path == STOP_PATH)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
+    assert [r.path.rsplit("/", 1)[-1] for r in simulator.received] == ["start", "stop"]
+
+
+async def _signal_twice(process: asyncio.subprocess.Process, within: float = 5) -> int:
+    """SIGTERM, and a second one once the first is handled (two sent back to back may merge
+    in the kernel); the exit status, which must come ``within`` seconds."""
+    process.send_signal(signal.SIGTERM)
+    await _wait_for_line(process, b"agi.server.stopping")
+    process.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(process.wait(), timeout=within)
 
 
 async def _wait_for_line(process: asyncio.subprocess.Process, marker: bytes) -> None:

@@ -574,3 +574,15 @@ def test_relative_paths_from_environment_and_defaults_stay_relative(
     assert settings.api_key == KEY
     assert settings.noojee_api_key_file == Path("key")
     assert settings.data_dir == Path("var")
+
+
+def test_extension_requests_must_expire_within_the_repeat_window(
+    minimal_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """extension_max_age above dedup_window is refused (a fresh press could meet the earlier
+    request still queued); without a window (0) any validity is accepted."""
+    monkeypatch.setenv("AGI_BRIDGE_EXTENSION_MAX_AGE", "90")
+    [problem] = problems_of()
+    assert problem.startswith("extension_max_age (AGI_BRIDGE_EXTENSION_MAX_AGE) is larger than")
+    monkeypatch.setenv("AGI_BRIDGE_DEDUP_WINDOW", "0")
+    assert load_settings().extension_max_age == 90

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -101,7 +102,7 @@ async def test_claimed_entry_not_claimed_again_before_lease_ends(
 async def test_delivered_removes(spool: Spool, clock: FakeClock) -> None:
     """A delivered entry is gone for good: never claimed again, not counted."""
     entry_id = await spool.add(STOP, call_uniqueid="1.1")
-    kept = await spool.add(START, call_uniqueid="1.2")
+    kept = await spool.add(STOP, call_uniqueid="1.2")  # a stop: its lease runs out, it comes back
     await spool.claim_due(limit=10, lease=1)
     await spool.delivered(entry_id)
     clock.now += 10
@@ -412,3 +413,142 @@ async def test_corrupt_row_is_an_error_not_a_hang(spool: Spool) -> None:
     # The lease of the failed claim was rolled back with it, and later calls are served.
     await asyncio.wait_for(spool.add(START, call_uniqueid="1.2"), timeout=10)
     assert (await spool.stats()).pending == 2
+
+
+# --- schema 1: starts at most once, target kinds, settle reasons ------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EXT_STOP = RecordingRequest("stop", "410", agent="Fred", kind="extension")
+
+
+async def test_a_claimed_start_is_never_claimed_again(spool: Spool, clock: FakeClock) -> None:
+    """A start is marked attempted in the commit that claims it: its lease running out does
+    not bring it back (a stop does come back)."""
+    start = await spool.add(START, call_uniqueid="1.1")
+    stop = await spool.add(STOP, call_uniqueid="1.2")
+    assert [e.id for e in await spool.claim_due(limit=10, lease=1)] == [start, stop]
+    clock.now += 10
+    assert [e.id for e in await spool.claim_due(limit=10, lease=1)] == [stop]
+    assert await spool.next_due() == clock.now + 1  # the start is not waited for either
+
+
+async def test_a_start_that_certainly_never_left_may_be_claimed_again(
+    spool: Spool, clock: FakeClock
+) -> None:
+    """failed() is for a failure before sending: it clears the attempted mark."""
+    start = await spool.add(START, call_uniqueid="1.1")
+    await spool.claim_due(limit=10, lease=30)
+    await spool.failed(start, "cannot connect: Connection refused", retry_at=clock.now)
+    assert [e.id for e in await spool.claim_due(limit=10, lease=30)] == [start]
+
+
+async def test_starts_on_their_way_at_start_up_are_settled_unconfirmed(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A process that dies with a start claimed (or written ahead) leaves it attempted: the
+    next one settles it unconfirmed and never sends it; stops are replayed."""
+    first = Spool(tmp_path, fsync=False, clock=clock)
+    first.open()
+    claimed = await first.add(START, call_uniqueid="1.1")
+    await first.claim_due(limit=10, lease=30)
+    ahead = await first.add(START, call_uniqueid="1.2", lease=8, attempted=True)
+    stop = await first.add(STOP, call_uniqueid="1.3", lease=8)
+    first.close()  # as good as kill -9 here: nothing more was written
+
+    second = Spool(tmp_path, fsync=False, clock=clock)
+    second.open()
+    try:
+        settled = await second.settle_interrupted("on its way when the bridge stopped")
+        assert [e.id for e in settled] == [claimed, ahead]
+        await second.release_leases()
+        assert [e.id for e in await second.claim_due(limit=10, lease=30)] == [stop]
+        dead = second.list("dead")
+        assert [(e.id, e.reason) for e in dead] == [
+            (claimed, "unconfirmed"),
+            (ahead, "unconfirmed"),
+        ]
+        assert (await second.stats()).dead == 2  # they need a human: counted
+    finally:
+        second.close()
+
+
+async def test_the_calls_own_stop_cancels_what_it_queued_by_extension(
+    spool: Spool, clock: FakeClock
+) -> None:
+    """cancel_by_extension settles that call's requests by extension (not other calls', not
+    by uniqueid, not a start on its way); expired/cancelled need nobody (not counted)."""
+    mine = await spool.add(EXT_STOP, call_uniqueid="1.1")
+    other_call = await spool.add(EXT_STOP, call_uniqueid="1.2")
+    by_id = await spool.add(STOP, call_uniqueid="1.1")
+    assert await spool.cancel_by_extension("1.1", "cancelled") == [mine]
+    assert [e.id for e in await spool.claim_due(limit=10, lease=30)] == [other_call, by_id]
+    assert [(e.id, e.reason, e.request.kind) for e in spool.list("dead")] == [
+        (mine, "cancelled", "extension")
+    ]
+    assert (await spool.stats()).dead == 0
+
+
+async def test_retry_refuses_unconfirmed_and_expired_by_extension_without_force(
+    spool: Spool, clock: FakeClock
+) -> None:
+    """retry of an unconfirmed start or an expired request by extension is refused, saying
+    why, and changes nothing; --force moves it back with a fresh age and no attempted mark."""
+    start = await spool.add(START, call_uniqueid="1.1")
+    await spool.claim_due(limit=10, lease=30)
+    await spool.dead_letter(start, "read timeout", reason="unconfirmed")
+    late = await spool.add(EXT_STOP, call_uniqueid="1.2")
+    await spool.dead_letter(late, "expired", reason="expired")
+    refused = await spool.add(STOP, call_uniqueid="1.3")
+    await spool.dead_letter(refused, "Permission denied")
+    with pytest.raises(SpoolError) as caught:
+        await asyncio.to_thread(spool.retry_dead)
+    assert f"{start}: unconfirmed start" in str(caught.value)
+    assert f"{late}: expired request by extension" in str(caught.value)
+    assert "--force" in str(caught.value)
+    assert len(spool.list("dead")) == 3
+    assert await asyncio.to_thread(spool.retry_dead, [refused]) == (refused,)
+    clock.now += 100
+    assert await asyncio.to_thread(spool.retry_dead, force=True) == (start, late)
+    assert [e.id for e in await spool.claim_due(limit=10, lease=30)] == [start, late, refused]
+    assert {e.created for e in spool.list("pending")} >= {clock.now}
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A spool written by a newer release is not touched: a clear error."""
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    spool.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / SPOOL_FILE)) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(SpoolError, match="schema version 99, written by a newer agi-bridge"):
+        Spool(tmp_path, fsync=False).open()
+
+
+async def test_a_spool_of_the_previous_release_is_migrated(tmp_path: Path) -> None:
+    """tests/fixtures/spool-v0.sqlite3 (made by the release before schema versions, commit
+    ef09d8d): migrated to schema 1 in place, kinds inferred from the targets' shape, a start it
+    may have sent marked attempted, the dead letter kept as refused."""
+    (tmp_path / SPOOL_FILE).write_bytes((FIXTURES / "spool-v0.sqlite3").read_bytes())
+    spool = Spool(tmp_path, fsync=False, clock=lambda: 1_764_633_602.0)
+    spool.open()
+    try:
+        pending = spool.list("pending")
+        assert [(e.id, e.request.action, e.request.kind) for e in pending] == [
+            (1, "stop", "uniqueid"),
+            (2, "stop", "extension"),
+            (3, "start", "uniqueid"),
+            (4, "start", "uniqueid"),
+            (5, "start", "extension"),
+        ]
+        settled = await spool.settle_interrupted("on its way when the bridge stopped")
+        assert [e.id for e in settled] == [4, 5]  # written ahead; sent once (no answer)
+        [dead] = [e for e in spool.list("dead") if e.id == 6]
+        assert (dead.reason, dead.request.kind, dead.last_error) == (
+            "failed",
+            "extension",
+            "Permission denied",
+        )
+    finally:
+        spool.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / SPOOL_FILE)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)

@@ -17,6 +17,7 @@ puts them together behind the few calls the server and the app make.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from agi_bridge.delivery.ledger import Ledger, queued
@@ -45,9 +46,19 @@ class Delivery:
     ) -> None:
         self._spool = spool
         self._metrics = metrics
+        self._wall_clock = wall_clock
+        self._extension_max_age = settings.extension_max_age
+        # Calls with a request by extension made within extension_max_age, oldest first: the
+        # time it was made (wall clock, as the spool's, so that recover() can fill it).
+        self._extension_calls: OrderedDict[str, float] = OrderedDict()
         self._sender = Sender(settings=settings, client=client, metrics=metrics, clock=clock)
-        self._repeats = RepeatCache(window=settings.dedup_window, spool=spool, clock=clock)
-        ledger = Ledger(
+        self._repeats = RepeatCache(
+            window=settings.dedup_window,
+            spool=spool,
+            clock=clock,
+            extension_max_age=settings.extension_max_age,
+        )
+        self._ledger = ledger = Ledger(
             settings=settings,
             spool=spool,
             metrics=metrics,
@@ -86,13 +97,17 @@ class Delivery:
         """Deliver or queue ``request``; returns within ``budget`` plus a spool commit."""
         repeats = self._repeats
         key = (request.exten_or_uniqueid, call_uniqueid)
+        self._cancel_by_extension(request, call_uniqueid)
         earlier = repeats.earlier(key, request.action)
         if earlier is not None:
             # The same action on the same call is under way or done: answer with its outcome
             # (a repeat arriving meanwhile waits for it, within the same budget).
-            repeated = await repeats.answer(request, earlier)
+            repeated = await repeats.answer(request, earlier, first_at=repeats.seen_at(key))
             if repeated is not None:
                 self._metrics.duplicates.inc()
+                if repeated.status is Status.EXPIRED:
+                    # Told once; the next press is a fresh request, sent while the call is on.
+                    repeats.forget(key, earlier)
                 return repeated
         remembered = repeats.remember(key, request.action)
         try:
@@ -109,6 +124,33 @@ class Delivery:
         if outcome.status is Status.FAILED:
             repeats.forget(key, remembered)  # a failure is worth trying again at once
         return outcome
+
+    def _cancel_by_extension(self, request: RecordingRequest, call_uniqueid: str) -> None:
+        """The call's own stop (its hangup, by uniqueid or linkedid) cancels what the call still
+        has queued by extension: that could only reach the extension's NEXT call. Only calls
+        known to have made a request by extension (recently) cost a spool query."""
+        calls = self._extension_calls
+        now = self._wall_clock()
+        while calls and next(iter(calls.values())) < now - self._extension_max_age:
+            calls.popitem(last=False)  # past its validity, never sent anyway
+        if request.kind == "extension":
+            calls.pop(call_uniqueid, None)
+            calls[call_uniqueid] = now
+        elif request.action == "stop" and calls.pop(call_uniqueid, None) is not None:
+            cancelling = self._spool.cancel_by_extension(
+                call_uniqueid, "cancelled: the call's own stop (by its id) superseded it"
+            )
+            cancelling.add_done_callback(lambda done: self._ledger.cancelled(done, call_uniqueid))
+
+    async def recover(self) -> None:
+        """At start-up, before anything is sent: settle as unconfirmed the starts the last
+        process may have sent (they are never sent again), and note which calls still have
+        requests queued by extension (their own stop cancels them)."""
+        why = "may have reached NoojeeContact, not sent again: on its way when the bridge stopped"
+        for entry in await self._spool.settle_interrupted(why):
+            self._ledger.note("unconfirmed", entry.id, entry.request, why)
+        for entry in await self._spool.by_extension():
+            self._extension_calls[entry.call_uniqueid] = entry.created
 
     def write_ahead_in_flight(self) -> None:
         """Shutdown begins: spool every sync request not on disk yet, now and from now on."""

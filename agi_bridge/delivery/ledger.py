@@ -1,6 +1,13 @@
 """What became of an attempt on a spooled request, written to the spool whoever made it (a
-session's sync attempt or the worker): delivered, to be retried, or dead-lettered; and the
-answer ``QUEUED`` once a request is on disk."""
+session's sync attempt or the worker): delivered, to be retried, or settled without delivery
+(dead-lettered, unconfirmed, expired); and the answer ``QUEUED`` once a request is on disk.
+
+A stop is retried as long as its attempts and age allow (a repeat is harmless). A start is
+retried only after a failure that certainly never reached NoojeeContact: one that may have
+(no answer, a reset, an answer that is not NoojeeContact's) is settled "unconfirmed", never
+sent again, because a second start adds a recording leg. A request by extension is never sent
+once ``extension_max_age`` has passed: it would act on whatever call the extension is on then.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from agi_bridge.delivery.repeats import Fate, RepeatCache
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
 from agi_bridge.settings import Settings
-from agi_bridge.spool import Spool
+from agi_bridge.spool import SettleReason, Spool
 from agi_bridge.vocabulary import (
     MESSAGE_MAX_CHARS,
     NoojeeResult,
@@ -20,6 +27,7 @@ from agi_bridge.vocabulary import (
     RecordingRequest,
     ResultKind,
     Status,
+    unconfirmed_message,
 )
 
 log = get_logger("agi_bridge.delivery")
@@ -67,6 +75,10 @@ class Ledger:
         or its age."""
         settings = self._settings
         age = self._wall_clock() - created
+        if request.action == "start" and result.uncertain:
+            return self.unconfirmed(entry_id, request, unconfirmed_message(result))
+        if result.transient and request.kind == "extension" and age >= settings.extension_max_age:
+            return self.expired(entry_id, request, f"{result.message}; {self.too_late}")
         exhausted = attempts + 1 >= settings.retry_max_attempts or age >= settings.retry_max_age
         if result.transient and not exhausted:
             self._metrics.retries.inc()
@@ -96,6 +108,53 @@ class Ledger:
             error=result.message,
         )
         return self._spool.dead_letter(entry_id, result.message)
+
+    @property
+    def too_late(self) -> str:
+        """Why a request by extension is no longer sent."""
+        max_age = self._settings.extension_max_age
+        return f"expired: by extension and not delivered within {max_age:g}s, not sent"
+
+    def unconfirmed(
+        self, entry_id: int, request: RecordingRequest, message: str
+    ) -> asyncio.Future[None]:
+        """A start that may have reached NoojeeContact without a confirmation: settled, never
+        sent again (a second start adds a recording leg)."""
+        self.note("unconfirmed", entry_id, request, message)
+        return self._spool.dead_letter(entry_id, message, reason="unconfirmed")
+
+    def note(
+        self, reason: SettleReason, entry_id: int, request: RecordingRequest, message: str
+    ) -> None:
+        """Count and log (a WARNING for the operator) a request settled without delivery."""
+        self._metrics.settle(reason)
+        log.warning(
+            f"spool.entry.{reason}",
+            id=entry_id,
+            action=request.action,
+            target=request.exten_or_uniqueid,
+            kind=request.kind,
+            error=message,
+        )
+
+    def expired(
+        self, entry_id: int, request: RecordingRequest, message: str, *, attempted: bool = True
+    ) -> asyncio.Future[None]:
+        """A request by extension past its validity: settled, never sent again."""
+        self.note("expired", entry_id, request, message)
+        return self._spool.dead_letter(entry_id, message, attempted=attempted, reason="expired")
+
+    def cancelled(self, entries: asyncio.Future[list[int]], call_uniqueid: str) -> None:
+        """Count and log the requests by extension that a call's own stop cancelled."""
+        if entries.cancelled():
+            return
+        error = entries.exception()
+        if error is not None:
+            log.error("spool.write.failed", error=str(error), error_type=type(error).__name__)
+            return
+        for entry_id in entries.result():
+            self._metrics.settle("cancelled")
+            log.warning("spool.entry.cancelled", id=entry_id, call_uniqueid=call_uniqueid)
 
     def settle(
         self, entry_id: int, request: RecordingRequest, result: NoojeeResult

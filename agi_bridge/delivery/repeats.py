@@ -62,8 +62,18 @@ class _Settled:
 class RepeatCache:
     """The requests of the last ``window`` seconds, and the fates of the entries they queued."""
 
-    def __init__(self, *, window: float, spool: Spool, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        *,
+        window: float,
+        spool: Spool,
+        clock: Callable[[], float],
+        extension_max_age: float | None = None,
+    ) -> None:
         self._window = window
+        # A queued request by extension older than this is never sent (the worker settles it
+        # when it gets to it): a repeat hears that at once, not "still queued".
+        self._extension_max_age = extension_max_age
         self._spool = spool
         self._clock = clock
         self._recent: OrderedDict[Key, _Recent] = OrderedDict()
@@ -104,8 +114,17 @@ class RepeatCache:
         _expire(self._settled, now - self._window)
         self._settled[entry_id] = _Settled(fate, now, message)
 
+    def seen_at(self, key: Key) -> float | None:
+        """When the request that ``key``'s repeats answer to was made (clock time)."""
+        seen = self._recent.get(key)
+        return None if seen is None else seen.at
+
     async def answer(
-        self, request: RecordingRequest, earlier: asyncio.Future[Outcome]
+        self,
+        request: RecordingRequest,
+        earlier: asyncio.Future[Outcome],
+        *,
+        first_at: float | None = None,
     ) -> Outcome | None:
         """A repeat's answer: the earlier request's outcome, where it stands now if it was
         queued; None when the earlier request was abandoned (its session cancelled)."""
@@ -119,21 +138,33 @@ class RepeatCache:
         if repeated.entry is not None:
             # QUEUED then: the agent pressing again wants to know where the request stands
             # NOW, not what the bridge knew when it first answered.
-            repeated = await self._now(request, repeated.entry, repeated)
+            repeated = await self._now(request, repeated.entry, repeated, first_at)
         message = f"repeat within {self._window:g}s, sent once: {repeated.message}"
         return Outcome(repeated.status, message[:MESSAGE_MAX_CHARS])
 
-    async def _now(self, request: RecordingRequest, entry_id: int, queued: Outcome) -> Outcome:
-        """Where a queued request stands: still queued, failed for good, or settled."""
+    async def _now(
+        self, request: RecordingRequest, entry_id: int, queued: Outcome, first_at: float | None
+    ) -> Outcome:
+        """Where a queued request stands: still queued, settled without delivery, or done."""
         try:
             found = await self._spool.where(entry_id)
         except SpoolError as exc:
             log.exception("spool.read.failed", error=str(exc), error_type=type(exc).__name__)
             return queued  # what the bridge knew; the spool's failure is logged
         if found is not None:
-            table, error = found
+            table, error, reason = found
             if table == "dead":
-                return Outcome(Status.FAILED, f"failed since it was queued: {error}")
+                return _settled_outcome(reason, error or "")
+            max_age = self._extension_max_age
+            if (
+                request.kind == "extension"
+                and max_age is not None
+                and first_at is not None
+                and self._clock() - first_at >= max_age
+            ):
+                return Outcome(
+                    Status.EXPIRED, f"by extension and not delivered within {max_age:g}s: not sent"
+                )
             return Outcome(Status.QUEUED, f"still queued: {error or 'not confirmed yet'}", entry_id)
         _expire(self._settled, self._clock() - self._window)
         settled = self._settled.get(entry_id)
@@ -143,6 +174,15 @@ class RepeatCache:
         if settled.fate is Fate.NOT_FOUND:
             return Outcome(Status.FAILED, f"not confirmed since it was queued: {settled.message}")
         return Outcome(confirmed_status(request.action), "delivered since it was queued")
+
+
+def _settled_outcome(reason: str | None, error: str) -> Outcome:
+    """What a repeat hears of a request settled without delivery since it was queued."""
+    if reason == "unconfirmed":
+        return Outcome(Status.UNCONFIRMED, error)
+    if reason in ("expired", "cancelled"):
+        return Outcome(Status.EXPIRED, error)
+    return Outcome(Status.FAILED, f"failed since it was queued: {error}")
 
 
 class _Seen(Protocol):

@@ -61,7 +61,9 @@ class Sender:
                 await self._slots.acquire()  # returns at once, without yielding
         except TimeoutError:
             return NoojeeResult(
-                ResultKind.TIMEOUT, f"all {self._max_connections} NoojeeContact connections busy"
+                ResultKind.TIMEOUT,
+                f"all {self._max_connections} NoojeeContact connections busy",
+                unsent=True,
             )
         try:
             started = self._clock()
@@ -75,7 +77,10 @@ class Sender:
         if result.transient:
             self.last_failure = self._clock()
             log.warning(
-                "noojee.request.failed",
+                # An answer that is not NoojeeContact's: its excerpt (redacted) is the message.
+                "noojee.request.unexpected"
+                if result.kind is ResultKind.UNEXPECTED
+                else "noojee.request.failed",
                 kind=result.kind.value,
                 message=result.message,
                 http_status=result.http_status,

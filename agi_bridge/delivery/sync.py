@@ -30,6 +30,7 @@ from agi_bridge.vocabulary import (
     ResultKind,
     Status,
     confirmed_status,
+    unconfirmed_message,
 )
 
 log = get_logger("agi_bridge.delivery")
@@ -104,6 +105,9 @@ class SyncPath:
         result = answer.result()
         if result.ok:
             return Outcome(confirmed_status(request.action), result.message)
+        if request.action == "start" and result.uncertain:
+            # Settled unconfirmed by _run (never sent again): nothing to wait for.
+            return Outcome(Status.UNCONFIRMED, unconfirmed_message(result))
         if result.transient:
             return await queued(store, result.message, wake=self._wake)
         return Outcome(Status.FAILED, result.message)
@@ -137,8 +141,13 @@ class SyncPath:
         """Spool a sync request (once) while its attempt goes on; the entry is leased to the
         attempt, which records what became of it once the entry is stored."""
         if attempt.store is None:
+            # A start's attempt is already under way: it is stored marked attempted, so that
+            # whatever happens to this process it is never sent a second time.
             attempt.store = self._spool.add(
-                attempt.request, call_uniqueid=attempt.call_uniqueid, lease=self._sender.lease
+                attempt.request,
+                call_uniqueid=attempt.call_uniqueid,
+                lease=self._sender.lease,
+                attempted=attempt.request.action == "start",
             )
         return attempt.store
 

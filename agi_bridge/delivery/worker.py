@@ -88,7 +88,7 @@ class Worker:
             if not self._stopping:
                 await self._wait_for_work()
             return
-        pause = await self._deliver(entries)
+        pause = self._pause(await self._deliver(entries))
         if pause is not None and not self._stopping:
             await self._back_off(pause)
 
@@ -101,15 +101,30 @@ class Worker:
             async with asyncio.timeout(min(timeout, IDLE_POLL)):
                 await self._work.wait()
 
-    async def _deliver(self, entries: list[SpoolEntry]) -> float | None:
-        """One attempt for each of ``entries``, all at once. When one failed transiently, the
-        seconds NoojeeContact asked us to wait (its longest Retry-After, 0 without one, at
-        most ``retry_max_delay``); None when none did."""
+    async def _deliver(self, entries: list[SpoolEntry]) -> list[NoojeeResult]:
+        """One attempt for each of ``entries``, all at once: the answers of those sent."""
         results = await asyncio.gather(*(self._send_entry(entry) for entry in entries))
+        return [result for result in results if result is not None]
+
+    def _pause(self, results: list[NoojeeResult]) -> float | None:
+        """When one of ``results`` failed transiently, the seconds NoojeeContact asked us to
+        wait (its longest Retry-After, 0 without one, at most ``retry_max_delay``); None when
+        none did."""
         failed = [result.retry_after or 0.0 for result in results if result.transient]
         return min(max(failed), self._settings.retry_max_delay) if failed else None
 
-    async def _send_entry(self, entry: SpoolEntry) -> NoojeeResult:
+    async def _send_entry(self, entry: SpoolEntry) -> NoojeeResult | None:
+        request = entry.request
+        if (
+            request.kind == "extension"
+            and self._wall_clock() - entry.created >= self._settings.extension_max_age
+        ):
+            # Checked as it is claimed, not only on a failure: after a backoff, the extension
+            # may be on another customer's call by now.
+            why = self._ledger.too_late
+            why = f"{entry.last_error}; {why}" if entry.last_error else why
+            await self._ledger.expired(entry.id, request, why, attempted=False)
+            return None
         result = await self._sender.attempt(entry.request, from_session=False)
         if result.ok:
             # At once, not with the rest of the batch: a delivery made must be recorded even
@@ -165,11 +180,11 @@ class Worker:
                 if self._stopping:
                     return
                 entries = await self._spool.claim_due(limit=1, lease=self._sender.lease)
-                # Nothing due (the rest is leased to sync attempts in flight): no proof yet
-                # that NoojeeContact is back, so keep the pace.
-                if not entries:
-                    raise _Unavailable
-                wait = await self._deliver(entries)
-                if wait is not None:
+                # Nothing due (the rest is leased to sync attempts in flight), or nothing
+                # sent (expired): no proof yet that NoojeeContact is back, so keep the pace.
+                results = await self._deliver(entries) if entries else []
+                wait = self._pause(results)
+                if wait:
                     await asyncio.sleep(wait)  # the Retry-After, before stamina's own wait
+                if not results or wait is not None:
                     raise _Unavailable

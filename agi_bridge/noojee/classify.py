@@ -117,9 +117,11 @@ def _json_envelope(body: bytes) -> tuple[int | None, str | None] | None:
 def classify_response(status: int, body: bytes, *, secret: str | None = None) -> NoojeeResult:
     """Turn one HTTP answer into a result, exactly as the API reference says.
 
-    2xx with Code 0 or with a non-JSON body: OK. Code > 0 with 2xx: WARNING. Code < 0 with any
-    status: API_ERROR carrying Message. Any other non-2xx: HTTP_ERROR carrying the status and a
-    short sanitised excerpt of the body. ``secret`` is scrubbed from every message.
+    2xx with Code 0, or with an empty body (the docs' "HTTP 200 on success"): OK. Code > 0 with
+    2xx: WARNING. Code < 0 with any status: API_ERROR carrying Message. Any other 2xx (HTML
+    from a proxy or a login gateway, cut-off or invalid JSON, JSON without Code): UNEXPECTED,
+    nothing confirmed. Any other non-2xx: HTTP_ERROR carrying the status and a short sanitised
+    excerpt of the body. ``secret`` is scrubbed from every message.
     """
     envelope = _json_envelope(body)
     success = 200 <= status < 300
@@ -134,14 +136,16 @@ def classify_response(status: int, body: bytes, *, secret: str | None = None) ->
             kind = ResultKind.OK if code == 0 else ResultKind.WARNING
             return NoojeeResult(kind, text or f"Code {code}", code, status)
     if success:
-        if envelope is not None:
-            if envelope[1]:
-                return NoojeeResult(ResultKind.OK, safe_message(envelope[1], secret), None, status)
-            detail = f"JSON without a Code: {body_excerpt(body, secret)}"
-        else:
-            excerpt = body_excerpt(body, secret)
-            detail = f"a non-JSON body: {excerpt}" if excerpt else "an empty body"
-        return NoojeeResult(ResultKind.OK, f"HTTP {status} with {detail}", None, status)
+        if not body.strip():
+            return NoojeeResult(ResultKind.OK, f"HTTP {status} with an empty body", None, status)
+        what = "JSON without a Code" if envelope is not None else "a body that is not its JSON"
+        excerpt = body_excerpt(body, secret) or "(unprintable)"
+        return NoojeeResult(
+            ResultKind.UNEXPECTED,
+            f"unexpected answer, HTTP {status} with {what}: {excerpt}",
+            None,
+            status,
+        )
     if envelope is not None and envelope[1]:
         excerpt = safe_message(envelope[1], secret, EXCERPT_MAX_CHARS)
     else:
@@ -202,12 +206,19 @@ _TIMEOUT_PHASES: Final[dict[type[httpx.TimeoutException], str]] = {
 }
 
 
+# Failures that happen before a byte of the request leaves: connecting (refused, no route, TLS
+# handshake or certificate) and waiting for a pooled connection. Anything later may have
+# reached NoojeeContact, even a reset (it may come after the server acted).
+_BEFORE_SENDING: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
 def exception_result(exc: Exception, secret: str | None, timeouts: httpx.Timeout) -> NoojeeResult:
     """Map an exception raised by httpx or the socket layer to a result."""
+    unsent = isinstance(exc, _BEFORE_SENDING)
     if isinstance(exc, httpx.TimeoutException):
         phase = _TIMEOUT_PHASES.get(type(exc), "waiting")
         limit = timeouts.connect if isinstance(exc, httpx.ConnectTimeout) else timeouts.read
-        return NoojeeResult(ResultKind.TIMEOUT, f"timed out {phase} ({limit:g} s)")
+        return NoojeeResult(ResultKind.TIMEOUT, f"timed out {phase} ({limit:g} s)", unsent=unsent)
     if isinstance(exc, TimeoutError):  # a socket-level timeout httpx did not map
         return NoojeeResult(ResultKind.TIMEOUT, "timed out (socket)")
     verify = _find_in_chain(exc, ssl.SSLCertVerificationError)
@@ -217,6 +228,7 @@ def exception_result(exc: Exception, secret: str | None, timeouts: httpx.Timeout
             ResultKind.TRANSPORT,
             safe_message(f"TLS certificate verification failed: {reason}", secret),
             tls_verify_failed=True,
+            unsent=unsent,
         )
     tls = _find_in_chain(exc, ssl.SSLError)
     if isinstance(exc, httpx.RemoteProtocolError) and "without sending" in str(exc):
@@ -228,4 +240,4 @@ def exception_result(exc: Exception, secret: str | None, timeouts: httpx.Timeout
     else:
         detail = _os_reason(exc) or str(exc)
         text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    return NoojeeResult(ResultKind.TRANSPORT, safe_message(text, secret))
+    return NoojeeResult(ResultKind.TRANSPORT, safe_message(text, secret), unsent=unsent)

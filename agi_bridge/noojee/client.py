@@ -8,7 +8,8 @@ Recording", "01.0/01.1 Authentication"). In short:
 * Authentication is either ``apiKey=<key>`` or a ``timeStamp`` from ``POST <base>/Time`` plus
   ``hash = sha256(key + ":" + timeStamp)``; the key itself never travels in the hash scheme.
 * Answers are ``{"Message": ..., "Code": n}``: 0 success, > 0 warning, < 0 error. Non-2xx
-  answers are errors whose body is undocumented (a 404 comes back as an HTML page).
+  answers are errors whose body is undocumented (a 404 comes back as an HTML page); a 2xx
+  that is not that JSON (nor empty) confirms nothing.
 
 Design:
 
@@ -47,6 +48,7 @@ import ssl
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal, Self, cast
@@ -249,7 +251,8 @@ class NoojeeClient:
         if self._auth is not None:
             got = await self._auth.pair()
             if isinstance(got, NoojeeResult):
-                return got, None
+                # No time stamp, so the request itself was never sent.
+                return replace(got, unsent=True), None
             pair = got
             auth = pair.query
         else:

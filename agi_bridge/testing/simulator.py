@@ -115,6 +115,8 @@ class FailureMode(enum.StrEnum):
     HTML_404 = "html_404"  # every call answers the servlet container's HTML 404 page
     REFUSE = "refuse"  # listener closed: connections are refused
     RESET = "reset"  # read the request, then close the connection without an answer
+    LOGIN_PAGE = "login_page"  # 200 with a single-sign-on gateway's HTML login page
+    CUT_OFF_JSON = "cut_off_json"  # 200 with NoojeeContact's JSON cut short
 
 
 def _default_agents() -> Mapping[str, frozenset[Action]]:
@@ -226,6 +228,15 @@ _NOT_ALLOWED: Final = _Answer(405, b'{"Message":"Method Not Allowed","Code":-1}'
 _HTTP_500: Final = _Answer(500, b"Internal Server Error", _TEXT)
 _HTTP_503: Final = _Answer(503, b"Service Unavailable", _TEXT)
 _RESET: Final = _Answer(0, b"", b"", reset=True)
+_LOGIN_PAGE: Final = _Answer(
+    200,
+    b"<!doctype html><html><head><title>Sign in</title></head><body><form method=post>"
+    b"<label>User name <input name=user></label><label>Password <input type=password "
+    b"name=password></label></form></body></html>",
+    _HTML,
+)
+# What a proxy cutting the body short leaves of a refusal: not JSON any more.
+_CUT_OFF_JSON: Final = _Answer(200, b'{"Code": -1, "Message": "Permission den', _JSON)
 _BAD_REQUEST: Final = _Answer(400, b"Bad Request", _TEXT, close=True)
 _TOO_LARGE: Final = _Answer(413, b"Payload Too Large", _TEXT, close=True)
 
@@ -667,6 +678,10 @@ class NoojeeSimulator:
             answer = _html_404(path)
         elif mode is FailureMode.RESET:
             answer = _RESET
+        elif mode is FailureMode.LOGIN_PAGE:
+            answer = _LOGIN_PAGE
+        elif mode is FailureMode.CUT_OFF_JSON:
+            answer = _CUT_OFF_JSON
         elif path == self._time_path or path in self._action_paths:
             if method != "POST":
                 answer = _NOT_ALLOWED

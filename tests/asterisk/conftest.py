@@ -498,6 +498,9 @@ API_KEY = "f863246a-973e-11e6-8784-08002718f5b5"
 # The bridge under test holds a sync request this long at most (AGI_BRIDGE_STOP_BUDGET and
 # AGI_BRIDGE_START_BUDGET); the simulator answers in milliseconds unless a test slows it down.
 BUDGET = 0.5
+# AGI_BRIDGE_EXTENSION_MAX_AGE: shorter than the default 10 s so that a test sees a request by
+# extension expire, long enough that one delivered after a short outage never does.
+EXTENSION_MAX_AGE = 4.0
 # AGI_BRIDGE_AGENTS of the bridge under test: the agent of extension 410 when the call names none.
 AGENTS = {"410": "Wilma"}
 STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
@@ -666,6 +669,7 @@ async def bridge_process(
         AGI_BRIDGE_SPOOL_FSYNC="false",
         AGI_BRIDGE_SHUTDOWN_GRACE="5",
         AGI_BRIDGE_AGENTS=json.dumps(AGENTS),
+        AGI_BRIDGE_EXTENSION_MAX_AGE=str(EXTENSION_MAX_AGE),
     )
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agi_bridge", "serve",

@@ -24,7 +24,7 @@ from panoramisk.message import Message
 
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 
-from .conftest import AGENTS, START_PATH, STOP_PATH, Ami, BridgeProcess
+from .conftest import AGENTS, EXTENSION_MAX_AGE, START_PATH, STOP_PATH, Ami, BridgeProcess
 
 pytestmark = pytest.mark.asterisk
 
@@ -301,3 +301,86 @@ async def test_toggle_state_survives_a_transfer_to_another_agent(
         (START_PATH, "411", "Wilma"),
         (STOP_PATH, customer, "Wilma"),
     ]
+
+
+PIPS = "!425/150,!0/150,!425/150,!0/150,!425/150"
+
+
+async def test_a_queued_star2_does_not_silence_the_hangup_stop_which_cancels_it(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+) -> None:
+    """*2 during an outage: the pips (QUEUED, not confirmed), so the hangup handler still
+    sends its stop by the linkedid; that stop cancels the *2 by extension, which never
+    reaches extension 410 (by then on another customer's call): one stop, by the linkedid."""
+    simulator.set_failure(FailureMode.REFUSE)
+    customer, member = await _call(ami, "test-chain", TEST_DTMF="*2", TEST_AGENT_STAY="2")
+    await ami.wait_var("NOOJEE_STATUS", "QUEUED", uniqueid=member)
+    await ami.wait_var("NOOJEE_CALL_RECORDING", "stopping", uniqueid=customer)
+    await ami.wait_hangup(member)
+    await bridge.wait_log(
+        lambda line: line.get("event") == "spool.entry.cancelled", what="the *2 cancelled"
+    )
+    simulator.set_failure(FailureMode.NONE)
+    [stop] = await simulator.wait_for(1, timeout=15)
+    await ami.wait_hangup(customer)
+    await bridge.wait_drained()
+    assert ami.ran(member, "PlayTones") == [PIPS]
+    assert ami.ran(member, "Playback") == []
+    assert (stop.path, stop.params["extenOrUniqueId"], stop.answered_code) == (
+        STOP_PATH,
+        customer,
+        0,
+    )
+    assert simulator.received == [stop]
+
+
+async def test_an_expired_star2_plays_the_error_beep_and_the_hangup_stop_follows(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+) -> None:
+    """*2 queued during an outage, pressed again once its validity passed: the error beep
+    (EXPIRED, nothing changed), the recording counts as running, the hangup stop follows."""
+    simulator.set_failure(FailureMode.REFUSE)
+    after = str(EXTENSION_MAX_AGE + 1)
+    customer, member = await _call(
+        ami, "test-chain", TEST_DTMF="*2", TEST_DTMF2="*2", TEST_DTMF2_AFTER=after,
+        TEST_AGENT_STAY="1",
+    )  # fmt: skip
+    await ami.wait_var("NOOJEE_STATUS", "QUEUED", uniqueid=member)
+    await ami.wait_var("NOOJEE_STATUS", "EXPIRED", uniqueid=member, within=15)
+    await ami.wait_hangup(member, within=20)
+    await bridge.wait_log(
+        lambda line: line.get("event") == "agi.session.finished"
+        and line.get("uniqueid") == member and line.get("message") == "queued for delivery",
+        what="the hangup stop, queued",
+    )  # fmt: skip
+    simulator.set_failure(FailureMode.NONE)
+    [stop] = await simulator.wait_for(1, timeout=15)
+    await ami.wait_hangup(customer)
+    await bridge.wait_drained()
+    assert ami.ran(member, "PlayTones") == [PIPS]
+    assert ami.ran(member, "Playback") == ["beeperr"]
+    assert [v for v in ami.values("NOOJEE_CALL_RECORDING", customer) if v] == [
+        "stopping",
+        "started",
+    ]
+    assert (stop.params["extenOrUniqueId"], stop.answered_code) == (customer, 0)
+    assert simulator.received == [stop]
+
+
+async def test_an_unconfirmed_star3_plays_its_own_sound_and_is_never_resent(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+) -> None:
+    """*3 answered by a login page (HTTP 200, not NoojeeContact's): UNCONFIRMED, the error
+    beep then two beeps; the start is never sent again and the hangup stop follows."""
+    simulator.set_failure(FailureMode.LOGIN_PAGE)
+    customer, member = await _call(ami, "test-chain", TEST_DTMF="*3", TEST_AGENT_STAY="2")
+    await ami.wait_var("NOOJEE_STATUS", "UNCONFIRMED", uniqueid=member)
+    simulator.set_failure(FailureMode.NONE)
+    await ami.wait_hangup(member)
+    await simulator.wait_for(2)
+    await ami.wait_hangup(customer)
+    await bridge.wait_drained()
+    assert ami.ran(member, "Playback") == ["beeperr&beep&beep"]
+    got = [(r.path, r.params["extenOrUniqueId"], r.http_status) for r in simulator.received]
+    assert got == [(START_PATH, EXT, 200), (STOP_PATH, customer, 200)]
+    assert simulator.received[0].answered_code is None  # the login page, not NoojeeContact
