@@ -1,6 +1,7 @@
-"""The spool's disk on an operator's worst day: full, or with a corrupt page. The full disk is
-a small filesystem of its own that the test mounts (a tmpfs, root only): skipped elsewhere
-with a message, never faked."""
+"""The spool's disk on an operator's worst day: full, with a corrupt page, or frozen. The full
+and the frozen disk are small filesystems of their own that the tests mount (a tmpfs; an ext4
+on a loop device, which fsfreeze needs), as root: skipped elsewhere with a message, never
+faked."""
 
 from __future__ import annotations
 
