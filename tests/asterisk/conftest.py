@@ -54,6 +54,9 @@ from agi_bridge.testing.simulator import (
 )
 from tests.preparation import Preparation
 
+from .phones import phones  # noqa: F401 (the fixture: real SIP phones)
+from .readme_snippets import write_all as write_readme_snippets
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 SANDBOX_SCRIPT = REPO / "scripts" / "asterisk-sandbox"
@@ -61,6 +64,7 @@ EXTRA_EXTENSIONS = HERE / "sandbox-extensions.conf"
 EXTRA_FEATURES = HERE / "sandbox-features.conf"
 EXTRA_QUEUES = HERE / "sandbox-queues.conf"
 EXTRA_AGENTS = HERE / "sandbox-agents.conf"
+EXTRA_PJSIP = HERE / "sandbox-pjsip.conf"
 DEFAULT_ROOT = "/var/cache/agi-bridge/asterisk-sid"
 
 # WARNING lines that tests provoke on purpose (an unreachable bridge). Anything else at
@@ -69,9 +73,6 @@ EXPECTED_WARNINGS = (
     re.compile(r"res_agi\.c: Connecting to '[^']+' failed"),
     re.compile(r"res_agi\.c: Couldn't connect to any host\.\s+FastAGI failed\."),
     re.compile(r"agi-bridge at \S+ failed \(AGISTATUS=FAILURE\)"),  # our Log(WARNING, ...)
-    # A logged-in agent waits in a holding bridge with music on hold; the sandbox loads no
-    # res_musiconhold (and ships no music), so Asterisk says it plays silence instead.
-    re.compile(r"bridge_holding\.c: Failed to start moh, starting silence generator instead"),
 )
 LOG_PROBLEM = re.compile(r"^\[[^\]]+\] (ERROR|WARNING)\[")
 
@@ -141,6 +142,7 @@ class Sandbox:
     ami_user: str
     ami_secret: str
     bridge_port: int
+    sip_port: int
     log_path: Path
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -177,11 +179,13 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """Asterisk 22 with the shipped dialplan/, test contexts, free ports; stopped at the end."""
     SANDBOX_ROOT.check()  # provisions only if pytest_runtestloop did not
     instance = f"pytest-{os.getpid()}"
+    readme = write_readme_snippets(tmp_path_factory.mktemp("readme") / "readme-snippets.conf")
     cmd = [
         str(SANDBOX_SCRIPT), "--instance", instance, "start", "--no-provision",
         "--owner-pid", str(os.getpid()),
         "--extensions", str(EXTRA_EXTENSIONS), "--features", str(EXTRA_FEATURES),
-        "--queues", str(EXTRA_QUEUES), "--agents", str(EXTRA_AGENTS),
+        "--queues", str(EXTRA_QUEUES), "--agents", str(EXTRA_AGENTS), "--pjsip", str(EXTRA_PJSIP),
+        "--extensions", str(readme),
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
     if res.returncode != 0:
@@ -195,6 +199,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         ami_user=state["AMI_USER"],
         ami_secret=state["AMI_SECRET"],
         bridge_port=int(state["BRIDGE_PORT"]),
+        sip_port=int(state["SIP_PORT"]),
         log_path=Path(state["LOG"]),
     )
     try:
@@ -319,6 +324,14 @@ class Ami:
             if e.event == "Newchannel" and e.get("Uniqueid") == uniqueid:
                 return str(e["Channel"])
         raise AssertionError(f"no Newchannel event for {uniqueid}")
+
+    async def action(self, name: str, **fields: str) -> Message:
+        """Send the AMI action ``name``; its answer, which must be Success."""
+        resp = await asyncio.wait_for(
+            self.manager.send_action({"Action": name, **fields}, as_list=False), 10
+        )
+        assert resp.get("Response") == "Success", f"{name} refused: {dict(resp)}"
+        return resp  # type: ignore[no-any-return]
 
     async def hangup(self, uniqueid: str) -> None:
         """Hang the channel up, as a phone hanging up would (AMI Hangup action)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import SANDBOX_SCRIPT, Ami, FakeBridge, Sandbox
+from .readme_snippets import claims, snippets
 
 pytestmark = pytest.mark.asterisk
 
@@ -22,9 +23,12 @@ SHIPPED_CONTEXTS = (
     "agi-bridge-call-recording",
     "agi-bridge-feedback",
     "agi-bridge-feature",
+    "agi-bridge-features",
     "agi-bridge-agent-call",
+    "agi-bridge-queue-call",
     "agi-bridge-queue-member",
     "agi-bridge-queue-connected",
+    "agi-bridge-call-end",
     "agi-bridge-hangup",
     "agi-bridge-h",
     "agi-bridge-dialled",
@@ -176,3 +180,59 @@ async def test_bridge_that_sets_no_status_counts_as_failed(
     await ami.wait_var(
         "NOOJEE_MESSAGE", "agi-bridge gave no answer (AGISTATUS=SUCCESS)", uniqueid=chan
     )
+
+
+def _priorities(out: str) -> dict[str, int]:
+    """extension -> number of priorities, from ``dialplan show <context>``."""
+    counts: dict[str, int] = {}
+    exten = None
+    for line in out.splitlines():
+        if m := re.match(r"\s*'([^']+)'\s*=>\s*\d+\.", line):
+            exten = m.group(1)
+            counts[exten] = 1
+        elif exten is not None and re.match(r"\s+\d+\.\s", line):
+            counts[exten] += 1
+        else:
+            exten = None
+    return counts
+
+
+def test_readme_snippets_load_as_written(sandbox: Sandbox) -> None:
+    """Every ```asterisk snippet of dialplan/README.md, copied verbatim into the sandbox, gives
+    Asterisk the contexts, extensions and priorities it claims, without a load problem."""
+    texts = snippets()
+    assert len(texts) >= 4  # queue call, survey, transfers, agent pool
+    for text in texts:
+        for context, extens in claims(text).items():
+            out = sandbox.cli(f"dialplan show {context}")
+            assert f"Context '{context}' created by 'pbx_config'" in out, out
+            assert _priorities(out) == extens, (context, out)
+    problems = [line for line in sandbox.log_problems() if "readme-snippets" in line]
+    assert problems == []
+
+
+OURS = "agi_bridge_stop#agi_bridge_start#agi_bridge_toggle"
+
+
+async def test_dynamic_features_once_per_channel_keeping_the_sites(ami: Ami) -> None:
+    """A channel armed twice over a site's own DYNAMIC_FEATURES keeps the site's entry and
+    gets the codes once."""
+    _one, two = await ami.originate("Local/s@test-features/n", application="Wait", data="5")
+    features = await ami.wait_var("TEST_FEATURES", uniqueid=two)
+    assert features["Value"] == f"site_code#{OURS}"
+
+
+async def test_agent_call_features_stay_on_the_agents_channel(
+    ami: Ami, fake_bridge: FakeBridge
+) -> None:
+    """[agi-bridge-agent-call] enables the codes on the agent's channel only: the callee
+    (the customer, a transfer target) inherits none of them."""
+    phone, agent = await ami.originate(
+        "Local/410@test-agent/n", application="Wait", data="10",
+        variables={"TEST_CALLEE_WAIT": "1"},
+    )  # fmt: skip
+    callee = await ami.wait_var("TEST_CALLEE_FEATURES")
+    assert callee.get("Value", "") == ""
+    assert ami.values("DYNAMIC_FEATURES", agent) == [OURS]
+    await ami.wait_hangup(phone)
+    await fake_bridge.wait_sessions(1)  # the agent's hangup stop

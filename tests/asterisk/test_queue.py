@@ -78,14 +78,10 @@ async def _feature_done(ami: Ami, uniqueid: str) -> None:
     )  # fmt: skip
 
 
-async def _blind_transfer(ami: Ami, member: str) -> None:
-    """AMI BlindTransfer of the member's call to 411 (test-transfer), as a console does."""
-    action = {
-        "Action": "BlindTransfer", "Channel": ami.channel_name(member),
-        "Context": "test-transfer", "Exten": "411",
-    }  # fmt: skip
-    resp = await ami.manager.send_action(action, as_list=False)
-    assert resp.get("Response") == "Success", dict(resp)
+async def _blind_transfer(ami: Ami, member: str, action: str = "BlindTransfer") -> None:
+    """AMI BlindTransfer (or Atxfer) of the member's call to 411 (test-transfer), as a console
+    does."""
+    await ami.action(action, Channel=ami.channel_name(member), Context="test-transfer", Exten="411")
 
 
 async def _connected(ami: Ami, member: str) -> Message:
@@ -101,10 +97,11 @@ async def _connected(ami: Ami, member: str) -> Message:
 async def test_agent_hangs_up_first_one_stop_by_linkedid(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, queue: str
 ) -> None:
-    """The agent hangs up: one stop, from the member's hangup handler, by the call's linkedid."""
+    """The agent hangs up: one stop, from the customer's channel (the call ends with it), by the
+    call's linkedid, with the login of the member who answered."""
     customer, member = await _call(ami, queue, TEST_AGENT_STAY="1")
     await ami.wait_hangup(member)
-    await ami.wait_var("NOOJEE_STATUS", "QUEUED", uniqueid=member)
+    await ami.wait_var("NOOJEE_STATUS", "QUEUED", uniqueid=customer)
     [stop] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
     assert stop.params["extenOrUniqueId"] == customer
     assert stop.params["agentLoginName"] == QUEUES[queue][1]
@@ -112,7 +109,8 @@ async def test_agent_hangs_up_first_one_stop_by_linkedid(
     await ami.wait_hangup(customer)
     await bridge.wait_drained()
     assert simulator.received == [stop]
-    [session] = bridge.sessions(member)
+    assert bridge.sessions(member) == []
+    [session] = bridge.sessions(customer)
     assert (session["route"], session["status"]) == ("recording/stop", "QUEUED")
 
 
@@ -130,11 +128,29 @@ async def test_the_hangup_stop_identifier_is_a_parameter(
     assert simulator.received == [stop]
 
 
+async def test_an_inherited_login_on_the_customers_call_does_not_reach_the_stop(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+) -> None:
+    """A site's Set(__NOOJEE_AGENT=Fred) on the customer's call (as the README once said) is
+    cleared before Queue(): the unnamed member's stop names the bridge's login for 410 (its
+    channel's extension, not the customer's), not the inherited Fred."""
+    customer, member = await _call(
+        ami, "test-direct", TEST_AGENT_STAY="1", TEST_INHERITED_AGENT="Fred"
+    )
+    await ami.wait_hangup(member)
+    [stop] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+    await ami.wait_hangup(customer)
+    await bridge.wait_drained()
+    assert simulator.received == [stop]
+    assert (stop.params["extenOrUniqueId"], stop.params["agentLoginName"]) == (customer, "Wilma")
+
+
 @pytest.mark.parametrize("queue", DUAL)
 async def test_caller_hangs_up_first_one_stop_by_linkedid(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, queue: str
 ) -> None:
-    """The customer hangs up first: the member's leg ends too, its handler sends the one stop."""
+    """The customer hangs up first: its channel's handler sends the one stop, by the linkedid,
+    with the login of the member (not of a channel of the phone's chain)."""
     customer, member = await _call(ami, queue, TEST_AGENT_STAY="30")
     await _connected(ami, member)
     await ami.hangup(customer)
@@ -144,8 +160,9 @@ async def test_caller_hangs_up_first_one_stop_by_linkedid(
     assert stop.params["agentLoginName"] == QUEUES[queue][1]
     await bridge.wait_drained()
     assert simulator.received == [stop]
-    [session] = bridge.sessions(member)
-    assert session["channel"].startswith(QUEUES[queue][0])  # not a channel of the phone's chain
+    assert bridge.sessions(member) == []
+    [session] = bridge.sessions(customer)
+    assert session["channel"].startswith("Local/0412345678@test-inbound-")
 
 
 @pytest.mark.parametrize("queue", DUAL)
@@ -153,11 +170,11 @@ async def test_feature_code_stop_then_hangup_sends_exactly_one_stop(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, queue: str
 ) -> None:
     """*2 runs on the member's own channel (not on the phone's at the end of a Local chain):
-    one stop for 410 with the member's login, one beep; the hangup handler then skips."""
+    one stop for 410 with the member's login, one beep; the end-of-call handler then skips."""
     customer, member = await _call(ami, queue, TEST_DTMF="*2", TEST_AGENT_STAY="2")
     await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=member)
     await ami.wait_hangup(member)
-    await _logged(ami, member, "already stopped on this call")  # the hangup handler skipped
+    await _logged(ami, customer, "already stopped")  # the end-of-call handler skipped
     await ami.wait_hangup(customer)
     await bridge.wait_drained()
     [stop] = simulator.received
@@ -210,10 +227,11 @@ async def _globals(ami: Ami) -> str:
 async def test_ringall_member_that_never_answered_sends_nothing(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """Queue rings 410 and 411; 410 answers: 411's channel, hung up unanswered, sends no stop."""
+    """Queue rings 410 and 411; 410 answers: 411's channel, hung up unanswered, sends no stop
+    and does not become the call's agent (the end stop names Fred)."""
     customer, member = await _call(ami, "test-ringall", TEST_AGENT_STAY="1")
     unanswered = await _member(ami, customer, "Local/411@test-no-answer-")
-    await _logged(ami, unanswered, "never answered")  # 411's hangup handler skipped
+    await ami.wait_hangup(unanswered)
     await ami.wait_hangup(member)
     [stop] = await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
     await ami.wait_hangup(customer)
@@ -274,8 +292,8 @@ async def test_failed_stop_plays_the_error_beep_and_the_hangup_stop_follows(
 async def test_toggle_state_survives_a_transfer_to_another_agent(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """Agent 410 toggles (stops), then blind-transfers the customer to 411: 410's hangup
-    handler sends nothing (the call goes on), 411's toggle STARTS (it sees the
+    """Agent 410 toggles (stops), then blind-transfers the customer to 411: 410's leg ending
+    sends nothing (the call goes on), 411's toggle STARTS (it sees the
     call's state, not its own fresh channel's), and the customer hanging up stops by linkedid."""
     customer, member = await _call(
         ami, "test-chain", TEST_DTMF="*1", TEST_AGENT_STAY="30", TEST_DTMF_411="*1"
@@ -284,7 +302,6 @@ async def test_toggle_state_survives_a_transfer_to_another_agent(
     await _feature_done(ami, member)
     await _blind_transfer(ami, member)
     await ami.wait_hangup(member)
-    await _logged(ami, member, "(blind transfer to ")  # 410's handler: the call goes on
     second = await _member(ami, customer, "Local/411@test-member-")
     await ami.wait_var("NOOJEE_STATUS", "STARTED", uniqueid=second)
     await ami.wait_var("NOOJEE_CALL_RECORDING", "started", uniqueid=customer)

@@ -26,8 +26,6 @@ pytestmark = pytest.mark.asterisk
 
 QUEUE = "test-chain"  # agent 410 is Fred (the member's name)
 TARGET = "Local/411@test-member-"  # agent 411's leg, Dial()ed in test-transfer; Wilma
-# What the transferring agent's hangup handler says instead of sending a stop.
-GOES_ON = "the call goes on without"
 
 
 def _requests(simulator: NoojeeSimulator) -> list[tuple[str, str, str | None]]:
@@ -82,6 +80,22 @@ async def _keys_reach(ami: Ami, phone: str, member: str) -> None:
     raise AssertionError(f"no digit pressed on {phone} reached {member} whole")
 
 
+async def _bridged_with(ami: Ami, customer: str, target: str) -> None:
+    """The customer's channel (``;2``, the half in the call) and the target's leg are in one
+    bridge: the hand-on happened."""
+    customer = customer.removesuffix("-1") + "-2"  # conftest's Ami.originate names the halves
+
+    def bridges(uniqueid: str) -> set[str]:
+        return {
+            str(e["BridgeUniqueid"]) for e in ami.events
+            if e.event == "BridgeEnter" and e.get("Uniqueid") == uniqueid
+        }  # fmt: skip
+
+    await ami.wait_event(
+        lambda _e: bool(bridges(customer) & bridges(target)), what="customer with the target"
+    )
+
+
 async def _end(ami: Ami, bridge: BridgeProcess, customer: str, target: str) -> None:
     """The customer hangs up on agent 411; everything the call sent is delivered."""
     await ami.hangup(customer)
@@ -93,14 +107,13 @@ async def test_blind_transfer_by_dtmf_sends_no_stop_for_the_call_that_goes_on(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
     """410 presses #1 411: its leg hangs up and sends nothing; the one stop, by the linkedid,
-    comes from 411's leg when the call really ends."""
+    comes from the customer's channel when the call really ends, with 411's login."""
     customer, member = await _call(
         ami, QUEUE, TEST_DTMF="#1", TEST_DTMF2="411", TEST_DTMF2_AFTER="2", TEST_AGENT_STAY="30"
     )
     target = await _member(ami, customer, TARGET)
     await _answered(ami, target)
     await ami.wait_hangup(member)
-    await _logged(ami, member, f"{GOES_ON} {ami.channel_name(member)} (blind transfer to ")
     await _end(ami, bridge, customer, target)
     assert _requests(simulator) == [(STOP_PATH, customer, "Wilma")]
     assert bridge.sessions(member) == []
@@ -109,12 +122,11 @@ async def test_blind_transfer_by_dtmf_sends_no_stop_for_the_call_that_goes_on(
 async def test_blind_transfer_by_ami_sends_no_stop_for_the_call_that_goes_on(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """AMI BlindTransfer of 410's leg: the same as by DTMF, one stop from 411's leg at the end."""
+    """AMI BlindTransfer of 410's leg: the same as by DTMF, one stop at the end, 411's login."""
     customer, member = await _call(ami, QUEUE, TEST_AGENT_STAY="30")
     await _answered(ami, member)
     await _blind_transfer(ami, member)
     await ami.wait_hangup(member)
-    await _logged(ami, member, "(blind transfer to ")
     target = await _member(ami, customer, TARGET)
     await _answered(ami, target)
     await _end(ami, bridge, customer, target)
@@ -126,31 +138,41 @@ async def test_target_feature_code_after_a_transfer(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
     """411, armed in the transfer context, presses *2: one stop for extension 411 with its own
-    login; neither 411's hangup nor 410's transfer sends another."""
+    login; neither the end of the call nor 410's transfer sends another."""
     customer, member = await _call(ami, QUEUE, TEST_AGENT_STAY="30", TEST_DTMF_411="*2")
     await _answered(ami, member)
     await _blind_transfer(ami, member)
     target = await _member(ami, customer, TARGET)
     await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=target)
+    await _feature_done(ami, target)  # the call's state says "stopped" from here on
     await _end(ami, bridge, customer, target)
-    await _logged(ami, target, "already stopped on this call")
+    await _logged(ami, customer, "already stopped")
     assert _requests(simulator) == [(STOP_PATH, "411", "Wilma")]
     assert ami.ran(target, "Playback") == ["beep"]
 
 
+@pytest.mark.parametrize("by", ["dtmf", "ami"])
 async def test_attended_transfer_completed_sends_no_stop_for_the_call_that_goes_on(
-    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, by: str
 ) -> None:
-    """410 presses #8 411, talks to 411, hangs up (the transfer completes): 410's leg sends
-    nothing although no channel variable of its own tells it from a hangup; the one stop, by
-    the linkedid, comes from 411's leg when the customer hangs up."""
-    customer, member = await _call(
-        ami, QUEUE, TEST_DTMF="#8", TEST_DTMF2="411", TEST_DTMF2_AFTER="2", TEST_AGENT_STAY="30"
-    )
+    """410 presses #8 411 (or a console sends AMI Atxfer), talks to 411, hangs up (the transfer
+    completes): 410's leg sends nothing; the one stop, by the linkedid, comes from the
+    customer's channel when the customer hangs up, with 411's login."""
+    if by == "dtmf":
+        customer, member = await _call(
+            ami, QUEUE, TEST_DTMF="#8", TEST_DTMF2="411", TEST_DTMF2_AFTER="2",
+            TEST_AGENT_STAY="30",
+        )  # fmt: skip
+    else:
+        customer, member = await _call(ami, QUEUE, TEST_AGENT_STAY="30")
+        await _answered(ami, member)
+        await _blind_transfer(ami, member, "Atxfer")
     target = await _member(ami, customer, TARGET)
     await _answered(ami, target)
     await ami.hangup(member)
-    await _logged(ami, member, f"(attended transfer to {target})")
+    # the consultation's own channel, through which 411 now talks to the customer
+    consultation = await _member(ami, customer, "Local/411@test-transfer-")
+    await _bridged_with(ami, customer, consultation)
     await _end(ami, bridge, customer, target)
     assert _requests(simulator) == [(STOP_PATH, customer, "Wilma")]
     assert bridge.sessions(member) == []
@@ -160,7 +182,7 @@ async def test_attended_transfer_cancelled_leaves_the_agent_armed(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
     """410 consults 411, who hangs up: 411's leg sends nothing (410 keeps the call); back with
-    the customer, 410's *2 stops the recording and its hangup then sends nothing more."""
+    the customer, 410's *2 stops the recording and the end of the call sends nothing more."""
     customer, member = await _call(
         ami, QUEUE, TEST_DTMF="#8", TEST_DTMF2="411", TEST_DTMF2_AFTER="2", TEST_AGENT_STAY="30"
     )
@@ -168,7 +190,6 @@ async def test_attended_transfer_cancelled_leaves_the_agent_armed(
     await _answered(ami, target)
     since = len(ami.events)
     await ami.hangup(target)
-    await _logged(ami, target, "who keeps the call")
     await _answered(ami, member, since)  # back in a bridge with the customer
     phone = await ami.wait_event(
         lambda e: e.event == "Newchannel" and e.get("Linkedid") == customer
@@ -180,7 +201,7 @@ async def test_attended_transfer_cancelled_leaves_the_agent_armed(
     await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=member)
     await _feature_done(ami, member)
     await ami.hangup(member)
-    await _logged(ami, member, "already stopped on this call")
+    await _logged(ami, customer, "already stopped")
     await ami.wait_hangup(customer)
     await bridge.wait_drained()
     assert _requests(simulator) == [(STOP_PATH, "410", "Fred")]
@@ -197,7 +218,7 @@ async def test_agent_pool_arms_each_call_not_the_login(
     await ami.wait_event(
         lambda e: e.event == "AgentLogin" and e.get("Uniqueid") == agent, what="AgentLogin"
     )
-    calls = []
+    calls, members = [], []
     for press in ("*2", ""):
         customer, _ = await ami.originate(
             CUSTOMER, application="Wait", data="40",
@@ -210,6 +231,7 @@ async def test_agent_pool_arms_each_call_not_the_login(
             within=20, what="the pool member connected",
         )  # fmt: skip
         member = str(connected["Uniqueid"])
+        members.append(member)
         assert ami.values("NOOJEE_PHONE", member)[-1] == ami.channel_name(agent)
         await _answered(ami, member)
         await _keys_reach(ami, phone, member)
@@ -224,5 +246,7 @@ async def test_agent_pool_arms_each_call_not_the_login(
     await ami.wait_hangup(agent)
     await bridge.wait_drained()
     assert _requests(simulator) == [(STOP_PATH, "410", "Fred"), (STOP_PATH, calls[1], "Fred")]
+    # *2 ran on the first call's member leg, the second call's stop on its customer's channel
     finished = [line for line in bridge.since_mark() if line["event"] == "agi.session.finished"]
-    assert all(line["channel"].startswith("Local/1001@test-agent-request-") for line in finished)
+    assert [line["uniqueid"] for line in finished] == [members[0], calls[1]]
+    assert finished[0]["channel"].startswith("Local/1001@test-agent-request-")
