@@ -21,18 +21,21 @@ import time
 from prometheus_client import generate_latest
 
 from agi_bridge.delivery import Delivery
+from agi_bridge.delivery.ledger import STORE_TIMEOUT
 from agi_bridge.health import HealthServer
+from agi_bridge.lock import DataDirLock
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
 from agi_bridge.noojee import NoojeeClient
 from agi_bridge.server import AgiServer
 from agi_bridge.settings import Settings
-from agi_bridge.spool import Spool
+from agi_bridge.spool import Spool, SpoolError
 from agi_bridge.tasks import finish_within
 
 log = get_logger("agi_bridge.app")
 
-# Exit status after a second signal: the operator asked twice, we stop without waiting.
+# Exit status after a second signal: the operator asked twice, we stopped without waiting
+# for NoojeeContact.
 FORCED_EXIT = 130
 # The spool's last commit, after the deadline of a graceful stop and on a forced exit alike:
 # milliseconds on a healthy disk (the requests written ahead at shutdown), but a stalled disk
@@ -62,6 +65,7 @@ class Bridge:
         self.settings = settings
         self.metrics = Metrics()
         self.client = noojee_client(settings)
+        self.lock = DataDirLock(settings.data_dir)
         self.spool = Spool(settings.data_dir, fsync=settings.spool_fsync)
         self.delivery = Delivery(
             settings=settings, client=self.client, spool=self.spool, metrics=self.metrics
@@ -74,13 +78,27 @@ class Bridge:
             else HealthServer(address, registry_text=self.metrics_text, readiness=self.readiness)
         )
         self._worker: asyncio.Task[None] | None = None
+        # The stop's deadline (loop time) once stop() began; hurry() brings it forward.
+        self._deadline: float | None = None
+        self._hurried = False
 
     async def start(self) -> None:
-        """Open the spool, start the worker and the listeners; on failure, undo what started."""
-        self.spool.open()
+        """Lock the data folder, bind the FastAGI port, open the spool, start the worker and
+        the listeners; on failure, undo what started. The lock comes first: a second bridge
+        on the same folder, or one that cannot bind its port, touches nothing."""
+        self.lock.acquire()
         try:
-            await self.delivery.recover()
-            released = await self.spool.release_leases()
+            await self.server.bind()
+            self.spool.open()
+            try:
+                await self.delivery.recover()
+                released = await self.spool.release_leases()
+            except SpoolError as exc:
+                # A damaged spool (reported by /readyz) still lets sync requests through: the
+                # entries it can read go out once their leases end. No traceback: the error
+                # is SQLite's, nothing of ours failed.
+                log.error("spool.replay.failed", error=str(exc))  # noqa: TRY400
+                released = 0
             if released:
                 log.info("spool.replay", pending=released)
             self._worker = asyncio.create_task(self.delivery.run(), name="spool-worker")
@@ -97,10 +115,11 @@ class Bridge:
         closed last, always."""
         grace = self.settings.shutdown_grace
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
+        self._deadline = loop.time() + (min(grace, self.answer_time) if self._hurried else grace)
 
         def left() -> float:
-            return max(0.0, deadline - loop.time())
+            assert self._deadline is not None
+            return max(0.0, self._deadline - loop.time())
 
         delivery = self.delivery
         delivery.write_ahead_in_flight()
@@ -116,7 +135,24 @@ class Bridge:
         finally:
             await self.client.aclose()
             self.spool.close(timeout=SPOOL_FLUSH_TIMEOUT)
+            self.lock.release()
         log.info("agi.server.stopped")
+
+    @property
+    def answer_time(self) -> float:
+        """Longest a session takes to end once its outcome is known: the spool's commit of a
+        QUEUED request, then Asterisk's replies to the two SET VARIABLE commands."""
+        return STORE_TIMEOUT + 2 * self.settings.command_timeout
+
+    def hurry(self) -> None:
+        """A second signal: every session still waiting for NoojeeContact hears ``QUEUED`` now
+        (its request is in the spool) and ends; what still runs after that (attempts, the
+        worker's batch) is cancelled, its entries stay pending. Sessions are never cut off:
+        they still get their status, within :attr:`answer_time`."""
+        self._hurried = True
+        self.delivery.hurry()
+        if self._deadline is not None:
+            self._deadline = asyncio.get_running_loop().time()
 
     async def metrics_text(self) -> bytes:
         stats = await self.spool.stats()
@@ -147,25 +183,39 @@ async def serve(settings: Settings) -> int:
 
 
 async def run_until_signal(bridge: Bridge) -> int:
-    """Run until SIGTERM/SIGINT; a second signal exits at once (queued requests are on disk)."""
+    """Run until SIGTERM/SIGINT. A second signal shortens the stop (every session still gets
+    its status, requests in flight stay queued); a third exits at once. SIGHUP is logged and
+    changes nothing: logs go to stderr, there is no file to reopen."""
+    signals: list[int] = []
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:
-        if stopping.is_set():
-            log.warning("agi.server.forced_exit", signal=signal.Signals(signum).name)
-            # Both signals may be handled before stop() began: hand the spool what is in flight.
+        name = signal.Signals(signum).name
+        signals.append(signum)
+        if len(signals) == 1:
+            log.info("agi.server.signal", signal=name)
+            stopping.set()
+        elif len(signals) == 2:
+            log.warning("agi.server.hurry", signal=name, answer_within=bridge.answer_time)
+            bridge.hurry()
+        else:
+            log.warning("agi.server.forced_exit", signal=name)
+            # Signals may all be handled before stop() began: hand the spool what is in flight.
             bridge.delivery.write_ahead_in_flight()
             bridge.spool.close(timeout=SPOOL_FLUSH_TIMEOUT)
             os._exit(FORCED_EXIT)
-        log.info("agi.server.signal", signal=signal.Signals(signum).name)
-        stopping.set()
+
+    def on_hangup() -> None:
+        # A closed terminal or a log rotation script: not a reason to drop the calls in hand.
+        log.info("agi.server.sighup_ignored", reason="logs go to stderr: nothing to reopen")
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await bridge.start()
     try:
         await stopping.wait()
     finally:
         await bridge.stop()
-    return 0
+    return FORCED_EXIT if len(signals) > 1 else 0

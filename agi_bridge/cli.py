@@ -79,6 +79,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for warning in (*settings_warnings(settings), *_tls_warnings(settings)):
         print(f"warning: {warning}", file=sys.stderr)
     print("configuration OK", file=sys.stderr)
+    # The spool is not configuration, but a damaged one is what the operator must hear of
+    # before (re)starting: the bridge runs on it and fails to queue.
+    from agi_bridge.spool import SALVAGE, SPOOL_FILE, damage
+
+    spool = settings.data_dir / SPOOL_FILE
+    problem = damage(spool)
+    if problem is not None:
+        print(f"agi-bridge: the spool {spool} is damaged ({problem}): {SALVAGE}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

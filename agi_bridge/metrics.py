@@ -29,7 +29,9 @@ ROUND_TRIP_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5
 # Every label value is known in advance, and every label set is exported from the start at
 # zero (Prometheus' advice): a series that appears only with its first event is invisible to
 # rate() until then, and an alert cannot tell "none yet" from "metric missing".
-Refusal = Literal["shutting_down", "not_allowed", "too_many_sessions"]
+# idle_evicted: a connection that had sent no environment yet, closed to make room for a new
+# one when every session slot was taken (server.py).
+Refusal = Literal["shutting_down", "not_allowed", "too_many_sessions", "idle_evicted"]
 # Every script path outside ROUTES shares one label: the paths are the caller's to choose.
 UNKNOWN_ROUTE: Final = "unknown"
 

@@ -28,7 +28,10 @@ connection is left as it was).
 
 Every limit is a named constant below with the reason for its value. Limits are checked as
 bytes arrive, so a peer that never sends a newline is refused as soon as the buffer passes
-the limit instead of being buffered without bound.
+the limit instead of being buffered without bound. With ``cut_overlong_lines`` an environment
+line over :data:`MAX_LINE_BYTES` (a dialplan argument of 10 kB) is not an error: its value is
+dropped as it arrives, its name listed in :attr:`Environment.overlong`, and the session goes
+on, so that the server can still tell the dialplan why it refuses the call.
 """
 
 from __future__ import annotations
@@ -87,6 +90,10 @@ MAX_ENVIRONMENT_BYTES: Final = 65536
 # as AST_APP_ARG(arg)[MAX_ARGS] with MAX_ARGS 128, the script URL being one of them, so
 # Asterisk never sends more than 127; anything past 128 is not Asterisk.
 MAX_ARGUMENTS: Final = 128
+
+# Longest variable name looked for at the start of an environment line cut for its length;
+# Asterisk's longest, agi_arg_127, has 11 characters.
+MAX_NAME_BYTES: Final = 64
 
 # Most lines in one multi-line reply ("520-..." through "520 End of proper usage."),
 # both ends included. The lines between are the command's usage text, which res_agi.c
@@ -162,6 +169,9 @@ class Environment:
     query: tuple[tuple[str, str], ...]
     # agi_network_script exactly as sent ("" when Asterisk left it out).
     raw_script: str
+    # Names of the lines longer than MAX_LINE_BYTES whose values were dropped (their
+    # variables hold ""), with ``cut_overlong_lines``: the call must be refused, not served.
+    overlong: tuple[str, ...] = ()
 
     @property
     def uniqueid(self) -> str:
@@ -290,6 +300,14 @@ def encode_command(*words: str) -> bytes:
 # The same for variable names: quoting keeps a name intact on the wire, but Asterisk would
 # still interpret characters like "(" (a dialplan function) or ":" in it: only plain names pass.
 @functools.lru_cache(maxsize=64)
+def _line_name(head: bytes) -> bytes:
+    """The variable name at the start of an environment line cut for its length."""
+    name, separator, _ = head.partition(b": ")
+    if not separator or not name.isascii():
+        raise RemoteProtocolError('environment line is not "name: value"')
+    return name
+
+
 def _check_variable_name(name: str) -> None:
     if _VARIABLE_NAME_RE.fullmatch(name) is None:
         raise LocalProtocolError("invalid variable name")
@@ -415,6 +433,7 @@ class AgiConnection:
         max_environment_bytes: int = MAX_ENVIRONMENT_BYTES,
         max_arguments: int = MAX_ARGUMENTS,
         max_reply_lines: int = MAX_REPLY_LINES,
+        cut_overlong_lines: bool = False,
     ) -> None:
         for name, limit in (
             ("max_line_bytes", max_line_bytes),
@@ -428,6 +447,7 @@ class AgiConnection:
         self._max_environment_bytes = max_environment_bytes
         self._max_arguments = max_arguments
         self._max_reply_lines = max_reply_lines
+        self._cut_overlong_lines = cut_overlong_lines
 
         self._state = _State.ENVIRONMENT
         self._buffer = bytearray()
@@ -442,6 +462,10 @@ class AgiConnection:
         self._variables: dict[str, str] = {}
         self._arguments: dict[int, str] = {}
         self._environment: Environment | None = None
+        # The name of the overlong environment line being dropped until its "\n", and the
+        # names of those dropped so far.
+        self._cutting: bytes | None = None
+        self._overlong: list[str] = []
 
         # Multi-line reply being assembled.
         self._reply_code = b""
@@ -563,13 +587,15 @@ class AgiConnection:
         # Fail as soon as the partial line is too long: waiting for a newline that may
         # never come is how a peer makes a server buffer without bound.
         size = len(self._buffer)
-        if size > self._max_line_bytes:
+        in_environment = self._state is _State.ENVIRONMENT
+        cut = in_environment and self._cut_overlong_lines
+        if size > self._max_line_bytes and not cut:
             raise RemoteProtocolError(f"line exceeds {self._max_line_bytes} bytes")
-        if (
-            self._state is _State.ENVIRONMENT
-            and self._environment_bytes + size > self._max_environment_bytes
-        ):
+        if in_environment and self._environment_bytes + size > self._max_environment_bytes:
             raise RemoteProtocolError(f"environment exceeds {self._max_environment_bytes} bytes")
+        if size > self._max_line_bytes:
+            self._cutting = _line_name(bytes(self._buffer[:MAX_NAME_BYTES]))
+            self._drop(size)
 
     def _next_event(self) -> Event | NeedData:
         if self._state is _State.ENVIRONMENT:
@@ -609,6 +635,13 @@ class AgiConnection:
         one on the earliest line however the bytes were chunked.
         """
         buffer = self._buffer
+        if self._cutting is not None:
+            newline = buffer.find(b"\n")
+            if newline < 0:
+                self._check_partial_line()
+                self._drop(len(buffer))
+                return None
+            self._cut(self._cutting, newline + 1)
         last = buffer.rfind(b"\n", self._scan_from)
         if last < 0:
             self._scan_from = len(buffer)
@@ -635,7 +668,18 @@ class AgiConnection:
         if consumed > budget or max(map(len, block)) > self._max_line_bytes:
             bad_line, reason = self._first_oversized(block, budget)
             self._store_variables(lines[:bad_line])  # an earlier bad line is reported first
-            raise RemoteProtocolError(reason)
+            if not (self._cut_overlong_lines and len(block[bad_line]) > self._max_line_bytes):
+                raise RemoteProtocolError(reason)
+            upto = sum(map(len, block[: bad_line + 1])) + bad_line + 1
+            if upto > budget:
+                raise RemoteProtocolError(
+                    f"environment exceeds {self._max_environment_bytes} bytes"
+                )
+            self._environment_bytes += upto - len(block[bad_line]) - 1
+            del buffer[: upto - len(block[bad_line]) - 1]
+            self._cut(_line_name(block[bad_line][:MAX_NAME_BYTES]), len(block[bad_line]) + 1)
+            self._scan_from = 0
+            return self._read_environment()
         self._store_variables(lines[: count - 1] if finished else lines)
         self._environment_bytes += consumed
         del buffer[:consumed]
@@ -644,6 +688,23 @@ class AgiConnection:
             return self._finish_environment()
         self._check_partial_line()
         return None
+
+    def _drop(self, count: int) -> None:
+        """Drop ``count`` bytes of an overlong line off the buffer; they count towards the
+        environment's size all the same."""
+        self._environment_bytes += count
+        del self._buffer[:count]
+        self._scan_from = 0
+
+    def _cut(self, name: bytes, count: int) -> None:
+        """The overlong line ``name`` ends with the ``count`` bytes buffered: drop them, and
+        keep the variable, empty, so that names and argument numbers are checked as ever."""
+        if self._environment_bytes + count > self._max_environment_bytes:
+            raise RemoteProtocolError(f"environment exceeds {self._max_environment_bytes} bytes")
+        self._drop(count)
+        self._cutting = None
+        self._store_variables([name + b": "])
+        self._overlong.append(name.decode("ascii"))
 
     def _first_oversized(self, block: list[bytes], budget: int) -> tuple[int, str]:
         """Index of the first line of ``block`` that breaks a limit, and the reason."""
@@ -713,6 +774,7 @@ class AgiConnection:
             script=script,
             query=query,
             raw_script=raw_script,
+            overlong=tuple(self._overlong),
         )
         self._transition(_Input.ENVIRONMENT_END)
         self._environment = environment

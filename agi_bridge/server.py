@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import socket
+import sys
+import termios
 import time
 from dataclasses import dataclass
 from typing import Final, cast
@@ -28,6 +31,7 @@ from agi_bridge.delivery import Delivery
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics, Refusal
 from agi_bridge.protocol import (
+    MAX_LINE_BYTES,
     NEED_DATA,
     AgiConnection,
     EndOfStream,
@@ -73,12 +77,15 @@ class _Session(asyncio.Protocol):
     def __init__(self, server: AgiServer) -> None:
         self.server = server
         self.settings = server.settings
-        self.connection = AgiConnection()
+        # An overlong argument (a 10 kB agent) is dropped, not fatal: the call hears REJECTED.
+        self.connection = AgiConnection(cut_overlong_lines=True)
         self.transport: asyncio.Transport | None = None
         self.hung_up = False
         self._waiter: asyncio.Future[None] | None = None
         self._error: OSError | None = None  # the connection failed (reset): raised on next read
         self._paused = False
+        self.silent = True  # nothing received yet
+        self.evicted = False  # closed while silent, to make room for a newer connection
 
     # --- the transport's side (called by the event loop) ----------------------------------
 
@@ -87,6 +94,7 @@ class _Session(asyncio.Protocol):
         self.server.accepted(self)
 
     def data_received(self, data: bytes) -> None:
+        self.silent = False
         self.connection.receive_data(data)
         if self.connection.buffered > MAX_UNREAD_BYTES and not self._paused:
             self._paused = True
@@ -171,6 +179,19 @@ class _Session(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()  # buffered bytes are still sent, then the socket closes
 
+    def sent_nothing(self) -> bool:
+        """Nothing received, and nothing waiting in the kernel either: under a burst the loop
+        accepts many connections before it reads any, so a real call's environment may have
+        arrived without our having read it yet."""
+        if not self.silent or self.transport is None:
+            return False
+        sock = self.transport.get_extra_info("socket")
+        try:
+            waiting = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except (OSError, AttributeError):
+            return False  # cannot tell: not a victim
+        return int.from_bytes(waiting, sys.byteorder) == 0
+
 
 class AgiServer:
     """The FastAGI listener and its sessions; each session hands its request to ``delivery``."""
@@ -182,6 +203,9 @@ class AgiServer:
         self._networks = settings.allow_clients
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
+        # Sessions still waiting for their environment, oldest first (dicts keep insertion
+        # order): when every slot is taken, the oldest silent one makes room for a newcomer.
+        self._idle: dict[_Session, asyncio.Task[None]] = {}
 
     @property
     def serving(self) -> bool:
@@ -195,16 +219,26 @@ class AgiServer:
     def port(self) -> int:
         return int(self.sockets[0].getsockname()[1])
 
+    async def bind(self) -> None:
+        """Take the listening socket without accepting yet: a port in use fails the start
+        before the spool is touched."""
+        if self._server is None:
+            address = self.settings.listen_address
+            self._server = await asyncio.get_running_loop().create_server(
+                lambda: _Session(self),
+                address.host,
+                address.port,
+                backlog=BACKLOG,
+                reuse_address=True,
+                start_serving=False,
+            )
+
     async def start(self) -> None:
+        """Accept connections (binding first if :meth:`bind` was not called)."""
+        await self.bind()
+        assert self._server is not None
+        await self._server.start_serving()
         address = self.settings.listen_address
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Session(self),
-            address.host,
-            address.port,
-            backlog=BACKLOG,
-            reuse_address=True,
-        )
         log.info(
             "agi.server.listening",
             listen=f"{address.host}:{self.port}",
@@ -246,7 +280,7 @@ class AgiServer:
             refusal = "shutting_down"  # accepted just as stop() began: it would not wait for us
         elif not self._allowed(peer):
             refusal = "not_allowed"
-        elif len(self._sessions) >= self.settings.max_sessions:
+        elif len(self._sessions) >= self.settings.max_sessions and not self._evict_idle():
             refusal = "too_many_sessions"
         if refusal is not None:
             self.metrics.connection_refused(refusal)
@@ -256,6 +290,7 @@ class AgiServer:
             session.close()
             return
         self._sessions.add(task)
+        self._idle[session] = task
         self.metrics.connections_open.inc()
         try:
             await self._session(session, peer)
@@ -264,14 +299,40 @@ class AgiServer:
             log.info("agi.session.cancelled", peer=str(peer))
         finally:
             self._sessions.discard(task)
+            self._idle.pop(session, None)
             self.metrics.connections_open.dec()
             session.close()
+
+    def _evict_idle(self) -> bool:
+        """Every slot is taken: close the oldest connection that has sent nothing yet and
+        give its slot to the newcomer; False when there is none.
+
+        Asterisk sends the environment the moment it connects, so a connection still silent
+        while newer ones keep coming is a stray or an attacker: a flood of idle connections
+        then cycles through the slots instead of holding them for environment_timeout, and a
+        real call (silent only for the milliseconds before its environment) is the youngest,
+        evicted last."""
+        victim = next((session for session in self._idle if session.sent_nothing()), None)
+        if victim is None:
+            return False
+        self._sessions.discard(self._idle.pop(victim))  # its slot is the newcomer's now
+        victim.evicted = True
+        self.metrics.connection_refused("idle_evicted")
+        with contextlib.suppress(_Closed):
+            victim.write(FAILURE_LINE)
+        victim.close()
+        return True
 
     async def _session(self, session: _Session, peer: _Peer) -> None:
         started = time.monotonic()
         try:
             environment = await session.environment()
         except (ProtocolError, TimeoutError, OSError) as exc:
+            if session.evicted:
+                # Counted as a refusal when evicted; logged at debug: a flood of idle
+                # connections would otherwise write a line for each.
+                log.debug("agi.connection.evicted", peer=str(peer), held_ms=_ms(started))
+                return
             self.metrics.protocol_errors.inc()
             reason = getattr(exc, "reason", None) or (
                 f"no environment within {self.settings.environment_timeout:g}s"
@@ -282,6 +343,7 @@ class AgiServer:
                 "agi.session.protocol_error", peer=str(peer), reason=reason, held_ms=_ms(started)
             )
             return
+        self._idle.pop(session, None)
         route = environment.script
         # Bound in this task's context: delivery events logged on its behalf carry them too.
         structlog.contextvars.bind_contextvars(
@@ -315,6 +377,11 @@ class AgiServer:
         )
 
     async def _dispatch(self, environment: Environment, route: str) -> Outcome:
+        if environment.overlong:
+            return Outcome(
+                Status.REJECTED,
+                f"{', '.join(environment.overlong)} longer than {MAX_LINE_BYTES} bytes: not read",
+            )
         action = ROUTES.get(route)
         if action is None:
             known = ", ".join(ROUTES)

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, get_args
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -32,6 +33,7 @@ from pydantic_settings import (
 
 from agi_bridge import defaults
 from agi_bridge.defaults import CONFIG_ENV, ENV_PREFIX, env_name
+from agi_bridge.redact import MASK
 
 By = Literal["uniqueid", "extension", "id"]
 Mode = Literal["sync", "async"]
@@ -294,8 +296,30 @@ class Settings(BaseSettings):
     @field_validator("noojee_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
+        # Shown masked: whatever the operator wrote into the URL may be the key.
+        shown = _masked_url(value)
         if not value.startswith(("https://", "http://")):
-            raise ValueError(f"{value!r} must start with https:// (or http:// for a simulator)")
+            raise ValueError(f"{shown!r} must start with https:// (or http:// for a simulator)")
+        try:
+            parts = urlsplit(value)
+        except ValueError as exc:
+            raise ValueError(f"{shown!r} is not a URL: {exc}") from None
+        # Credentials in the URL are refused, not sent as basic auth: NoojeeContact reads
+        # its key from the apiKey parameter or the hash scheme only, and a URL is printed,
+        # logged and pasted where a key file is not.
+        if "@" in parts.netloc:
+            host = parts.netloc.rpartition("@")[2]
+            clear = value.startswith("http://") and not _is_loopback_url(f"http://{host}")
+            raise ValueError(
+                f"{shown!r} carries credentials (user:key@): NoojeeContact does not use "
+                f"them; remove them and put the key in {setting_name('noojee_api_key_file')}"
+                + (f"; it also {_PLAIN_HTTP}" if clear else "")
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(
+                f"{shown!r} carries a query string or fragment (such as ?apiKey=): give the "
+                f"base URL alone and put the key in {setting_name('noojee_api_key_file')}"
+            )
         return value.rstrip("/")
 
     @classmethod
@@ -329,7 +353,7 @@ class Settings(BaseSettings):
         """Effective settings as plain data with every secret masked."""
         data = self.model_dump(mode="json")
         if data.get("noojee_api_key"):
-            data["noojee_api_key"] = "***"
+            data["noojee_api_key"] = MASK
         return data
 
 
@@ -365,6 +389,9 @@ PATH_SETTINGS: Final = tuple(
 # Stands in for noojee_url when it is absent on purpose (spool commands) or already reported:
 # a value no check objects to and that resolves nowhere (.invalid, RFC 2606).
 _NO_URL: Final = "https://noojee-url.invalid"
+_PLAIN_HTTP: Final = (
+    "uses plain http:// to a remote host: the API key would travel in clear; use https://"
+)
 # Whoever else can read the key can stop recordings: warn, as ssh does for a private key.
 # Group-readable stays quiet: 0440 with the container's group is how the image reads it.
 WORLD_READABLE: Final = 0o004
@@ -508,10 +535,7 @@ def _cross_checks(
         and settings.noojee_url.startswith("http://")
         and not _is_loopback_url(settings.noojee_url)
     ):
-        problems.append(
-            f"{sources.name('noojee_url')} uses plain http:// to a remote host: the API key "
-            "would travel in clear; use https://"
-        )
+        problems.append(f"{sources.name('noojee_url')} {_PLAIN_HTTP}")
     address = settings.listen_address
     if (
         valid("listen", "allow_clients", "listen_unrestricted")
@@ -561,6 +585,26 @@ def settings_warnings(settings: Settings) -> list[str]:
             "its group)"
         ]
     return []
+
+
+def _masked_url(url: str) -> str:
+    """``url`` with its user info, query and fragment masked whole: as written into a setting,
+    any of them may hold the API key, under whatever name."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK  # unparsable: show nothing of it
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{MASK}@{host}" if "@" in parts.netloc else host
+    return urlunsplit(
+        (
+            parts.scheme,
+            netloc,
+            parts.path,
+            MASK if parts.query else "",
+            MASK if parts.fragment else "",
+        )
+    )
 
 
 def _is_loopback_url(url: str) -> bool:

@@ -29,11 +29,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar, cast
 
+from agi_bridge.logs import get_logger
 from agi_bridge.vocabulary import Action, RecordingRequest, TargetKind
 
 T = TypeVar("T")
+
+log = get_logger("agi_bridge.spool")
 
 SPOOL_FILE: Final = "spool.sqlite3"
 # How long another process (``agi-bridge spool ...`` next to a running server) waits for the
@@ -42,6 +45,9 @@ BUSY_TIMEOUT_MS: Final = 5000
 # Below this much free disk the next commits may fail (SQLite needs room for WAL frames and
 # the checkpoint); an entry is ~200 bytes, so 1 MiB still holds thousands of stops.
 MIN_FREE_BYTES: Final = 1024 * 1024
+# A batch commits in milliseconds, a busy disk's fsync takes well under a second: one still
+# running after this is held by the disk (frozen by fsfreeze or a snapshot, or dying).
+STALLED_AFTER: Final = 2.0
 # Bounds one group commit so a huge burst cannot hold the write lock for long.
 MAX_BATCH: Final = 1000
 
@@ -108,6 +114,15 @@ _COLUMNS: Final = "id, action, target, agent, tag, call_uniqueid, created, attem
 # expired: a request by extension not delivered within its validity;
 # cancelled: a request by extension superseded by its call's own stop (the call ended).
 SettleReason = Literal["failed", "unconfirmed", "expired", "cancelled"]
+
+
+# What the operator does about a damaged spool (the README's "Salvaging a damaged spool").
+SALVAGE: Final = (
+    "stop the bridge, move the file aside and copy what SQLite can still read into a new one "
+    "with `sqlite3 spool.damaged .dump`, as the README says (salvaging a damaged spool)"
+)
+# SQLite's answers that mean the file itself is damaged.
+_DAMAGE_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
 class SpoolError(Exception):
@@ -205,6 +220,7 @@ class _Job:
     work: Callable[[sqlite3.Connection], object]
     future: asyncio.Future[object] | Future[object]
     loop: asyncio.AbstractEventLoop | None
+    what: str | None = None  # the request it stores, named if it never reaches the disk
 
 
 def _resolve(outcomes: list[tuple[asyncio.Future[object], _Outcome]]) -> None:
@@ -229,6 +245,20 @@ class Spool:
         self._clock = clock
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Why the file the spool thread writes is no longer the one at ``path`` (deleted or
+        # replaced under us), once it noticed: from then on every operation fails with it.
+        self.lost: str | None = None
+        # While the disk takes no write (full): entries claimed without writing their lease,
+        # held here until then (id -> epoch seconds), and entries settled (delivered, or a
+        # stop NoojeeContact no longer knows) whose deletion is still to be written.
+        self._held: dict[int, float] = {}
+        # What SQLite found wrong with the file (a corrupt page), at open or since.
+        self.damaged: str | None = None
+        # The batch the spool thread is running, and since when (monotonic): what a frozen
+        # disk holds up.
+        self._in_hand: list[_Job] = []
+        self._busy_since: float | None = None
+        self._settled: set[int] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -268,13 +298,46 @@ class Spool:
 
     def close(self, timeout: float | None = None) -> None:
         """Finish every queued write, then close the database; give up waiting for that
-        after ``timeout`` seconds (the thread goes on, and dies with the process)."""
+        after ``timeout`` seconds (the thread goes on, and dies with the process), naming at
+        ERROR every request not known to be on disk then (a frozen or dead disk)."""
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._report_unwritten()
             self._thread = None
 
+    def _report_unwritten(self) -> None:
+        unwritten = [job.what for job in self._in_hand if job.what is not None]
+        with contextlib.suppress(queue.Empty):
+            while True:
+                job = self._jobs.get_nowait()
+                if job is not None and job.what is not None:
+                    unwritten.append(job.what)
+        stalled = self.stalled()
+        log.error(
+            "spool.unwritten",
+            path=str(self.path),
+            stalled_for=None if stalled is None else round(stalled, 1),
+            count=len(unwritten),
+            requests=unwritten,
+            help="the disk took no write: these may not be in the spool; once it is back, "
+            "`agi-bridge spool list` shows what is, `agi-bridge send` sends what is not. The "
+            "process itself ends only then: the kernel holds the thread that writes",
+        )
+
+    def stalled(self) -> float | None:
+        """Seconds the batch in hand has been running, if that is longer than SQLite ever
+        takes on a working disk (a frozen or dying one): None otherwise."""
+        since = self._busy_since
+        if since is None:
+            return None
+        running = time.monotonic() - since
+        return running if running > STALLED_AFTER else None
+
     def _run(self, connection: sqlite3.Connection) -> None:
+        opened = _identity(self.path)
+        self._damage(_damage(connection))
         stopping = False
         while not stopping:
             first = self._jobs.get()
@@ -290,17 +353,47 @@ class Spool:
                     stopping = True
                     break
                 batch.append(job)
-            self._run_batch(connection, batch)
+            self._in_hand, self._busy_since = batch, time.monotonic()
+            self._run_batch(connection, batch, opened)
+            self._in_hand, self._busy_since = [], None
         connection.close()
 
-    @staticmethod
-    def _run_batch(connection: sqlite3.Connection, batch: list[_Job]) -> None:
-        outcomes = Spool._execute(connection, batch)
+    def _check_file(self, opened: tuple[int, int] | None) -> SpoolError | None:
+        """The spool file deleted or replaced under the bridge: writes would go to a file
+        nobody will read again, so every operation fails from then on. One stat per batch
+        (microseconds); the worker's idle poll makes it one at least every second."""
+        if self.lost is None and _identity(self.path) != opened:
+            self.lost = (
+                f"the spool file {self.path} was deleted or replaced while the bridge ran: "
+                "nothing more is queued into it. Restart the bridge (it starts a new spool); "
+                "what was pending in the old file went with it"
+            )
+            log.error("spool.file.lost", path=str(self.path), problem=self.lost)
+        return None if self.lost is None else SpoolError(self.lost)
+
+    def _damage(self, problem: str | None) -> None:
+        """Say once (ERROR, then /readyz) that SQLite found the file damaged."""
+        if problem is not None and self.damaged is None:
+            self.damaged = problem
+            log.error("spool.file.damaged", path=str(self.path), problem=problem, help=SALVAGE)
+
+    def _run_batch(
+        self, connection: sqlite3.Connection, batch: list[_Job], opened: tuple[int, int] | None
+    ) -> None:
+        lost = self._check_file(opened)
+        outcomes = (
+            Spool._execute(connection, batch) if lost is None else [(None, lost)] * len(batch)
+        )
+        for _, error in outcomes:
+            if isinstance(error, sqlite3.Error) and error.sqlite_errorcode in _DAMAGE_CODES:
+                self._damage(str(error))
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[object], _Outcome]]]
         by_loop = {}
         for job, (value, error) in zip(batch, outcomes, strict=True):
             if error is not None and not isinstance(error, SpoolError):
+                cause = error
                 error = SpoolError(f"spool {error.__class__.__name__}: {error}")
+                error.__cause__ = cause  # tells a full disk (_full) from the rest
             if job.loop is None:
                 future = cast("Future[object]", job.future)
                 if future.set_running_or_notify_cancel():
@@ -367,13 +460,21 @@ class Spool:
         self._submit(_Job(work, future, None))
         return cast("Future[T]", future)
 
-    def _acall(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Queue ``work``; the returned future completes once it is committed. Cancelling the
-        waiter does not undo the write: a stop stored for a session cut short by shutdown is
-        still delivered, and a delivery made is still recorded (not sent again)."""
+    def _acall(
+        self, work: Callable[[sqlite3.Connection], T], what: str | None = None
+    ) -> asyncio.Future[T]:
+        """Queue ``work`` (storing the request ``what``, if any); the returned future
+        completes once it is committed. Cancelling the waiter does not undo the write: a stop
+        stored for a session cut short by shutdown is still delivered, and a delivery made is
+        still recorded (not sent again)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
-        self._submit(_Job(work, future, loop))
+        stalled = self.stalled()
+        if what is not None and stalled is not None:
+            # Not queued behind a write the disk holds: the caller hears FAILED now, not in 5 s.
+            future.set_exception(SpoolError(f"the disk took no write for {stalled:.0f} s"))
+        else:
+            self._submit(_Job(work, future, loop, what))
         return cast("asyncio.Future[T]", future)
 
     def _scall(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -413,7 +514,8 @@ class Spool:
             )
             return cast(int, cursor.lastrowid)
 
-        return self._acall(work)
+        what = f"{request.action} {request.exten_or_uniqueid} agent={request.agent}"
+        return self._acall(work, f"{what} call={call_uniqueid}")
 
     async def release_leases(self) -> int:
         """Make every pending entry due now. Called once when the bridge starts: no attempt of
@@ -474,7 +576,8 @@ class Spool:
 
     def delivered(self, entry_id: int) -> asyncio.Future[None]:
         """Forget a delivered entry. Callers need not wait for the future: a crash before the
-        commit only means one harmless redelivery."""
+        commit only means one harmless redelivery. On a disk that takes no write the entry is
+        forgotten in memory (never claimed again by this process) and deleted once it can."""
 
         def work(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM pending WHERE id = ?", (entry_id,))
@@ -482,11 +585,73 @@ class Spool:
             # after all, and a repeat must hear that, not "cancelled".
             db.execute("DELETE FROM dead WHERE id = ? AND reason = 'cancelled'", (entry_id,))
 
-        return self._acall(work)
+        return self._unless_full(self._acall(work), entry_id, settled=True)
+
+    def _unless_full(
+        self, write: asyncio.Future[Any], entry_id: int, *, settled: bool
+    ) -> asyncio.Future[None]:
+        """``write``, except that its failure (a full disk) is not the caller's: what it would
+        have recorded is retried later (a delivered entry is deleted by a later claim; a
+        failed attempt is simply tried again once its lease ends)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def settle(write: asyncio.Future[Any]) -> None:
+            error = write.exception()
+            if error is not None and _full(error):
+                log.warning("spool.write.deferred", id=entry_id, error=str(error))
+                if settled:
+                    self._settled.add(entry_id)
+                error = None
+            if done.done():
+                return  # the waiter was cancelled
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        write.add_done_callback(settle)
+        return done
 
     async def claim_due(self, *, limit: int, lease: float) -> list[SpoolEntry]:
-        """Up to ``limit`` entries whose time has come, oldest first, leased for ``lease`` s."""
+        """Up to ``limit`` entries whose time has come, oldest first, leased for ``lease`` s.
+
+        On a disk that takes no write (full), the leases are held in memory instead and only
+        stops are claimed: a stop sent twice is harmless, a start is not (it waits)."""
         now = self._clock()
+        settled = tuple(self._settled)
+        if settled:
+            with contextlib.suppress(SpoolError):
+                await self._acall(
+                    lambda db: db.executemany(
+                        "DELETE FROM pending WHERE id = ?", [(i,) for i in settled]
+                    )
+                )
+                self._settled.difference_update(settled)
+        try:
+            entries = await self._claim_written(now, limit, lease)
+        except SpoolError as exc:
+            if not _full(exc):
+                raise
+            entries = await self._claim_held(now, limit, lease)
+        return [entry for entry in entries if entry.id not in self._settled]
+
+    async def _claim_held(self, now: float, limit: int, lease: float) -> list[SpoolEntry]:
+        """Due stops, leased in memory: claiming writes nothing."""
+        self._held = {i: until for i, until in self._held.items() if until > now}
+        skip = self._held.keys() | self._settled
+        rows = await self._acall(
+            lambda db: db.execute(
+                f"SELECT {_COLUMNS}, last_error FROM pending "  # noqa: S608
+                "WHERE next_at <= ? AND action = 'stop' AND attempted = 0 ORDER BY id LIMIT ?",
+                (now, limit + len(skip)),
+            ).fetchall()
+        )
+        entries = [_entry(row) for row in rows if row[0] not in skip][:limit]
+        for entry in entries:
+            self._held[entry.id] = now + lease
+        return entries
+
+    async def _claim_written(self, now: float, limit: int, lease: float) -> list[SpoolEntry]:
 
         def work(db: sqlite3.Connection) -> list[SpoolEntry]:
             rows = db.execute(
@@ -531,16 +696,18 @@ class Spool:
 
         return await self._acall(work)
 
-    def failed(self, entry_id: int, error: str, *, retry_at: float) -> asyncio.Future[object]:
+    def failed(self, entry_id: int, error: str, *, retry_at: float) -> asyncio.Future[None]:
         """Count a failed attempt and set when to try again (for a start: one that certainly
-        never reached NoojeeContact, so it may be sent again)."""
-        return self._acall(
+        never reached NoojeeContact, so it may be sent again). On a full disk: uncounted,
+        tried again when its lease ends (a start stays marked attempted: never resent)."""
+        write = self._acall(
             lambda db: db.execute(
                 "UPDATE pending SET attempts = attempts + 1, last_error = ?, next_at = ?, "
                 "attempted = 0 WHERE id = ?",
                 (error, retry_at, entry_id),
             )
         )
+        return self._unless_full(write, entry_id, settled=False)
 
     def dead_letter(
         self,
@@ -563,6 +730,16 @@ class Spool:
     async def problems(self) -> list[str]:
         """Why the spool could not keep a request now (for /readyz); empty when it can."""
         problems = []
+        if self.damaged is not None:
+            problems.append(f"spool {self.path} is damaged ({self.damaged}): {SALVAGE}")
+        stalled = self.stalled()
+        if stalled is not None:
+            # No probe write: it would wait behind the stuck one.
+            return [
+                *problems,
+                f"spool {self.path}: the disk has completed no write for {stalled:.0f} s "
+                "(frozen, or failing)",
+            ]
         try:
             now = self._clock()
             await self._acall(
@@ -642,6 +819,50 @@ class Spool:
             return db.execute(f"DELETE FROM {table}{where}", params).rowcount  # noqa: S608
 
         return self._scall(work)
+
+
+def damage(path: Path) -> str | None:
+    """What SQLite's quick check finds wrong with the spool at ``path`` (read only), None when
+    nothing (or when there is no spool there)."""
+    if not path.is_file():
+        return None
+    try:
+        connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return str(exc)
+    try:
+        return _damage(connection)
+    finally:
+        connection.close()
+
+
+def _damage(connection: sqlite3.Connection) -> str | None:
+    """SQLite's quick check (every page and row, no index contents): its first finding."""
+    try:
+        rows = connection.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.Error as exc:
+        return str(exc)
+    lines = [line for row in rows for line in str(row[0]).splitlines()]
+    if lines == ["ok"]:
+        return None
+    findings = [line for line in lines if not line.startswith("***")]
+    more = f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""
+    return f"{findings[0] if findings else lines[0]}{more}"
+
+
+def _full(error: BaseException) -> bool:
+    """The disk took no write for want of room (SQLITE_FULL), and nothing worse."""
+    cause = error.__cause__
+    return isinstance(cause, sqlite3.Error) and cause.sqlite_errorcode == sqlite3.SQLITE_FULL
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode), None when there is none."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _move_to_dead(

@@ -93,6 +93,9 @@ class NoojeeResult:
     # Set for TRANSPORT failures caused by certificate verification: retrying cannot help,
     # an operator has to fix the CA file or the server's certificate.
     tls_verify_failed: bool = False
+    # Seconds NoojeeContact (or a proxy before it) asked us to wait, by a 429 or 503 with a
+    # Retry-After header: the worker sends nothing more before then.
+    retry_after: float | None = None
     # The request certainly never reached NoojeeContact (refused, connect timeout, TLS
     # handshake, no free connection, no time stamp): even a start may be sent again.
     unsent: bool = False

@@ -376,6 +376,37 @@ async def test_check_config_invalid_toml(tmp_path: Path, env: dict[str, str]) ->
     assert_no_traceback(ran)
 
 
+# Every way of writing the key into noojee_url: user and key, the key as user, the key as
+# the query's apiKey, under another name, and in a fragment.
+URLS_WITH_THE_KEY = (
+    f"https://fred:{KEY}@noojee.example/servicemanager/rest",
+    f"https://{KEY}@noojee.example/servicemanager/rest",
+    f"https://noojee.example/servicemanager/rest?apiKey={KEY}",
+    f"https://noojee.example/servicemanager/rest?token={KEY}",
+    f"https://noojee.example/servicemanager/rest#{KEY}",
+)
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve", "send"])
+@pytest.mark.parametrize("url", URLS_WITH_THE_KEY)
+async def test_a_key_in_noojee_url_is_refused_and_never_shown(
+    tmp_path: Path, env: dict[str, str], command: str, url: str
+) -> None:
+    """A key written into noojee_url: check-config, serve and send refuse it with exit 2 and
+    say where the key goes, showing the URL masked; no traceback, the key nowhere."""
+    args = ("send", "stop", "--extension", "410", "--agent", "Fred") if command == "send" else ()
+    ran = await agi_bridge(
+        *(args or (command,)), env=env | {"AGI_BRIDGE_NOOJEE_URL": url}, cwd=tmp_path
+    )
+    assert ran.returncode == 2, ran
+    assert_no_secret(ran)
+    assert_no_traceback(ran)
+    assert "noojee_url (AGI_BRIDGE_NOOJEE_URL, from the environment): " in ran.stderr
+    assert "noojee.example/servicemanager/rest" in ran.stderr  # the rest is shown
+    assert "put the key in noojee_api_key_file" in ran.stderr
+    assert not (tmp_path / "data").exists()  # serve touched nothing
+
+
 def test_documented_agents_are_the_demos() -> None:
     """Every agent the README and the dialplan's docs name is one the demo simulator knows, case
     included, so each example works against `agi-bridge demo` as written."""

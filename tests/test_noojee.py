@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from agi_bridge.noojee.auth import HASH_USED_LIFETIME
 from agi_bridge.noojee.classify import EXCERPT_MAX_CHARS, MAX_RESPONSE_BYTES, classify_response
-from agi_bridge.noojee.client import NoojeeClient
+from agi_bridge.noojee.client import MAX_RETRY_AFTER, NoojeeClient, retry_after_seconds
 from agi_bridge.noojee.transport import AiohttpTransport
 from agi_bridge.redact import redact_url
 from agi_bridge.testing.simulator import (
@@ -1040,6 +1040,27 @@ async def test_garbage_instead_of_http_is_a_transient_transport_error() -> None:
     assert result.kind is ResultKind.TRANSPORT
     assert result.transient
     assert KEY not in result.message
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("30", 30.0),
+        (" 0 ", 0.0),
+        ("Wed, 02 Dec 2026 00:01:00 GMT", 60.0),  # an HTTP date, a minute after "now"
+        ("Wed, 02 Dec 2026 00:00:00 GMT", 0.0),  # already past
+        ("999999999", MAX_RETRY_AFTER),
+        ("soon", None),
+        ("-5", None),
+        (None, None),
+    ],
+)
+def test_retry_after_is_read_as_seconds_or_a_date_and_bounded(
+    header: str | None, seconds: float | None
+) -> None:
+    """Retry-After as delta-seconds or an HTTP date, at most a day; unreadable means none."""
+    now = 1796169600.0  # Wed, 02 Dec 2026 00:00:00 GMT
+    assert retry_after_seconds(header, now) == seconds
 
 
 @pytest.mark.parametrize(

@@ -436,6 +436,43 @@ def test_line_over_limit_fails_before_any_newline() -> None:
     assert remote_error(conn) == f"line exceeds {MAX_LINE_BYTES} bytes"
 
 
+OVERLONG_AGENT = b"agi_arg_1: " + b"x" * 10_000  # a 10 kB dialplan argument
+
+
+@pytest.mark.parametrize("chunk", [None, 1000, 8192, 8193])
+def test_cut_overlong_lines_drops_the_value_and_names_the_line(chunk: int | None) -> None:
+    """With cut_overlong_lines, a 10 kB argument however chunked: the environment still
+    arrives whole, that argument empty and named in ``overlong``, the other lines intact, and
+    the session can go on (commands are accepted)."""
+    data = minimal_env(OVERLONG_AGENT, b"agi_arg_2: by=uniqueid", b"agi_channel: PJSIP/410-1")
+    conn = AgiConnection(cut_overlong_lines=True)
+    pieces = [data] if chunk is None else [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    events: list[Event] = []
+    for piece in pieces:
+        conn.receive_data(piece)
+        events += events_of(conn)
+    [env] = events
+    assert isinstance(env, Environment)
+    assert env.overlong == ("agi_arg_1",)
+    assert env.arguments == ("", "by=uniqueid")
+    assert env.channel == "PJSIP/410-1"
+    assert conn.buffered == 0
+    assert conn.set_variable("NOOJEE_STATUS", "REJECTED").startswith(b"SET VARIABLE")
+
+
+def test_cut_overlong_lines_is_off_by_default_and_keeps_every_other_limit() -> None:
+    """An overlong line that is not ``name: value``, or that takes the environment past
+    MAX_ENVIRONMENT_BYTES, is still refused when cutting; no environment is ever overlong by
+    default."""
+    conn = AgiConnection(cut_overlong_lines=True)
+    conn.receive_data(b"x" * (MAX_LINE_BYTES + 1))
+    assert remote_error(conn) == 'environment line is not "name: value"'
+    conn = AgiConnection(cut_overlong_lines=True)
+    conn.receive_data(b"agi_arg_1: " + b"x" * MAX_ENVIRONMENT_BYTES)
+    assert remote_error(conn) == f"environment exceeds {MAX_ENVIRONMENT_BYTES} bytes"
+    assert environment_of(minimal_env()).overlong == ()
+
+
 def test_reply_line_over_limit_fails_before_any_newline() -> None:
     """The line limit applies to replies too, with no newline needed to trip it."""
     conn = ready(max_line_bytes=64)

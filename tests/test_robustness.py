@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import ssl
@@ -19,7 +20,7 @@ import structlog
 from agi_bridge.app import SPOOL_FLUSH_TIMEOUT, Bridge
 from agi_bridge.protocol import MAX_ENVIRONMENT_BYTES, MAX_LINE_BYTES, Environment
 from agi_bridge.server import AgiServer
-from agi_bridge.spool import Spool
+from agi_bridge.spool import SPOOL_FILE, Spool
 from agi_bridge.testing.fake_asterisk import Call, SessionResult, environment_block, run_call
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 from agi_bridge.vocabulary import Outcome, RecordingRequest
@@ -34,6 +35,7 @@ from tests.bridge_helpers import (
 
 STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
 ENVIRONMENT_TIMEOUT = 0.5  # short, so the slow-client tests end quickly
+SESSION_DEADLINE = 10.0  # a whole session against a process, generous for a loaded box
 
 
 @pytest.fixture
@@ -123,6 +125,30 @@ async def test_hostile_client_is_closed_cleanly_and_others_are_served(
     assert [r.path for r in simulator.received] == [STOP_PATH]
 
 
+TEN_KB = "x" * 10_000
+
+
+@pytest.mark.parametrize(
+    ("script", "arguments"),
+    [
+        ("recording/stop", (TEN_KB,)),  # the agent, the lone argument
+        ("recording/stop", ("Fred", f"id={TEN_KB}")),
+        ("recording/start", ("Fred", f"tag={TEN_KB}")),
+    ],
+)
+async def test_a_10kb_value_is_rejected_with_a_status_before_closing(
+    bridge: Bridge, simulator: NoojeeSimulator, script: str, arguments: tuple[str, ...]
+) -> None:
+    """A dialplan argument of 10 kB (agent, uniqueid, tag): the call hears REJECTED with the
+    reason, nothing is sent to NoojeeContact, and the next call is served."""
+    result = await call(bridge, *arguments, script=script)
+    assert result.agistatus == "SUCCESS"
+    assert result.variables["NOOJEE_STATUS"] == "REJECTED"
+    assert "longer than 8192 bytes" in result.variables["NOOJEE_MESSAGE"]
+    assert (await call(bridge, "Fred")).variables["NOOJEE_STATUS"] == "STOPPED"
+    assert [r.path for r in simulator.received] == [STOP_PATH]
+
+
 async def test_a_peer_flooding_a_busy_session_is_not_read_into_memory(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
@@ -190,6 +216,33 @@ async def test_sessions_beyond_the_limit_are_refused_not_queued(
         done = await asyncio.gather(*busy)
     assert refused.agistatus == "FAILURE"
     assert [r.variables["NOOJEE_STATUS"] for r in done] == ["STOPPED", "STOPPED"]
+
+
+async def test_idle_connections_make_room_for_a_real_call(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """Every slot held by connections that sent nothing (environment_timeout is a minute): a
+    real call is still served, the oldest idle connection hears 'failure' and is closed to
+    make room, and the younger idle ones keep their slots."""
+    slots = 3
+    settings = make_settings(
+        simulator, ca_file, tmp_path, max_sessions=slots, environment_timeout=60.0
+    )
+    async with running_bridge(settings) as bridge:
+        idle = [await asyncio.open_connection("127.0.0.1", bridge.server.port) for _ in range(3)]
+        # Connected first, so accepted first: their sessions hold every slot by the time the
+        # call's connection is accepted (the loop runs the accepts and their tasks in order).
+        result = await call(bridge, "Fred")
+        assert result.variables.get("NOOJEE_STATUS") == "STOPPED", result
+        opened = bridge.metrics.connections_open
+        oldest = await _read_all(idle[0][0])
+        still_open = opened._value.get()
+        evicted = bridge.metrics.connections_refused.labels("idle_evicted")._value.get()
+        for _, writer in idle:
+            writer.close()
+    assert oldest == b"failure\n"
+    assert evicted == 1
+    assert still_open == slots - 1  # the two younger idle ones; the call is over
 
 
 async def test_a_session_that_hits_a_bug_is_logged_and_the_next_is_served(
@@ -296,10 +349,8 @@ async def test_the_worst_case_stop_ends_within_one_shutdown_grace(
 # --- the real process and its signals ----------------------------------------------------
 
 
-async def _start_process(
-    simulator: NoojeeSimulator, ca_file: Path, data_dir: Path
-) -> tuple[asyncio.subprocess.Process, int]:
-    env = {
+def _bridge_env(simulator: NoojeeSimulator, ca_file: Path, data_dir: Path) -> dict[str, str]:
+    return {
         **os.environ,
         "AGI_BRIDGE_LISTEN": "127.0.0.1:0",
         "AGI_BRIDGE_METRICS_LISTEN": "",
@@ -310,12 +361,17 @@ async def _start_process(
         "AGI_BRIDGE_LOG_FORMAT": "json",
         "AGI_BRIDGE_STOP_BUDGET": "5",
     }
+
+
+async def _start_process(
+    simulator: NoojeeSimulator, ca_file: Path, data_dir: Path
+) -> tuple[asyncio.subprocess.Process, int]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "agi_bridge",
         "serve",
-        env=env,
+        env=_bridge_env(simulator, ca_file, data_dir),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -325,6 +381,85 @@ async def _start_process(
             port = int(line.split(b'"listen": "127.0.0.1:')[1].split(b'"')[0])
             return process, port
     raise AssertionError(f"the bridge did not start: exit {await process.wait()}")
+
+
+@pytest.mark.parametrize("port", ["free", "taken"])
+async def test_a_second_bridge_on_the_same_data_dir_exits_at_once_touching_nothing(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path, port: str
+) -> None:
+    """A second `serve` on a running bridge's data_dir, on a free port or on the first one's
+    (it cannot bind): it exits 1 at once naming the folder and the running pid, without
+    opening the spool: the stop the first bridge has in flight is not sent a second time."""
+    first, first_port = await _start_process(simulator, ca_file, tmp_path)
+    try:
+        simulator.set_failure(FailureMode.SLOW, delay=30)
+        session = asyncio.create_task(_call_port(first_port))
+        await simulator.wait_for(1)
+        listen = "127.0.0.1:0" if port == "free" else f"127.0.0.1:{first_port}"
+        second = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agi_bridge",
+            "serve",
+            env=_bridge_env(simulator, ca_file, tmp_path) | {"AGI_BRIDGE_LISTEN": listen},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        # Generous for a cold interpreter on a loaded box; the old bridge never exited.
+        _, err = await asyncio.wait_for(second.communicate(), timeout=20)
+        assert second.returncode == 1
+        message = err.decode()
+        assert f"data_dir {tmp_path} is in use by a running agi-bridge (pid {first.pid}" in message
+        assert "Traceback" not in message
+        assert (await session).variables["NOOJEE_STATUS"] == "QUEUED"
+        assert len(simulator.received) == 1  # nobody sent the entry in flight again
+    finally:
+        first.send_signal(signal.SIGTERM)
+        await first.wait()
+
+
+def _delete_spool(data_dir: Path) -> Path:
+    """``rm`` the spool file and its WAL, as a careless clean-up would; returns its path."""
+    path = data_dir / SPOOL_FILE
+    for name in (SPOOL_FILE, f"{SPOOL_FILE}-wal", f"{SPOOL_FILE}-shm"):
+        (data_dir / name).unlink(missing_ok=True)
+    return path
+
+
+async def test_a_deleted_spool_is_noticed_by_the_idle_bridge_within_seconds(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """The spool file deleted under an idle bridge: an ERROR naming it comes within seconds
+    (the worker looks at the spool every second), and a stop is then FAILED, not QUEUED into
+    a file nobody will read."""
+    process, port = await _start_process(simulator, ca_file, tmp_path)
+    try:
+        path = _delete_spool(tmp_path)
+        line = await asyncio.wait_for(_line_with(process, b"spool.file.lost"), timeout=10)
+        event = json.loads(line)
+        assert event["level"] == "error"
+        assert str(path) in event["problem"]
+        result = await run_call(
+            Call(arguments=("Fred", "mode=async"), port=port), deadline=SESSION_DEADLINE
+        )
+        assert result.variables["NOOJEE_STATUS"] == "FAILED"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
+
+
+async def test_after_the_spool_is_deleted_nothing_is_acknowledged_into_it(
+    bridge: Bridge, simulator: NoojeeSimulator, tmp_path: Path
+) -> None:
+    """Once the spool file is gone, /readyz says so naming it, an async stop is FAILED (never
+    QUEUED into the deleted file), and a stop NoojeeContact confirms at once still works."""
+    assert (await call(bridge, "Fred", "mode=async")).variables["NOOJEE_STATUS"] == "QUEUED"
+    path = _delete_spool(tmp_path)
+    problems = await bridge.readiness()
+    assert any(f"the spool file {path} was deleted" in p for p in problems), problems
+    after = await call(bridge, "Fred", "mode=async", uniqueid="2.2")
+    assert after.variables["NOOJEE_STATUS"] == "FAILED"
+    assert (await call(bridge, "Fred", uniqueid="3.3")).variables["NOOJEE_STATUS"] == "STOPPED"
 
 
 async def test_sigterm_lets_the_session_in_flight_finish_then_exits_0(
@@ -350,11 +485,7 @@ async def test_second_signal_exits_at_once_and_keeps_what_is_queued(
     simulator.set_failure(FailureMode.SLOW, delay=30)
     session = asyncio.create_task(_call_port(port))
     await simulator.wait_for(1)
-    process.send_signal(signal.SIGTERM)
-    # Two signals sent back to back may merge in the kernel: wait until the first is handled.
-    await _wait_for_line(process, b"agi.server.stopping")
-    process.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(process.wait(), timeout=5) == 130
+    assert await _signal_twice(process) == 130
     await session
     simulator.set_failure(FailureMode.NONE)
     simulator.clear()
@@ -369,6 +500,62 @@ async def test_second_signal_exits_at_once_and_keeps_what_is_queued(
     assert replayed.params["agentLoginName"] == "Fred"
 
 
+async def test_second_signal_shortens_the_stop_and_every_session_gets_a_status(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """Two SIGTERMs while 60 sessions wait for a NoojeeContact that does not answer: each
+    session still hears QUEUED, the process exits 130 well before the grace or the budget
+    (stop_budget 5 s, NoojeeContact 30 s) would end, and the next start delivers all 60."""
+    sessions = 60
+    process, port = await _start_process(simulator, ca_file, tmp_path)
+    simulator.set_failure(FailureMode.SLOW, delay=30)
+    calls = [
+        asyncio.create_task(
+            run_call(
+                Call(arguments=("Fred", "by=uniqueid"), uniqueid=f"1700.{i}", port=port),
+                deadline=40,
+            )
+        )
+        for i in range(sessions)
+    ]
+    await simulator.wait_for(sessions, predicate=lambda r: r.path == STOP_PATH)
+    # Generous against a loaded box; the budget alone would hold the sessions 5 s.
+    assert await _signal_twice(process, within=4) == 130
+    results = await asyncio.gather(*calls)
+    assert [r.variables.get("NOOJEE_STATUS") for r in results] == ["QUEUED"] * sessions
+    simulator.set_failure(FailureMode.NONE)
+    simulator.clear()
+    process, _ = await _start_process(simulator, ca_file, tmp_path)
+    try:
+        replayed = await simulator.wait_for(
+            sessions,
+            timeout=30,
+            predicate=lambda r: r.path == STOP_PATH and r.answered_code == 0,
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
+    assert {r.params["extenOrUniqueId"] for r in replayed} == {f"1700.{i}" for i in range(sessions)}
+
+
+async def test_sighup_is_logged_and_changes_nothing(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """SIGHUP (a closed terminal, log rotation) while a session is held: one log line, the
+    session still ends STOPPED, and the bridge keeps serving until SIGTERM (exit 0)."""
+    process, port = await _start_process(simulator, ca_file, tmp_path)
+    simulator.set_failure(FailureMode.SLOW, delay=0.5)
+    session = asyncio.create_task(_call_port(port))
+    await simulator.wait_for(1)
+    process.send_signal(signal.SIGHUP)
+    await _wait_for_line(process, b"agi.server.sighup_ignored")
+    assert (await session).variables["NOOJEE_STATUS"] == "STOPPED"
+    simulator.set_failure(FailureMode.NONE)
+    assert (await _call_port(port)).variables["NOOJEE_STATUS"] == "STOPPED"
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+
+
 async def test_a_start_in_flight_at_a_second_signal_is_never_sent_again(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
@@ -380,10 +567,7 @@ async def test_a_start_in_flight_at_a_second_signal_is_never_sent_again(
     start = Call(script="recording/start", arguments=("Fred", "by=uniqueid"), port=port)
     session = asyncio.create_task(run_call(start, deadline=40))
     await simulator.wait_for(1)
-    process.send_signal(signal.SIGTERM)
-    await _wait_for_line(process, b"agi.server.stopping")
-    process.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(process.wait(), timeout=5) == 130
+    assert await _signal_twice(process) == 130
     await session
     simulator.set_failure(FailureMode.NONE)
     process, port = await _start_process(simulator, ca_file, tmp_path)
@@ -396,11 +580,25 @@ async def test_a_start_in_flight_at_a_second_signal_is_never_sent_again(
     assert [r.path.rsplit("/", 1)[-1] for r in simulator.received] == ["start", "stop"]
 
 
+async def _signal_twice(process: asyncio.subprocess.Process, within: float = 5) -> int:
+    """SIGTERM, and a second one once the first is handled (two sent back to back may merge
+    in the kernel); the exit status, which must come ``within`` seconds."""
+    process.send_signal(signal.SIGTERM)
+    await _wait_for_line(process, b"agi.server.stopping")
+    process.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(process.wait(), timeout=within)
+
+
 async def _wait_for_line(process: asyncio.subprocess.Process, marker: bytes) -> None:
+    await _line_with(process, marker)
+
+
+async def _line_with(process: asyncio.subprocess.Process, marker: bytes) -> bytes:
+    """The next line of the bridge's log that holds ``marker``."""
     assert process.stderr is not None
     while line := await process.stderr.readline():
         if marker in line:
-            return
+            return line
     raise AssertionError(f"the bridge never logged {marker!r}")
 
 
@@ -432,3 +630,86 @@ async def test_garbage_from_noojee_queues_and_the_worker_survives(
 def _worker_dead(bridge: Bridge) -> bool:
     worker = bridge._worker
     return worker is None or worker.done()
+
+
+@contextlib.asynccontextmanager
+async def _busy_noojee(
+    retry_after: str, busy: int, done: asyncio.Event
+) -> AsyncIterator[tuple[int, list[float]]]:
+    """An HTTP NoojeeContact whose first ``busy`` requests get 503 with ``Retry-After``, the
+    next ``busy`` a success (then ``done`` is set); yields its port and the loop time of every
+    request it received."""
+    loop = asyncio.get_running_loop()
+    seen: list[float] = []
+    busy_answer = (
+        f"HTTP/1.1 503 Service Unavailable\r\nRetry-After: {retry_after}\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+    body = b'{"Message":"Recording stopped","Code":0}'
+    ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    writers: set[asyncio.StreamWriter] = set()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.add(writer)
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                seen.append(loop.time())
+                writer.write(busy_answer if len(seen) <= busy else ok)
+                await writer.drain()
+                if len(seen) == 2 * busy:
+                    done.set()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], seen
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "retry_max_delay", "least_gap"),
+    [
+        ("1", 5.0, 1.0),  # honoured: nothing more before 1 s, though the backoff starts at 50 ms
+        ("3600", 0.3, 0.3),  # bounded: an hour is cut to retry_max_delay
+    ],
+)
+async def test_retry_after_is_honoured_and_bounded(
+    simulator: NoojeeSimulator,
+    ca_file: Path,
+    tmp_path: Path,
+    retry_after: str,
+    retry_max_delay: float,
+    least_gap: float,
+) -> None:
+    """Four queued stops meet 503 with Retry-After: the worker sends nothing more until the
+    Retry-After (at most retry_max_delay) has passed, then delivers all four."""
+    entries = 4
+    delivered = asyncio.Event()
+    async with _busy_noojee(retry_after, entries, delivered) as (port, seen):
+        settings = make_settings(
+            simulator,
+            ca_file,
+            tmp_path,
+            noojee_url=f"http://127.0.0.1:{port}/servicemanager/rest",
+            retry_max_delay=retry_max_delay,
+        )
+        async with running_bridge(settings) as bridge:
+            for i in range(entries):
+                result = await call(bridge, "Fred", "mode=async", uniqueid=f"1700.{i}")
+                assert result.variables["NOOJEE_STATUS"] == "QUEUED"
+            await delivered.wait()
+    assert len(seen) == 2 * entries  # each sent once more, none twice
+    assert seen[entries] - max(seen[:entries]) >= least_gap
+    spool = Spool(tmp_path)
+    spool.open(create=False)
+    try:
+        assert spool.sync_stats().pending == 0
+    finally:
+        spool.close()

@@ -156,6 +156,10 @@ class Delivery:
         """Shutdown begins: spool every sync request not on disk yet, now and from now on."""
         self._sync.write_ahead_in_flight()
 
+    def hurry(self) -> None:
+        """A second signal: sessions still waiting for NoojeeContact hear QUEUED now."""
+        self._sync.hurry()
+
     async def run(self) -> None:
         """The worker: deliver what the spool holds until :meth:`stop_worker` (or cancel)."""
         await self._worker.run()

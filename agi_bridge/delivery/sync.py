@@ -27,12 +27,16 @@ from agi_bridge.vocabulary import (
     NoojeeResult,
     Outcome,
     RecordingRequest,
+    ResultKind,
     Status,
     confirmed_status,
     unconfirmed_message,
 )
 
 log = get_logger("agi_bridge.delivery")
+
+# What a session waiting for NoojeeContact is told when a second signal cuts the wait short.
+STOPPING = NoojeeResult(ResultKind.TIMEOUT, "the bridge is stopping; NoojeeContact did not answer")
 
 
 @dataclass(slots=True, eq=False)
@@ -154,6 +158,16 @@ class SyncPath:
         for attempt in self._in_flight.values():
             if not attempt.answer.done():
                 self._write_ahead(attempt)
+
+    def hurry(self) -> None:
+        """A second signal: every request in flight goes to the spool, and each session still
+        waiting hears at once that its request is queued; the attempt itself is cancelled (its
+        entry stays pending: a stop may reach NoojeeContact twice, which is harmless)."""
+        self.write_ahead_in_flight()
+        for task, attempt in tuple(self._in_flight.items()):
+            if not attempt.answer.done():
+                attempt.answer.set_result(STOPPING)
+                task.cancel()
 
     async def drain(self, grace: float) -> None:
         """Within ``grace`` seconds: let the attempts that outlived their session end and record

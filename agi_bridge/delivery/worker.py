@@ -88,9 +88,9 @@ class Worker:
             if not self._stopping:
                 await self._wait_for_work()
             return
-        results = await self._deliver(entries)
-        if any(result.transient for result in results) and not self._stopping:
-            await self._back_off()
+        pause = self._pause(await self._deliver(entries))
+        if pause is not None and not self._stopping:
+            await self._back_off(pause)
 
     async def _wait_for_work(self) -> None:
         if self._work.is_set():
@@ -105,6 +105,13 @@ class Worker:
         """One attempt for each of ``entries``, all at once: the answers of those sent."""
         results = await asyncio.gather(*(self._send_entry(entry) for entry in entries))
         return [result for result in results if result is not None]
+
+    def _pause(self, results: list[NoojeeResult]) -> float | None:
+        """When one of ``results`` failed transiently, the seconds NoojeeContact asked us to
+        wait (its longest Retry-After, 0 without one, at most ``retry_max_delay``); None when
+        none did."""
+        failed = [result.retry_after or 0.0 for result in results if result.transient]
+        return min(max(failed), self._settings.retry_max_delay) if failed else None
 
     async def _send_entry(self, entry: SpoolEntry) -> NoojeeResult | None:
         request = entry.request
@@ -138,11 +145,12 @@ class Worker:
             )
         return result
 
-    async def _back_off(self) -> None:
-        """Probe with one entry at a time, backing off, until NoojeeContact answers again."""
+    async def _back_off(self, pause: float) -> None:
+        """Wait ``pause`` (a Retry-After), then probe with one entry at a time, backing off,
+        until NoojeeContact answers again."""
         recovered = self._sender.recovered
         recovered.clear()
-        probe = asyncio.ensure_future(self._probe())
+        probe = asyncio.ensure_future(self._probe(pause))
         waiter = asyncio.ensure_future(recovered.wait())
         try:
             await asyncio.wait((probe, waiter), return_when=asyncio.FIRST_COMPLETED)
@@ -154,9 +162,12 @@ class Worker:
             raise probe.exception()  # type: ignore[misc]  # e.g. the spool failing: run() logs it
         log.info("noojee.available")
 
-    async def _probe(self) -> None:
+    async def _probe(self, pause: float) -> None:
         settings = self._settings
-        log.warning("noojee.unavailable", retry_max_delay=settings.retry_max_delay)
+        log.warning(
+            "noojee.unavailable", retry_max_delay=settings.retry_max_delay, retry_after=pause
+        )
+        await asyncio.sleep(pause)  # a session's success or the stop ends it (_back_off)
         async for attempt in stamina.retry_context(
             on=_Unavailable,
             attempts=None,  # the spool's own limits (attempts, age) end an entry's life
@@ -172,5 +183,8 @@ class Worker:
                 # Nothing due (the rest is leased to sync attempts in flight), or nothing
                 # sent (expired): no proof yet that NoojeeContact is back, so keep the pace.
                 results = await self._deliver(entries) if entries else []
-                if not results or any(result.transient for result in results):
+                wait = self._pause(results)
+                if wait:
+                    await asyncio.sleep(wait)  # the Retry-After, before stamina's own wait
+                if not results or wait is not None:
                     raise _Unavailable

@@ -41,6 +41,8 @@ Design:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import email.utils
 import logging
 import ssl
 import time
@@ -96,6 +98,12 @@ _PATHS: Final[dict[str, str]] = {
     "stop": "CallManagementAPI/stop",
     "start": "CallManagementAPI/start",
 }
+# Answers whose Retry-After header we honour (RFC 9110: 503 and 429 carry it that way).
+RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
+# Longest Retry-After taken from a header (a day): the worker bounds it further by
+# retry_max_delay; this only keeps a silly value from overflowing anything.
+MAX_RETRY_AFTER: Final = 86400.0
+
 _TIME_PATH: Final = "Time"
 _HEADERS: Final[dict[str, str]] = {
     # The docs: an empty body sent as a form; the parameters ride in the query string.
@@ -260,13 +268,18 @@ class NoojeeClient:
         if request.tag is not None and request.action == "start":
             parts += ("&tag=", quote(request.tag, safe="", errors="surrogateescape"))
         parts.append(auth)
-        status, body, failure = await self._post("".join(parts))
+        status, body, failure, retry_after = await self._exchange("".join(parts))
         if failure is not None:
             return failure, pair
-        return classify_response(status, body, secret=self._key), pair
+        result = classify_response(status, body, secret=self._key)
+        if retry_after is not None and result.transient:
+            message = f"{result.message} (Retry-After {retry_after:g} s)"
+            result = dataclasses.replace(result, message=message, retry_after=retry_after)
+        return result, pair
 
-    async def _post(self, url: str) -> tuple[int, bytes, NoojeeResult | None]:
-        """POST with an empty form body; (status, body, None) or (0, b"", failure)."""
+    async def _exchange(self, url: str) -> tuple[int, bytes, NoojeeResult | None, float | None]:
+        """POST with an empty form body; (status, body, None, Retry-After in seconds or None)
+        or (0, b"", failure, None)."""
         try:
             request = httpx.Request(
                 "POST", url, headers=self._headers, content=_EMPTY, extensions=self._extensions
@@ -295,11 +308,31 @@ class NoojeeClient:
             # protocol...). OSError and ValueError: socket and SSL errors that escape the
             # mapping, bad framing or encoding reported by the response decoders. Our own
             # deadline never lands here: it is a CancelledError, which propagates.
-            return 0, _EMPTY, exception_result(exc, self._key, self._timeout)
-        return response.status_code, body, None
+            return 0, _EMPTY, exception_result(exc, self._key, self._timeout), None
+        status = response.status_code
+        retry_after = None
+        if status in RETRY_AFTER_STATUSES:
+            retry_after = retry_after_seconds(response.headers.get("retry-after"), time.time())
+        return status, body, None, retry_after
 
     async def _post_time(self) -> tuple[int, bytes, NoojeeResult | None]:
-        return await self._post(self._time_url)
+        status, body, failure, _ = await self._exchange(self._time_url)
+        return status, body, failure
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """A Retry-After header's delay in seconds (delta-seconds or an HTTP date, RFC 9110
+    10.2.3), at most :data:`MAX_RETRY_AFTER`; None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return min(max(0.0, when.timestamp() - now), MAX_RETRY_AFTER)
 
 
 async def _read_limited(response: httpx.Response) -> bytes:

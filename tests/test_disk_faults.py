@@ -1,0 +1,268 @@
+"""The spool's disk on an operator's worst day: full, with a corrupt page, or frozen. The full
+and the frozen disk are small filesystems of their own that the tests mount (a tmpfs; an ext4
+on a loop device, which fsfreeze needs), as root: skipped elsewhere with a message, never
+faked."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from agi_bridge.app import Bridge
+from agi_bridge.spool import Spool
+from agi_bridge.testing.fake_asterisk import Call, run_call
+from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
+from agi_bridge.vocabulary import RecordingRequest
+from tests.bridge_helpers import (
+    API_KEY,
+    call,
+    make_settings,
+    running_bridge,
+    running_simulator,
+)
+from tests.test_robustness import _bridge_env, _line_with
+
+STOP_PATH = "/servicemanager/rest/CallManagementAPI/stop"
+# Room for the spool and its WAL with a few dozen entries; the filler takes the rest.
+SMALL_DISK = "2m"
+FILL_CHUNK = 64 * 1024
+# ext4's smallest comfortable size with a journal: the spool needs a few pages of it.
+FREEZABLE_DISK_BYTES = 32 * 1024 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of SMALL_DISK mounted for this test alone."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (run ./scripts/test as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={SMALL_DISK}", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk refuses another byte; returns it."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        # Big writes first, then single bytes up to the very last block.
+        for size in (FILL_CHUNK, 1):
+            with pytest.raises(OSError, match="No space left") as info:  # noqa: PT012
+                while True:
+                    os.write(fd, b"\0" * size)
+            assert info.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.fixture
+async def simulator(server_ssl_context: ssl.SSLContext) -> AsyncIterator[NoojeeSimulator]:
+    async with running_simulator(server_ssl_context) as simulator:
+        yield simulator
+
+
+async def test_queued_stops_are_delivered_while_the_disk_stays_full(
+    small_disk: Path, simulator: NoojeeSimulator, ca_file: Path
+) -> None:
+    """Stops queued while NoojeeContact is down, then the disk fills up, then NoojeeContact
+    comes back: every queued stop is delivered although no write reaches the disk, none twice;
+    a new async stop is honestly FAILED meanwhile."""
+    queued = 20
+    settings = make_settings(simulator, ca_file, small_disk, spool_fsync=True)
+    simulator.set_failure(FailureMode.HTTP_503)
+    async with running_bridge(settings) as bridge:
+        for i in range(queued):
+            result = await call(bridge, "Fred", "by=uniqueid", "mode=async", uniqueid=f"1800.{i}")
+            assert result.variables["NOOJEE_STATUS"] == "QUEUED"
+        fill(small_disk)
+        refused = await call(bridge, "Fred", "by=uniqueid", "mode=async", uniqueid="1800.99")
+        assert refused.variables["NOOJEE_STATUS"] == "FAILED"
+        simulator.clear()
+        simulator.set_failure(FailureMode.NONE)
+        delivered = await simulator.wait_for(
+            queued, timeout=30, predicate=lambda r: r.path == STOP_PATH and r.answered_code == 0
+        )
+        problems = await _readiness(bridge)
+    targets = [r.params["extenOrUniqueId"] for r in delivered]
+    assert sorted(targets) == sorted(f"1800.{i}" for i in range(queued))
+    assert any("not writable" in p for p in problems), problems
+
+
+async def _readiness(bridge: Bridge) -> list[str]:
+    return await bridge.readiness()
+
+
+def _salvage(path: Path) -> None:
+    """The README's salvage, word for word: move aside, dump what reads into a new file."""
+    damaged = path.with_name("spool.damaged")
+    path.rename(damaged)
+    dump = subprocess.run(["sqlite3", str(damaged), ".dump"], capture_output=True, check=True)
+    subprocess.run(["sqlite3", str(path)], input=dump.stdout, check=True)
+    version = subprocess.run(
+        ["sqlite3", str(damaged), "PRAGMA user_version"], capture_output=True, check=True
+    ).stdout.decode()
+    subprocess.run(["sqlite3", str(path), f"PRAGMA user_version = {version.strip()}"], check=True)
+
+
+async def _damaged_spool(data_dir: Path, entries: int) -> Path:
+    """A spool of ``entries`` stops whose index page is overwritten with garbage, as a bad
+    sector or a torn write leaves it; the table itself is readable."""
+    spool = Spool(data_dir, fsync=False)
+    spool.open()
+    for i in range(entries):
+        stop = RecordingRequest("stop", f"1900.{i}", "Fred")
+        await spool.add(stop, call_uniqueid=f"1900.{i}")
+    spool.close()  # checkpoints the WAL into the file
+    with sqlite3.connect(spool.path) as db:
+        (root,) = db.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'pending_due'"
+        ).fetchone()
+        (size,) = db.execute("PRAGMA page_size").fetchone()
+    db.close()
+    with spool.path.open("r+b") as handle:
+        handle.seek((root - 1) * size + 100)
+        handle.write(b"\xff" * (size - 200))
+    return spool.path
+
+
+async def test_a_damaged_spool_is_reported_and_the_readme_salvage_saves_it(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A corrupt page: check-config exits 1 naming the file and the salvage, /readyz reports
+    it; the README's salvage (sqlite3 .dump into a new file) keeps every entry and the bridge
+    is ready again on it."""
+    entries = 50
+    path = await _damaged_spool(tmp_path, entries)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGI_BRIDGE_")} | {
+        "AGI_BRIDGE_NOOJEE_URL": simulator.base_url,
+        "AGI_BRIDGE_NOOJEE_API_KEY": API_KEY,
+        "AGI_BRIDGE_DATA_DIR": str(tmp_path),
+    }
+    checked = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agi_bridge",
+        "check-config",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(checked.communicate(), timeout=30)
+    assert checked.returncode == 1
+    assert f"the spool {path} is damaged (" in err.decode()
+    assert ".dump" in err.decode()
+    settings = make_settings(simulator, ca_file, tmp_path)
+    simulator.set_failure(FailureMode.HTTP_503)  # keep the entries queued
+    async with running_bridge(settings) as bridge:
+        problems = await bridge.readiness()
+    assert any(f"spool {path} is damaged" in p for p in problems), problems
+
+    if shutil.which("sqlite3") is None:
+        pytest.skip("no sqlite3 command to try the README's salvage (apt install sqlite3)")
+    await asyncio.to_thread(_salvage, path)
+    async with running_bridge(settings) as bridge:
+        problems = await bridge.readiness()
+        stats = await bridge.spool.stats()
+    assert not any("damaged" in p for p in problems), problems
+    assert stats.pending == entries
+
+
+@pytest.fixture
+def freezable_disk(tmp_path: Path) -> Iterator[Path]:
+    """A small ext4 on a loop device (fsfreeze needs a real filesystem), mounted for this
+    test alone; thawed and unmounted whatever happens."""
+    if os.geteuid() != 0:
+        pytest.skip("a loop device and fsfreeze need root (run ./scripts/test as root)")
+    missing = [tool for tool in ("mkfs.ext4", "fsfreeze") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} missing (apt install e2fsprogs util-linux)")
+    image, mount = tmp_path / "ext4.img", tmp_path / "frozen"
+    mount.mkdir()
+    with image.open("wb") as handle:
+        handle.truncate(FREEZABLE_DISK_BYTES)
+    for command in (
+        ["mkfs.ext4", "-q", "-F", str(image)],
+        ["mount", "-o", "loop", str(image), str(mount)],
+    ):
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot make a loop ext4 here ({command[0]}): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mount)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_frozen_disk_fails_requests_fast_and_the_stop_names_what_it_could_not_write(
+    freezable_disk: Path, simulator: NoojeeSimulator, ca_file: Path
+) -> None:
+    """fsfreeze under a running bridge: a stop is FAILED (5 s, the spool's commit timeout)
+    and the next one at once; SIGTERM ends the stop within its deadline with an ERROR naming
+    the request the disk never took; once thawed, the process exits 0."""
+    data_dir = freezable_disk / "data"
+    env = _bridge_env(simulator, ca_file, data_dir) | {"AGI_BRIDGE_SHUTDOWN_GRACE": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agi_bridge",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        line = await asyncio.wait_for(_line_with(process, b"agi.server.listening"), timeout=30)
+        port = int(json.loads(line)["listen"].rsplit(":", 1)[1])
+        simulator.set_failure(FailureMode.HTTP_503)
+        assert (await _async_stop(port, "2000.1")) == "QUEUED"
+        await asyncio.to_thread(subprocess.run, ["fsfreeze", "-f", str(freezable_disk)], check=True)
+        assert (await _async_stop(port, "2000.2")) == "FAILED"  # held 5 s by the stuck commit
+        assert (await _async_stop(port, "2000.3")) == "FAILED"  # at once: the disk is stalled
+        process.send_signal(signal.SIGTERM)
+        # shutdown_grace 1 s + the spool's last flush 2 s, with a margin for a loaded box.
+        unwritten = await asyncio.wait_for(_line_with(process, b"spool.unwritten"), timeout=10)
+        event = json.loads(unwritten)
+        assert event["level"] == "error"
+        assert any("call=2000.2" in request for request in event["requests"]), event
+        await asyncio.wait_for(_line_with(process, b"agi.server.stopped"), timeout=5)
+        await asyncio.to_thread(subprocess.run, ["fsfreeze", "-u", str(freezable_disk)], check=True)
+        assert await asyncio.wait_for(process.wait(), timeout=10) == 0
+    finally:
+        if process.returncode is None:
+            await asyncio.to_thread(
+                subprocess.run, ["fsfreeze", "-u", str(freezable_disk)], check=False
+            )
+            process.kill()
+            await process.wait()
+
+
+async def _async_stop(port: int, uniqueid: str) -> str:
+    result = await run_call(
+        Call(arguments=("Fred", "mode=async"), uniqueid=uniqueid, port=port), deadline=20
+    )
+    return result.variables.get("NOOJEE_STATUS", f"AGISTATUS={result.agistatus}")
