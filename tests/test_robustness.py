@@ -364,14 +364,14 @@ def _bridge_env(simulator: NoojeeSimulator, ca_file: Path, data_dir: Path) -> di
 
 
 async def _start_process(
-    simulator: NoojeeSimulator, ca_file: Path, data_dir: Path
+    simulator: NoojeeSimulator, ca_file: Path, data_dir: Path, **extra_env: str
 ) -> tuple[asyncio.subprocess.Process, int]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "agi_bridge",
         "serve",
-        env=_bridge_env(simulator, ca_file, data_dir),
+        env=_bridge_env(simulator, ca_file, data_dir) | extra_env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -390,9 +390,18 @@ async def test_a_second_bridge_on_the_same_data_dir_exits_at_once_touching_nothi
     """A second `serve` on a running bridge's data_dir, on a free port or on the first one's
     (it cannot bind): it exits 1 at once naming the folder and the running pid, without
     opening the spool: the stop the first bridge has in flight is not sent a second time."""
-    first, first_port = await _start_process(simulator, ca_file, tmp_path)
+    # The first bridge's own attempt stays in flight for the whole test (its own retry after
+    # a 5 s timeout would be a second request too, on a box slow to start the second one);
+    # its stop need not wait for it.
+    first, first_port = await _start_process(
+        simulator,
+        ca_file,
+        tmp_path,
+        AGI_BRIDGE_NOOJEE_TIMEOUT="120",
+        AGI_BRIDGE_SHUTDOWN_GRACE="1",
+    )
     try:
-        simulator.set_failure(FailureMode.SLOW, delay=30)
+        simulator.set_failure(FailureMode.SLOW, delay=120)
         session = asyncio.create_task(_call_port(first_port))
         await simulator.wait_for(1)
         listen = "127.0.0.1:0" if port == "free" else f"127.0.0.1:{first_port}"
