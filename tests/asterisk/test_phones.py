@@ -16,6 +16,7 @@ from panoramisk.message import Message
 
 from agi_bridge.testing.simulator import NoojeeSimulator
 
+from .codes import STOP
 from .conftest import STOP_PATH, Ami, BridgeProcess
 from .phones import Phone, StartPhone
 from .test_queue import _feature_done
@@ -147,9 +148,9 @@ async def test_local_chain_member_agent_hangs_up_one_stop_with_the_member_name(
 async def test_star2_from_the_phone_then_hangup_one_stop_by_extension(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
 ) -> None:
-    """The phone sends *2 (RFC 4733): one stop for 410 (Fred); nothing more at the end."""
+    """The phone sends the stop code (RFC 4733): one stop for 410 (Fred); nothing at the end."""
     agent, customer, cust, member = await _queue_call(ami, phones)
-    await agent.send("dtmf", call="in1", digits="*2")
+    await agent.send("dtmf", call="in1", digits=STOP)
     await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=cust)
     await _feature_done(ami, member)  # the agent heard the beep
     await _ends(ami, bridge, simulator, customer, cust, member)
@@ -233,11 +234,11 @@ async def test_transfer_target_that_never_answers_leaves_the_login_alone(
 async def test_star2_before_a_blind_transfer_nothing_more_at_the_end(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
 ) -> None:
-    """410 stops the recording with *2, then transfers to 411 (REFER): the call's state says
-    stopped, so the end of the call sends nothing more."""
+    """410 stops the recording with the stop code, then transfers to 411 (REFER): the call's state
+    says stopped, so the end of the call sends nothing more."""
     agent, customer, cust, member = await _queue_call(ami, phones)
     await phones("411")
-    await agent.send("dtmf", call="in1", digits="*2")
+    await agent.send("dtmf", call="in1", digits=STOP)
     await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=cust)
     await _feature_done(ami, member)  # the agent heard the beep
     since = len(ami.events)
