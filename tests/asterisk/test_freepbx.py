@@ -194,18 +194,22 @@ async def test_freepbx_one_touch_recording_still_works_on_an_armed_phone(
 
 async def _handed_to_411(
     ami: Ami, simulator: NoojeeSimulator, phones: StartPhone, agent: Phone, phone: str,
-    code: str,
+    how: str,
 ) -> tuple[Phone, str]:  # fmt: skip
-    """410 presses FreePBX's transfer ``code`` then 411; 411's phone answers (armed by the
-    recipe: FreePBX's U() ran there too); 410 leaves (a blind transfer drops it, an attended
-    one completes when 410 hangs up); NoojeeContact received nothing: (411, its channel)."""
+    """410 hands the call to 411 ``how``: FreePBX's ``##`` or ``*2`` then 411, or the phone's
+    blind transfer (``refer``); 411's phone answers (armed by the recipe: FreePBX's U() ran
+    there too); 410 leaves (a blind transfer drops it, an attended one completes when 410 hangs
+    up); NoojeeContact received nothing: (411, its channel)."""
     target_phone = await phones("411")
     since = len(ami.events)
-    await agent.send("dtmf", call="in1", digits=f"{code}411")
+    if how == "refer":
+        await agent.send("xfer", call="in1", to=agent.uri("411"))
+    else:
+        await agent.send("dtmf", call="in1", digits=f"{how}411")
     target = await _channel(ami, "PJSIP/411-", since)
     await target_phone.answered()
     await ami.wait_var("IMITATION_BLKVM", "ran", uniqueid=target)
-    if code == "*2":
+    if how == "*2":
         await asyncio.sleep(TALK)  # 410 tells 411 about the customer
         await agent.send("hangup", call="in1")
     await ami.wait_hangup(phone)
@@ -214,14 +218,40 @@ async def _handed_to_411(
     return target_phone, target
 
 
-async def test_freepbx_blind_transfer_keeps_the_recording_one_stop_at_the_end(
+@pytest.mark.parametrize("how", ["##", "refer"])  # FreePBX's in-call code, the phone's REFER
+async def test_blind_transfer_keeps_the_recording_one_stop_at_the_end(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone, how: str
+) -> None:
+    """410 transfers to 411 (FreePBX's ## or the phone's REFER, both into TRANSFER_CONTEXT):
+    nothing while the customer talks to 411; one stop by the linkedid when the call ends, with
+    411's login (its endpoint's set_var)."""
+    agent, customer, cust, phone = await _queue_call(ami, phones)
+    _, target = await _handed_to_411(ami, simulator, phones, agent, phone, how)
+    await _ends(ami, bridge, customer, cust, target)
+    assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]
+
+
+async def test_attended_transfer_by_the_phone_one_stop_at_the_end_with_the_target_login(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
 ) -> None:
-    """410 presses FreePBX's ## 411: nothing while the customer talks to 411; one stop by the
-    linkedid when the call ends, with 411's login (its endpoint's set_var)."""
+    """410's phone holds the customer, calls 411 (an ordinary internal call), completes with
+    REFER + Replaces: nothing meanwhile; one stop by the linkedid at the end, with 411's login
+    (noted by 410's phone channel as it leaves)."""
     agent, customer, cust, phone = await _queue_call(ami, phones)
-    _, target = await _handed_to_411(ami, simulator, phones, agent, phone, "##")
-    await _ends(ami, bridge, customer, cust, target)
+    consulted = await phones("411")
+    await agent.send("hold", call="in1")
+    await agent.send("call", call="c2", to=agent.uri("411"))
+    await consulted.answered()
+    await agent.wait(event="state", call="c2", state="CONFIRMED")
+    await asyncio.sleep(TALK)  # 410 tells 411 about the customer
+    await agent.send("xfer_replaces", call="in1", other="c2")
+    await ami.wait_hangup(phone)
+    await asyncio.sleep(TALK)  # the customer talks to 411
+    assert simulator.received == []
+    await customer.send("hangup", call="c1")
+    await consulted.ended("in1")
+    await ami.wait_hangup(cust)
+    await bridge.wait_drained()
     assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]
 
 

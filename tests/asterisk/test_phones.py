@@ -145,7 +145,7 @@ async def test_local_chain_member_agent_hangs_up_one_stop_with_the_member_name(
     assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]
 
 
-async def test_star2_from_the_phone_then_hangup_one_stop_by_extension(
+async def test_stop_code_from_the_phone_then_hangup_one_stop_by_extension(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
 ) -> None:
     """The phone sends the stop code (RFC 4733): one stop for 410 (Fred); nothing at the end."""
@@ -231,7 +231,7 @@ async def test_transfer_target_that_never_answers_leaves_the_login_alone(
     assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]
 
 
-async def test_star2_before_a_blind_transfer_nothing_more_at_the_end(
+async def test_stop_code_before_a_blind_transfer_nothing_more_at_the_end(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
 ) -> None:
     """410 stops the recording with the stop code, then transfers to 411 (REFER): the call's state

@@ -325,7 +325,7 @@ async def test_toggle_state_survives_a_transfer_to_another_agent(
 PIPS = "!425/150,!0/150,!425/150,!0/150,!425/150"
 
 
-async def test_a_queued_star2_does_not_silence_the_hangup_stop_which_cancels_it(
+async def test_a_queued_stop_code_does_not_silence_the_hangup_stop_which_cancels_it(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
     """The stop code during an outage: the pips (QUEUED, not confirmed), so the hangup handler still
@@ -354,7 +354,7 @@ async def test_a_queued_star2_does_not_silence_the_hangup_stop_which_cancels_it(
     assert simulator.received == [stop]
 
 
-async def test_an_expired_star2_plays_the_error_beep_and_the_hangup_stop_follows(
+async def test_an_expired_stop_code_plays_the_error_beep_and_the_hangup_stop_follows(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
     """the stop code queued during an outage, pressed again once its validity passed: the error beep
@@ -390,7 +390,7 @@ async def test_an_expired_star2_plays_the_error_beep_and_the_hangup_stop_follows
     assert simulator.received == [stop]
 
 
-async def test_an_unconfirmed_star3_plays_its_own_sound_and_is_never_resent(
+async def test_an_unconfirmed_start_code_plays_its_own_sound_and_is_never_resent(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
     """The start code answered by a login page (HTTP 200, not NoojeeContact's): UNCONFIRMED, the
