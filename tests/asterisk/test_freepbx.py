@@ -218,13 +218,14 @@ async def _handed_to_411(
     return target_phone, target
 
 
-@pytest.mark.parametrize("how", ["##", "refer"])  # FreePBX's in-call code, the phone's REFER
-async def test_blind_transfer_keeps_the_recording_one_stop_at_the_end(
+# FreePBX's blind and attended transfer codes, the phone's blind transfer (REFER)
+@pytest.mark.parametrize("how", ["##", "*2", "refer"])
+async def test_transfer_keeps_the_recording_one_stop_at_the_end(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone, how: str
 ) -> None:
-    """410 transfers to 411 (FreePBX's ## or the phone's REFER, both into TRANSFER_CONTEXT):
-    nothing while the customer talks to 411; one stop by the linkedid when the call ends, with
-    411's login (its endpoint's set_var)."""
+    """410 hands the call to 411 (FreePBX's ## or *2, or the phone's REFER; all dial in
+    TRANSFER_CONTEXT): nothing while the customer talks to 411; one stop by the linkedid when
+    the call ends, with 411's login (its endpoint's set_var)."""
     agent, customer, cust, phone = await _queue_call(ami, phones)
     _, target = await _handed_to_411(ami, simulator, phones, agent, phone, how)
     await _ends(ami, bridge, customer, cust, target)
@@ -255,12 +256,11 @@ async def test_attended_transfer_by_the_phone_one_stop_at_the_end_with_the_targe
     assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]
 
 
-async def test_freepbx_attended_transfer_keeps_the_recording_and_arms_the_target(
+async def test_freepbx_attended_transfer_arms_the_target(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
 ) -> None:
-    """410 presses FreePBX's *2 411, talks to 411 and hangs up (the transfer completes): the
-    recording goes on; 411's stop code then stops it for 411 with 411's login, and the end of
-    the call sends nothing more."""
+    """After FreePBX's *2 to 411, 411's stop code stops the recording for 411 with 411's login;
+    the end of the call sends nothing more."""
     agent, customer, cust, phone = await _queue_call(ami, phones)
     target_phone, target = await _handed_to_411(ami, simulator, phones, agent, phone, "*2")
     await target_phone.send("dtmf", call="in1", digits=STOP)
