@@ -37,11 +37,12 @@ import pytest
 
 from agi_bridge.testing.simulator import NoojeeSimulator
 
-from .codes import DIALLED_STOP, STOP, TOGGLE, in_call_codes
+from .codes import DIALLED_STOP, STOP, TOGGLE, dialled_codes, in_call_codes
 from .conftest import START_PATH, STOP_PATH, Ami, BridgeProcess, Sandbox, running_sandbox
 from .phones import Phone, StartPhone
 from .readme_snippets import freepbx_files
-from .test_phones import _bridged, _channel, _requests
+from .test_codes import clashes
+from .test_phones import _attended_by_the_phone, _bridged, _channel, _requests
 from .test_queue import _feature_done
 
 pytestmark = pytest.mark.asterisk
@@ -79,14 +80,10 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         yield box
 
 
-def _clashes(a: str, b: str) -> bool:
-    return a.startswith(b) or b.startswith(a)
-
-
 def test_features_show_lists_no_clash(sandbox: Sandbox) -> None:
     """Every in-call code `features show` lists, with the attended-transfer codes, is neither
     equal to nor a prefix of another; ours sit next to FreePBX's ##, *2, ** and apprecord *1."""
-    current = {}
+    current: dict[str, str] = {}
     for line in sandbox.cli("features show").split("Feature Groups")[0].splitlines():
         name, *values = re.split(r"\s{2,}", line.strip())
         if values and not values[-1].endswith("Current") and not name.startswith("-"):
@@ -100,10 +97,10 @@ def test_features_show_lists_no_clash(sandbox: Sandbox) -> None:
     }  # fmt: skip
     codes = sorted(current.values())
     for i, code in enumerate(codes):
-        assert not any(_clashes(code, other) for other in codes[i + 1 :]), (code, current)
+        assert not any(clashes(code, other) for other in codes[i + 1 :]), (code, current)
     for ours in in_call_codes().values():
-        assert not any(_clashes(ours, atxfer) for atxfer in ATXFER_CODES), ours
-    assert not _clashes(DIALLED_STOP, pickup)
+        assert not any(clashes(ours, atxfer) for atxfer in ATXFER_CODES), ours
+    assert not any(clashes(code, pickup) for code in dialled_codes().values())
 
 
 def test_the_site_hook_replaces_freepbx_stub_and_transfers_never_see_the_dialled_codes(
@@ -145,6 +142,16 @@ async def _ends(ami: Ami, bridge: BridgeProcess, customer: Phone, cust: str, *le
     await bridge.wait_drained()
 
 
+async def _presses(
+    ami: Ami, agent: Phone, channel: str, cust: str, code: str, recording: str
+) -> None:
+    """The agent's phone sends ``code`` (RFC 4733); the code runs on its ``channel`` and leaves
+    the call's recording ``recording``; the agent heard the sound."""
+    await agent.send("dtmf", call="in1", digits=code)
+    await ami.wait_var("NOOJEE_CALL_RECORDING", recording, uniqueid=cust)
+    await _feature_done(ami, channel)
+
+
 async def test_stop_code_stops_once_on_the_phone(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
 ) -> None:
@@ -154,9 +161,7 @@ async def test_stop_code_stops_once_on_the_phone(
     agent, customer, cust, phone = await _queue_call(ami, phones)
     await ami.wait_var("IMITATION_BLKVM", "ran", uniqueid=phone)
     assert simulator.received == []
-    await agent.send("dtmf", call="in1", digits=STOP)
-    await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=cust)
-    await _feature_done(ami, phone)
+    await _presses(ami, agent, phone, cust, STOP, "stopped")
     await _ends(ami, bridge, customer, cust, phone)
     assert _requests(simulator) == [(STOP_PATH, "410", "Wilma")]
 
@@ -167,11 +172,8 @@ async def test_toggle_stops_then_starts_and_the_end_stops(
     """The toggle twice: a stop, then a start, for 410; the recording runs again, so the end of
     the call sends its stop by the linkedid."""
     agent, customer, cust, phone = await _queue_call(ami, phones)
-    await agent.send("dtmf", call="in1", digits=TOGGLE)
-    await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=cust)
-    await _feature_done(ami, phone)
-    await agent.send("dtmf", call="in1", digits=TOGGLE)
-    await ami.wait_var("NOOJEE_CALL_RECORDING", "started", uniqueid=cust)
+    await _presses(ami, agent, phone, cust, TOGGLE, "stopped")
+    await _presses(ami, agent, phone, cust, TOGGLE, "started")
     await _ends(ami, bridge, customer, cust, phone)
     assert _requests(simulator) == [
         (STOP_PATH, "410", "Wilma"), (START_PATH, "410", "Wilma"), (STOP_PATH, cust, "Wilma"),
@@ -240,12 +242,7 @@ async def test_attended_transfer_by_the_phone_one_stop_at_the_end_with_the_targe
     (noted by 410's phone channel as it leaves)."""
     agent, customer, cust, phone = await _queue_call(ami, phones)
     consulted = await phones("411")
-    await agent.send("hold", call="in1")
-    await agent.send("call", call="c2", to=agent.uri("411"))
-    await consulted.answered()
-    await agent.wait(event="state", call="c2", state="CONFIRMED")
-    await asyncio.sleep(TALK)  # 410 tells 411 about the customer
-    await agent.send("xfer_replaces", call="in1", other="c2")
+    await _attended_by_the_phone(agent, consulted)
     await ami.wait_hangup(phone)
     await asyncio.sleep(TALK)  # the customer talks to 411
     assert simulator.received == []
@@ -263,9 +260,7 @@ async def test_freepbx_attended_transfer_arms_the_target(
     the end of the call sends nothing more."""
     agent, customer, cust, phone = await _queue_call(ami, phones)
     target_phone, target = await _handed_to_411(ami, simulator, phones, agent, phone, "*2")
-    await target_phone.send("dtmf", call="in1", digits=STOP)
-    await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=cust)
-    await _feature_done(ami, target)
+    await _presses(ami, target_phone, target, cust, STOP, "stopped")
     await _ends(ami, bridge, customer, cust, target)
     assert _requests(simulator) == [(STOP_PATH, "411", "Fred")]
 

@@ -130,6 +130,16 @@ async def _handed_on(ami: Ami, simulator: NoojeeSimulator, cust: str, to: str, s
     return target
 
 
+async def _attended_by_the_phone(agent: Phone, consulted: Phone) -> None:
+    """410's phone holds the customer, calls 411, talks, completes with REFER + Replaces."""
+    await agent.send("hold", call="in1")
+    await agent.send("call", call="c2", to=agent.uri(consulted.user))
+    await consulted.answered()
+    await agent.wait(event="state", call="c2", state="CONFIRMED")
+    await asyncio.sleep(TALK)  # 410 tells 411 about the customer
+    await agent.send("xfer_replaces", call="in1", other="c2")
+
+
 async def test_local_chain_member_agent_hangs_up_one_stop_with_the_member_name(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
 ) -> None:
@@ -186,12 +196,7 @@ async def test_attended_transfer_by_the_phone_one_stop_at_the_end(
     # who 411 gets bridged with: the customer, or the ;2 half of the member's Local channel
     peer = cust if exten == "100" else _uniqueid(ami, ami.channel_name(member)[:-1] + "2")
     consulted = await phones("411")
-    await agent.send("hold", call="in1")
-    await agent.send("call", call="c2", to=agent.uri("411"))
-    await consulted.answered()
-    await agent.wait(event="state", call="c2", state="CONFIRMED")
-    await asyncio.sleep(TALK)  # 410 tells 411 about the customer
-    await agent.send("xfer_replaces", call="in1", other="c2")
+    await _attended_by_the_phone(agent, consulted)
     await ami.wait_hangup(phone)
     target = await _handed_on(ami, simulator, peer, "411", 0)
     await _ends(ami, bridge, simulator, customer, cust, target)
