@@ -4,6 +4,8 @@
   test, outside any test's timeout (``pytest_runtestloop``), and only when an ``asterisk``
   test was selected.
 - ``sandbox`` (session): one Asterisk instance with free AMI / bridge ports, stopped at the end.
+  A module may override it with an instance of its own (``running_sandbox``): test_freepbx.py
+  runs the imitation of FreePBX that way, and every fixture below then uses that instance.
 - ``ami`` (function): a logged-in panoramisk ``Manager`` plus event helpers (futures fed by the
   event callback: no sleeps).
 - ``fake_bridge`` (function): a tiny FastAGI listener on the port the dialplan calls, for tests
