@@ -114,13 +114,13 @@ async def test_a_start_refused_at_connect_is_sent_again(
 async def test_the_calls_own_stop_cancels_its_queued_request_by_extension(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
-    """*2 by extension during an outage (QUEUED), then the call's hangup stop by uniqueid:
-    after the outage only the hangup stop is delivered; extension 410 (by now on another
+    """The stop code by extension during an outage (QUEUED), then the call's hangup stop by
+    uniqueid: after the outage only the hangup stop is delivered; extension 410 (by now on another
     customer's call) gets nothing."""
     simulator.set_failure(FailureMode.REFUSE)
     async with running_bridge(_settings(simulator, ca_file, tmp_path)) as bridge:
-        star2 = await call(bridge, "Fred", "by=extension", uniqueid=CALL)
-        assert star2.variables["NOOJEE_STATUS"] == "QUEUED"
+        code = await call(bridge, "Fred", "by=extension", uniqueid=CALL)
+        assert code.variables["NOOJEE_STATUS"] == "QUEUED"
         hangup = await call(bridge, "Fred", "by=uniqueid", "mode=async", uniqueid=CALL)
         assert hangup.variables["NOOJEE_STATUS"] == "QUEUED"
         await _until("cancelled", lambda: [e.reason for e in _dead(bridge)] == ["cancelled"])
@@ -131,17 +131,17 @@ async def test_the_calls_own_stop_cancels_its_queued_request_by_extension(
     assert "410" not in targets
 
 
-async def test_the_end_stop_on_the_customers_channel_cancels_a_members_star2(
+async def test_the_end_stop_on_the_customers_channel_cancels_a_members_stop_code(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
-    """A queue call: the *2 runs on the member's leg, the end stop on the customer's channel
+    """A queue call: the stop code runs on the member's leg, the end stop on the customer's channel
     (another uniqueid); both name the call by its linkedid (call=), so the end stop still
-    cancels the *2 queued by extension."""
+    cancels the stop code's request queued by extension."""
     linkedid, member_leg = "1764633600.40", "1764633600.43"
     simulator.set_failure(FailureMode.REFUSE)
     async with running_bridge(_settings(simulator, ca_file, tmp_path)) as bridge:
-        star2 = await call(bridge, "Fred", "by=extension", f"call={linkedid}", uniqueid=member_leg)
-        assert star2.variables["NOOJEE_STATUS"] == "QUEUED"
+        code = await call(bridge, "Fred", "by=extension", f"call={linkedid}", uniqueid=member_leg)
+        assert code.variables["NOOJEE_STATUS"] == "QUEUED"
         await call(
             bridge, "Fred", f"id={linkedid}", "mode=async", f"call={linkedid}", uniqueid=linkedid
         )
@@ -156,7 +156,7 @@ async def test_the_end_stop_on_the_customers_channel_cancels_a_members_star2(
 async def test_the_calls_own_stop_cancels_it_after_a_restart_too(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
-    """A *2 by extension queued by the previous process is still cancelled by its call's own
+    """A stop code by extension queued by the previous process is still cancelled by its call's own
     stop: the new process learns from the spool which calls have requests by extension."""
     settings = _settings(simulator, ca_file, tmp_path)
     simulator.set_failure(FailureMode.REFUSE)
@@ -173,7 +173,7 @@ async def test_the_calls_own_stop_cancels_it_after_a_restart_too(
 async def test_a_request_by_extension_expires_and_a_repeat_hears_it(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
-    """Without the call's own stop, *2 by extension expires after extension_max_age and is
+    """Without the call's own stop, a stop code by extension expires after extension_max_age and is
     never sent; the repeat within the window hears EXPIRED, the press after it is fresh."""
     settings = _settings(simulator, ca_file, tmp_path, extension_max_age=0.5)
     simulator.set_failure(FailureMode.REFUSE)

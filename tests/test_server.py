@@ -480,7 +480,8 @@ async def test_a_queued_stop_for_a_call_noojee_does_not_know_is_settled_not_dead
 async def test_a_live_stop_for_a_call_noojee_does_not_know_is_failed(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
-    """The same answer to a live stop (*2) is FAILED: the agent must not take it for stopped."""
+    """The same answer to a live stop (the stop code) is FAILED: the agent must not take it for
+    stopped."""
     async with running_bridge(make_settings(simulator, ca_file, tmp_path)) as bridge:
         result = await call(bridge, "Fred", "by=id", "id=404")
         await bridge.server.delivery.drain(5)

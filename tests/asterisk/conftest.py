@@ -4,6 +4,8 @@
   test, outside any test's timeout (``pytest_runtestloop``), and only when an ``asterisk``
   test was selected.
 - ``sandbox`` (session): one Asterisk instance with free AMI / bridge ports, stopped at the end.
+  A module may override it with an instance of its own (``running_sandbox``): test_freepbx.py
+  runs the imitation of FreePBX that way, and every fixture below then uses that instance.
 - ``ami`` (function): a logged-in panoramisk ``Manager`` plus event helpers (futures fed by the
   event callback: no sleeps).
 - ``fake_bridge`` (function): a tiny FastAGI listener on the port the dialplan calls, for tests
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,18 +177,16 @@ def _parse_state(text: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
-@pytest.fixture(scope="session")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    """Asterisk 22 with the shipped dialplan/, test contexts, free ports; stopped at the end."""
+@contextmanager
+def running_sandbox(
+    instance: str, args: list[str], tmp_path_factory: pytest.TempPathFactory, log_name: str
+) -> Iterator[Sandbox]:
+    """An Asterisk instance started with ``args`` (see scripts/asterisk-sandbox start), stopped
+    and purged at the end; its log is kept as ``log_name`` in pytest's base temp directory."""
     SANDBOX_ROOT.check()  # provisions only if pytest_runtestloop did not
-    instance = f"pytest-{os.getpid()}"
-    readme = write_readme_snippets(tmp_path_factory.mktemp("readme") / "readme-snippets.conf")
     cmd = [
         str(SANDBOX_SCRIPT), "--instance", instance, "start", "--no-provision",
-        "--owner-pid", str(os.getpid()),
-        "--extensions", str(EXTRA_EXTENSIONS), "--features", str(EXTRA_FEATURES),
-        "--queues", str(EXTRA_QUEUES), "--agents", str(EXTRA_AGENTS), "--pjsip", str(EXTRA_PJSIP),
-        "--extensions", str(readme),
+        "--owner-pid", str(os.getpid()), *args,
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
     if res.returncode != 0:
@@ -205,10 +206,24 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     try:
         yield box
     finally:
-        keep = tmp_path_factory.getbasetemp() / "asterisk-full.log"
+        keep = tmp_path_factory.getbasetemp() / log_name
         if box.log_path.exists():
             shutil.copyfile(box.log_path, keep)
         box.run("stop", "--purge", check=False)
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """Asterisk 22 with the shipped dialplan/, test contexts, free ports; stopped at the end."""
+    readme = write_readme_snippets(tmp_path_factory.mktemp("readme") / "readme-snippets.conf")
+    args = [
+        "--extensions", str(EXTRA_EXTENSIONS), "--features", str(EXTRA_FEATURES),
+        "--queues", str(EXTRA_QUEUES), "--agents", str(EXTRA_AGENTS), "--pjsip", str(EXTRA_PJSIP),
+        "--extensions", str(readme),
+    ]  # fmt: skip
+    instance = f"pytest-{os.getpid()}"
+    with running_sandbox(instance, args, tmp_path_factory, "asterisk-full.log") as box:
+        yield box
 
 
 @pytest.fixture(autouse=True)

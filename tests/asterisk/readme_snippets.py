@@ -2,6 +2,8 @@
 
 The sandbox loads them (conftest.py, ``--extensions``) next to the shipped files, and
 test_dialplan.py checks that Asterisk has each context with the priorities the text claims.
+The FreePBX section's files (a block right after ``<!-- freepbx-file: NAME -->``) go, as
+written, into the imitation of FreePBX (test_freepbx.py) under their names.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ FENCE = re.compile(r"^( *)```asterisk\n(.*?)^\1```", re.MULTILINE | re.DOTALL)
 CONTEXT = re.compile(r"^\[([^\]]+)\]")
 EXTEN = re.compile(r"^exten\s*=>\s*([^,]+),(\w+),")
 SAME = re.compile(r"^same\s*=>\s*n\b")
+FREEPBX_FILE = re.compile(r"^<!-- freepbx-file: (\S+) -->\n```\w*\n(.*?)^```", re.M | re.DOTALL)
 
 # context -> extension -> number of priorities
 Claims = dict[str, dict[str, int]]
@@ -57,3 +60,11 @@ def write_all(path: Path) -> Path:
         )
     )
     return path
+
+
+def freepbx_files(readme: Path = README) -> dict[str, str]:
+    """File name -> text of each block the FreePBX section tells the admin to put in a file."""
+    found = FREEPBX_FILE.findall(readme.read_text())
+    files = dict(found)
+    assert len(files) == len(found), "two FreePBX snippets for one file"
+    return files

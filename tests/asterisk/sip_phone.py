@@ -6,7 +6,7 @@ from stdin and writes what happens to stdout, one JSON object a line:
 
   commands  {"op": "call", "call": "c1", "to": "sip:0299990000@127.0.0.1:5060"}
             {"op": "answer" | "hangup" | "hold", "call": "c1"}
-            {"op": "dtmf", "call": "c1", "digits": "*2"}        RFC 4733, as phones send
+            {"op": "dtmf", "call": "c1", "digits": "*7"}        RFC 4733, as phones send
             {"op": "xfer", "call": "c1", "to": "sip:411@..."}  blind transfer (REFER)
             {"op": "xfer_replaces", "call": "c1", "other": "c2"}  attended (REFER + Replaces)
             {"op": "quit"}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from .codes import DIALLED_STOP, STOP, in_call_codes
 from .conftest import SANDBOX_SCRIPT, Ami, FakeBridge, Sandbox
 from .readme_snippets import claims, snippets
 
@@ -64,10 +65,10 @@ def test_sandbox_overrides_the_bridge_address_without_editing_the_shipped_file(
 
 
 def test_feature_codes_are_registered(sandbox: Sandbox) -> None:
+    """Asterisk has the shipped applicationmap entries, with the digits features.conf gives."""
     out = sandbox.cli("features show")
-    assert re.search(r"^agi_bridge_stop\s+no def\s+\*2\s*$", out, re.M), out
-    assert re.search(r"^agi_bridge_start\s+no def\s+\*3\s*$", out, re.M), out
-    assert re.search(r"^agi_bridge_toggle\s+no def\s+\*1\s*$", out, re.M), out
+    for name, digits in in_call_codes().items():
+        assert re.search(rf"^{name}\s+no def\s+{re.escape(digits)}\s*$", out, re.M), out
 
 
 async def test_applicationmap_substitutes_variables(ami: Ami, fake_bridge: FakeBridge) -> None:
@@ -78,7 +79,7 @@ async def test_applicationmap_substitutes_variables(ami: Ami, fake_bridge: FakeB
     phone, agent = await ami.originate(
         "Local/410@test-agent/n",
         context="test-dtmf",
-        variables={"TEST_DTMF": "*9", "TEST_CALLEE_WAIT": "2",
+        variables={"TEST_DTMF": "#9", "TEST_CALLEE_WAIT": "2",
                    "TEST_EXTRA_FEATURES": "test_subst_probe"},
     )  # fmt: skip
     probe = await ami.wait_var("TEST_SUBST_PROBE", uniqueid=agent)
@@ -142,7 +143,10 @@ async def test_bridge_not_running_dialled_code_goes_on(ami: Ami, sandbox: Sandbo
     """Nothing listens on the bridge port: AGISTATUS=FAILURE, NOOJEE_STATUS=FAILED, error beep."""
     offset = sandbox.log_size()
     _, agent = await ami.originate(
-        "Local/410@test-phone/n", application="Wait", data="10", variables={"TEST_DIAL": "*97"}
+        "Local/410@test-phone/n",
+        application="Wait",
+        data="10",
+        variables={"TEST_DIAL": DIALLED_STOP},
     )
     await ami.wait_var("AGISTATUS", "FAILURE", uniqueid=agent)
     await ami.wait_var("NOOJEE_STATUS", "FAILED", uniqueid=agent)
@@ -159,7 +163,7 @@ async def test_bridge_not_running_feature_code_keeps_the_call(ami: Ami) -> None:
     phone, agent = await ami.originate(
         "Local/410@test-agent/n",
         context="test-dtmf",
-        variables={"TEST_DTMF": "*2", "TEST_CALLEE_WAIT": "2"},
+        variables={"TEST_DTMF": STOP, "TEST_CALLEE_WAIT": "2"},
     )
     await ami.wait_var("AGISTATUS", "FAILURE", uniqueid=agent)
     await ami.wait_var("NOOJEE_STATUS", "FAILED", uniqueid=agent)

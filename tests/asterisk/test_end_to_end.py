@@ -12,6 +12,7 @@ import pytest
 
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 
+from .codes import DIALLED_START, DIALLED_STOP, START, STOP
 from .conftest import AGENTS, BUDGET, START_PATH, STOP_PATH, Ami, BridgeProcess, requests_for
 
 pytestmark = pytest.mark.asterisk
@@ -33,13 +34,13 @@ async def _newexten(ami: Ami, uniqueid: str, context: str, appdata_part: str) ->
 async def test_feature_code_stop_then_hangup_sends_exactly_one_stop(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """*2 in a bridged call: one stop for extension 410 as Fred, STOPPED on the agent's channel,
+    """The stop code in a bridged call: one stop for 410 as Fred, STOPPED on the agent's channel,
     a beep, the call goes on; at hangup the handler sees the recording already stopped and sends
     nothing (the stop by extension and a stop by uniqueid would be two different targets)."""
     phone, agent = await ami.originate(
         f"Local/{EXT}@test-agent/n",
         context="test-dtmf",
-        variables={"TEST_DTMF": "*2", "TEST_AGENT": "Fred", "TEST_CALLEE_WAIT": "3"},
+        variables={"TEST_DTMF": STOP, "TEST_AGENT": "Fred", "TEST_CALLEE_WAIT": "3"},
     )
     await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=agent)
     await ami.wait_var("NOOJEE_RECORDING", "stopped", uniqueid=agent)
@@ -66,12 +67,12 @@ async def test_feature_code_stop_then_hangup_sends_exactly_one_stop(
 async def test_feature_code_start_with_tag_then_hangup_handler_stops_by_uniqueid(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """*3 starts with the call's NOOJEE_TAG (its comma made harmless); at hangup the handler
-    sends the stop (async) by the agent channel's uniqueid."""
+    """The start code starts with the call's NOOJEE_TAG (its comma made harmless); at hangup the
+    handler sends the stop (async) by the agent channel's uniqueid."""
     phone, agent = await ami.originate(
         f"Local/{EXT}@test-agent/n",
         context="test-dtmf",
-        variables={"TEST_DTMF": "*3", "TEST_AGENT": "Fred", "TEST_CALLEE_WAIT": "2",
+        variables={"TEST_DTMF": START, "TEST_AGENT": "Fred", "TEST_CALLEE_WAIT": "2",
                    "NOOJEE_TAG": "crm:4711,vip"},
     )  # fmt: skip
     await ami.wait_var("NOOJEE_STATUS", "STARTED", uniqueid=agent)
@@ -96,11 +97,11 @@ async def test_feature_code_start_with_tag_then_hangup_handler_stops_by_uniqueid
 async def test_repeated_feature_code_is_sent_once(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """*2 pressed twice on one call: the bridge sends one stop and answers the repeat with it."""
+    """The stop code pressed twice in one call: one stop sent, the repeat answered with it."""
     phone, agent = await ami.originate(
         f"Local/{EXT}@test-agent/n",
         context="test-dtmf",
-        variables={"TEST_DTMF": "*2", "TEST_DTMF2": "*2", "TEST_DTMF2_AFTER": "2",
+        variables={"TEST_DTMF": STOP, "TEST_DTMF2": STOP, "TEST_DTMF2_AFTER": "2",
                    "TEST_AGENT": "Fred", "TEST_CALLEE_WAIT": "5"},
     )  # fmt: skip
     await ami.wait_event(
@@ -157,7 +158,7 @@ async def test_h_extension_variant_skips_after_feature_code_stop(
     phone, agent = await ami.originate(
         f"Local/{EXT}@test-agent-h/n",
         context="test-dtmf",
-        variables={"TEST_DTMF": "*2", "TEST_AGENT": "Fred", "TEST_CALLEE_WAIT": "2"},
+        variables={"TEST_DTMF": STOP, "TEST_AGENT": "Fred", "TEST_CALLEE_WAIT": "2"},
     )
     await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=agent)
     # the included h extension ran (Newexten names the channel's own context, test-agent-h)
@@ -173,13 +174,14 @@ async def test_h_extension_variant_skips_after_feature_code_stop(
 
 
 @pytest.mark.parametrize(
-    ("code", "path", "status"), [("*97", STOP_PATH, "STOPPED"), ("*98", START_PATH, "STARTED")]
+    ("code", "path", "status"),
+    [(DIALLED_STOP, STOP_PATH, "STOPPED"), (DIALLED_START, START_PATH, "STARTED")],
 )
 async def test_dialled_feature_codes(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, code: str, path: str,
     status: str,
 ) -> None:  # fmt: skip
-    """Extension 410 dials *97 / *98: one request for 410 as Fred, a beep, then the call ends."""
+    """410 dials the dialled stop / start code: one request for 410 as Fred, a beep, the end."""
     _, agent = await ami.originate(
         f"Local/{EXT}@test-phone/n", application="Wait", data="10",
         variables={"TEST_DIAL": code, "NOOJEE_AGENT": "Fred"},
@@ -200,10 +202,10 @@ async def test_dialled_feature_codes(
 
 
 async def _dial_stop(ami: Ami, agent_name: str = "Fred") -> str:
-    """Extension 410 dials *97; the uniqueid of its channel."""
+    """Extension 410 dials the dialled stop code; the uniqueid of its channel."""
     _, agent = await ami.originate(
         f"Local/{EXT}@test-phone/n", application="Wait", data="10",
-        variables={"TEST_DIAL": "*97", "NOOJEE_AGENT": agent_name},
+        variables={"TEST_DIAL": DIALLED_STOP, "NOOJEE_AGENT": agent_name},
     )  # fmt: skip
     return agent
 

@@ -29,6 +29,11 @@ IGNORED = ("H_DP_GENERAL_MISPLACED", "H_DP_GLOBALS_MISPLACED")
 # let through; any other unknown function is still an error. The real Asterisk runs both in
 # test_transfer.py.
 NEWER_FUNCTIONS = re.compile(r"E_FUNC_MISSING: function '(CHANNEL_EXISTS|AGENT)' does not exist")
+# The FreePBX contexts ([agi-bridge-freepbx-*]) go on to contexts FreePBX generates on a site:
+# only these two names may be missing here. test_freepbx.py runs them in the imitation.
+FREEPBX_CONTEXTS = re.compile(
+    r"E_DP_GOTO_NOCONTEXT: context not found for goto to (ext-queues|macro-auto-blkvm), "
+)
 
 _RUN = (
     "import os, sys; from asterisklint.main import main; sys.exit(main(sys.argv[1:], os.environ))"
@@ -44,10 +49,15 @@ def asterisklint(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_shipped_extensions_conf_is_lint_clean() -> None:
-    """asterisklint finds nothing in the shipped extensions.conf but the functions it predates."""
+    """asterisklint finds nothing in the shipped extensions.conf but the functions it predates
+    and the two FreePBX contexts the FreePBX hooks go on to."""
     res = asterisklint(EXTENSIONS)
     report = (res.stdout + res.stderr).strip()
-    problems = [line for line in report.splitlines() if not NEWER_FUNCTIONS.search(line)]
+    problems = [
+        line
+        for line in report.splitlines()
+        if not NEWER_FUNCTIONS.search(line) and not FREEPBX_CONTEXTS.search(line)
+    ]
     assert problems == [], report
     assert res.returncode == 0 or report, "asterisklint failed without saying why"
 

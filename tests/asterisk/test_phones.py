@@ -16,6 +16,7 @@ from panoramisk.message import Message
 
 from agi_bridge.testing.simulator import NoojeeSimulator
 
+from .codes import STOP
 from .conftest import STOP_PATH, Ami, BridgeProcess
 from .phones import Phone, StartPhone
 from .test_queue import _feature_done
@@ -129,6 +130,16 @@ async def _handed_on(ami: Ami, simulator: NoojeeSimulator, cust: str, to: str, s
     return target
 
 
+async def _attended_by_the_phone(agent: Phone, consulted: Phone) -> None:
+    """410's phone holds the customer, calls 411, talks, completes with REFER + Replaces."""
+    await agent.send("hold", call="in1")
+    await agent.send("call", call="c2", to=agent.uri(consulted.user))
+    await consulted.answered()
+    await agent.wait(event="state", call="c2", state="CONFIRMED")
+    await asyncio.sleep(TALK)  # 410 tells 411 about the customer
+    await agent.send("xfer_replaces", call="in1", other="c2")
+
+
 async def test_local_chain_member_agent_hangs_up_one_stop_with_the_member_name(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
 ) -> None:
@@ -144,12 +155,12 @@ async def test_local_chain_member_agent_hangs_up_one_stop_with_the_member_name(
     assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]
 
 
-async def test_star2_from_the_phone_then_hangup_one_stop_by_extension(
+async def test_stop_code_from_the_phone_then_hangup_one_stop_by_extension(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
 ) -> None:
-    """The phone sends *2 (RFC 4733): one stop for 410 (Fred); nothing more at the end."""
+    """The phone sends the stop code (RFC 4733): one stop for 410 (Fred); nothing at the end."""
     agent, customer, cust, member = await _queue_call(ami, phones)
-    await agent.send("dtmf", call="in1", digits="*2")
+    await agent.send("dtmf", call="in1", digits=STOP)
     await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=cust)
     await _feature_done(ami, member)  # the agent heard the beep
     await _ends(ami, bridge, simulator, customer, cust, member)
@@ -185,12 +196,7 @@ async def test_attended_transfer_by_the_phone_one_stop_at_the_end(
     # who 411 gets bridged with: the customer, or the ;2 half of the member's Local channel
     peer = cust if exten == "100" else _uniqueid(ami, ami.channel_name(member)[:-1] + "2")
     consulted = await phones("411")
-    await agent.send("hold", call="in1")
-    await agent.send("call", call="c2", to=agent.uri("411"))
-    await consulted.answered()
-    await agent.wait(event="state", call="c2", state="CONFIRMED")
-    await asyncio.sleep(TALK)  # 410 tells 411 about the customer
-    await agent.send("xfer_replaces", call="in1", other="c2")
+    await _attended_by_the_phone(agent, consulted)
     await ami.wait_hangup(phone)
     target = await _handed_on(ami, simulator, peer, "411", 0)
     await _ends(ami, bridge, simulator, customer, cust, target)
@@ -230,14 +236,14 @@ async def test_transfer_target_that_never_answers_leaves_the_login_alone(
     assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]
 
 
-async def test_star2_before_a_blind_transfer_nothing_more_at_the_end(
+async def test_stop_code_before_a_blind_transfer_nothing_more_at_the_end(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
 ) -> None:
-    """410 stops the recording with *2, then transfers to 411 (REFER): the call's state says
-    stopped, so the end of the call sends nothing more."""
+    """410 stops the recording with the stop code, then transfers to 411 (REFER): the call's state
+    says stopped, so the end of the call sends nothing more."""
     agent, customer, cust, member = await _queue_call(ami, phones)
     await phones("411")
-    await agent.send("dtmf", call="in1", digits="*2")
+    await agent.send("dtmf", call="in1", digits=STOP)
     await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=cust)
     await _feature_done(ami, member)  # the agent heard the beep
     since = len(ami.events)

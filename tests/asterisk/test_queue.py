@@ -24,6 +24,7 @@ from panoramisk.message import Message
 
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 
+from .codes import START, STOP, TOGGLE
 from .conftest import AGENTS, EXTENSION_MAX_AGE, START_PATH, STOP_PATH, Ami, BridgeProcess
 
 pytestmark = pytest.mark.asterisk
@@ -169,9 +170,9 @@ async def test_caller_hangs_up_first_one_stop_by_linkedid(
 async def test_feature_code_stop_then_hangup_sends_exactly_one_stop(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, queue: str
 ) -> None:
-    """*2 runs on the member's own channel (not on the phone's at the end of a Local chain):
+    """The stop code runs on the member's own channel (not the phone's at the end of a Local chain):
     one stop for 410 with the member's login, one beep; the end-of-call handler then skips."""
-    customer, member = await _call(ami, queue, TEST_DTMF="*2", TEST_AGENT_STAY="2")
+    customer, member = await _call(ami, queue, TEST_DTMF=STOP, TEST_AGENT_STAY="2")
     await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=member)
     await ami.wait_hangup(member)
     await _logged(ami, customer, "already stopped")  # the end-of-call handler skipped
@@ -191,11 +192,11 @@ async def test_feature_code_stop_then_hangup_sends_exactly_one_stop(
 async def test_toggle_twice_stops_then_starts_then_hangup_stops(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """*1 twice: the first press stops (a call starts recorded), the second starts; the state
+    """The toggle twice: the first press stops (a call starts recorded), the second starts; state
     lives on the customer's channel (the linkedid); at hangup the running recording is stopped
     by the linkedid."""
     customer, member = await _call(
-        ami, "test-chain", TEST_DTMF="*1", TEST_DTMF2="*1", TEST_DTMF2_AFTER="2",
+        ami, "test-chain", TEST_DTMF=TOGGLE, TEST_DTMF2=TOGGLE, TEST_DTMF2_AFTER="2",
         TEST_AGENT_STAY="2",
     )  # fmt: skip
     await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=customer)
@@ -244,11 +245,12 @@ async def test_ringall_member_that_never_answered_sends_nothing(
 async def test_pending_sound_then_a_repeat_hears_the_stop_went_through(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """NoojeeContact confirms too late: *2 plays the pending pips (QUEUED, not confirmed); the
-    same code pressed once the stop went through plays the stopped beep (sent once)."""
+    """NoojeeContact confirms too late: the stop code plays the pending pips (QUEUED,
+    unconfirmed); the same code pressed once the stop went through plays the stopped beep
+    (sent once)."""
     simulator.set_failure(FailureMode.SLOW, delay=1.5)  # > BUDGET: the first answer is QUEUED
     customer, member = await _call(
-        ami, "test-chain", TEST_DTMF="*2", TEST_DTMF2="*2", TEST_DTMF2_AFTER="4",
+        ami, "test-chain", TEST_DTMF=STOP, TEST_DTMF2=STOP, TEST_DTMF2_AFTER="4",
         TEST_AGENT_STAY="2",
     )  # fmt: skip
     await ami.wait_var("NOOJEE_STATUS", "QUEUED", uniqueid=member)
@@ -270,10 +272,10 @@ async def test_pending_sound_then_a_repeat_hears_the_stop_went_through(
 async def test_failed_stop_plays_the_error_beep_and_the_hangup_stop_follows(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """*2 refused for good (an HTTP 404): the error beep, the recording counts as running, so
-    the hangup handler still sends its stop by the linkedid."""
+    """The stop code refused for good (an HTTP 404): the error beep, the recording counts as
+    running, so the hangup handler still sends its stop by the linkedid."""
     simulator.set_failure(FailureMode.HTML_404)
-    customer, member = await _call(ami, "test-chain", TEST_DTMF="*2", TEST_AGENT_STAY="3")
+    customer, member = await _call(ami, "test-chain", TEST_DTMF=STOP, TEST_AGENT_STAY="3")
     await ami.wait_var("NOOJEE_STATUS", "FAILED", uniqueid=member)
     simulator.set_failure(FailureMode.NONE)
     await ami.wait_hangup(member)
@@ -296,7 +298,7 @@ async def test_toggle_state_survives_a_transfer_to_another_agent(
     sends nothing (the call goes on), 411's toggle STARTS (it sees the
     call's state, not its own fresh channel's), and the customer hanging up stops by linkedid."""
     customer, member = await _call(
-        ami, "test-chain", TEST_DTMF="*1", TEST_AGENT_STAY="30", TEST_DTMF_411="*1"
+        ami, "test-chain", TEST_DTMF=TOGGLE, TEST_AGENT_STAY="30", TEST_DTMF_411=TOGGLE
     )
     await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=customer)
     await _feature_done(ami, member)
@@ -323,19 +325,20 @@ async def test_toggle_state_survives_a_transfer_to_another_agent(
 PIPS = "!425/150,!0/150,!425/150,!0/150,!425/150"
 
 
-async def test_a_queued_star2_does_not_silence_the_hangup_stop_which_cancels_it(
+async def test_a_queued_stop_code_does_not_silence_the_hangup_stop_which_cancels_it(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """*2 during an outage: the pips (QUEUED, not confirmed), so the hangup handler still
-    sends its stop by the linkedid; that stop cancels the *2 by extension, which never
-    reaches extension 410 (by then on another customer's call): one stop, by the linkedid."""
+    """The stop code during an outage: the pips (QUEUED, not confirmed), so the hangup handler still
+    sends its stop by the linkedid; that stop cancels the stop code's request by extension, which
+    never reaches extension 410 (by then on another customer's call): one stop, by the linkedid."""
     simulator.set_failure(FailureMode.REFUSE)
-    customer, member = await _call(ami, "test-chain", TEST_DTMF="*2", TEST_AGENT_STAY="2")
+    customer, member = await _call(ami, "test-chain", TEST_DTMF=STOP, TEST_AGENT_STAY="2")
     await ami.wait_var("NOOJEE_STATUS", "QUEUED", uniqueid=member)
     await ami.wait_var("NOOJEE_CALL_RECORDING", "stopping", uniqueid=customer)
     await ami.wait_hangup(member)
     await bridge.wait_log(
-        lambda line: line.get("event") == "spool.entry.cancelled", what="the *2 cancelled"
+        lambda line: line.get("event") == "spool.entry.cancelled",
+        what="the the stop code cancelled",
     )
     simulator.set_failure(FailureMode.NONE)
     [stop] = await simulator.wait_for(1, timeout=15)
@@ -351,15 +354,15 @@ async def test_a_queued_star2_does_not_silence_the_hangup_stop_which_cancels_it(
     assert simulator.received == [stop]
 
 
-async def test_an_expired_star2_plays_the_error_beep_and_the_hangup_stop_follows(
+async def test_an_expired_stop_code_plays_the_error_beep_and_the_hangup_stop_follows(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """*2 queued during an outage, pressed again once its validity passed: the error beep
+    """the stop code queued during an outage, pressed again once its validity passed: the error beep
     (EXPIRED, nothing changed), the recording counts as running, the hangup stop follows."""
     simulator.set_failure(FailureMode.REFUSE)
     after = str(EXTENSION_MAX_AGE + 1)
     customer, member = await _call(
-        ami, "test-chain", TEST_DTMF="*2", TEST_DTMF2="*2", TEST_DTMF2_AFTER=after,
+        ami, "test-chain", TEST_DTMF=STOP, TEST_DTMF2=STOP, TEST_DTMF2_AFTER=after,
         TEST_AGENT_STAY="1",
     )  # fmt: skip
     await ami.wait_var("NOOJEE_STATUS", "QUEUED", uniqueid=member)
@@ -376,8 +379,8 @@ async def test_an_expired_star2_plays_the_error_beep_and_the_hangup_stop_follows
     await bridge.wait_drained()
     assert ami.ran(member, "PlayTones") == [PIPS]
     assert ami.ran(member, "Playback") == ["beeperr"]
-    # the *2 queued, then expired (the recording runs on), then the end stop itself, queued on
-    # the customer's channel where it runs
+    # the stop code's request queued, then expired (the recording runs on), then the end stop
+    # itself, queued on the customer's channel where it runs
     assert [v for v in ami.values("NOOJEE_CALL_RECORDING", customer) if v] == [
         "stopping",
         "started",
@@ -387,13 +390,13 @@ async def test_an_expired_star2_plays_the_error_beep_and_the_hangup_stop_follows
     assert simulator.received == [stop]
 
 
-async def test_an_unconfirmed_star3_plays_its_own_sound_and_is_never_resent(
+async def test_an_unconfirmed_start_code_plays_its_own_sound_and_is_never_resent(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """*3 answered by a login page (HTTP 200, not NoojeeContact's): UNCONFIRMED, the error
-    beep then two beeps; the start is never sent again and the hangup stop follows."""
+    """The start code answered by a login page (HTTP 200, not NoojeeContact's): UNCONFIRMED, the
+    error beep then two beeps; the start is never sent again and the hangup stop follows."""
     simulator.set_failure(FailureMode.LOGIN_PAGE)
-    customer, member = await _call(ami, "test-chain", TEST_DTMF="*3", TEST_AGENT_STAY="2")
+    customer, member = await _call(ami, "test-chain", TEST_DTMF=START, TEST_AGENT_STAY="2")
     await ami.wait_var("NOOJEE_STATUS", "UNCONFIRMED", uniqueid=member)
     simulator.set_failure(FailureMode.NONE)
     await ami.wait_hangup(member)

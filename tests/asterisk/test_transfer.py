@@ -19,6 +19,7 @@ from panoramisk.message import Message
 
 from agi_bridge.testing.simulator import NoojeeSimulator
 
+from .codes import STOP
 from .conftest import STOP_PATH, Ami, BridgeProcess
 from .test_queue import CUSTOMER, _blind_transfer, _call, _feature_done, _logged, _member
 
@@ -137,9 +138,9 @@ async def test_blind_transfer_by_ami_sends_no_stop_for_the_call_that_goes_on(
 async def test_target_feature_code_after_a_transfer(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """411, armed in the transfer context, presses *2: one stop for extension 411 with its own
+    """411, armed in the transfer context, presses the stop code: one stop for 411 with its own
     login; neither the end of the call nor 410's transfer sends another."""
-    customer, member = await _call(ami, QUEUE, TEST_AGENT_STAY="30", TEST_DTMF_411="*2")
+    customer, member = await _call(ami, QUEUE, TEST_AGENT_STAY="30", TEST_DTMF_411=STOP)
     await _answered(ami, member)
     await _blind_transfer(ami, member)
     target = await _member(ami, customer, TARGET)
@@ -182,7 +183,7 @@ async def test_attended_transfer_cancelled_leaves_the_agent_armed(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
     """410 consults 411, who hangs up: 411's leg sends nothing (410 keeps the call); back with
-    the customer, 410's *2 stops the recording and the end of the call sends nothing more."""
+    the customer, 410's stop code stops the recording and the end of the call sends nothing more."""
     customer, member = await _call(
         ami, QUEUE, TEST_DTMF="#8", TEST_DTMF2="411", TEST_DTMF2_AFTER="2", TEST_AGENT_STAY="30"
     )
@@ -197,7 +198,7 @@ async def test_attended_transfer_cancelled_leaves_the_agent_armed(
         and str(e["Channel"]).endswith(";2"),
         what="410's phone",
     )  # fmt: skip
-    await _press(ami, str(phone["Uniqueid"]), "*2")
+    await _press(ami, str(phone["Uniqueid"]), STOP)
     await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=member)
     await _feature_done(ami, member)
     await ami.hangup(member)
@@ -211,7 +212,7 @@ async def test_attended_transfer_cancelled_leaves_the_agent_armed(
 async def test_agent_pool_arms_each_call_not_the_login(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator
 ) -> None:
-    """Extension 410 logs in as agent 1001 (Fred): *2 in the first call stops extension 410
+    """Extension 410 logs in as agent 1001 (Fred): the stop code in the first call stops 410
     (the phone, not the agent number); that stop does not leak into the second call, whose
     end sends its own stop by its own linkedid; the logoff sends nothing."""
     phone, agent = await ami.originate("Local/410@test-pool-login/n", application="Wait", data="60")
@@ -219,7 +220,7 @@ async def test_agent_pool_arms_each_call_not_the_login(
         lambda e: e.event == "AgentLogin" and e.get("Uniqueid") == agent, what="AgentLogin"
     )
     calls, members = [], []
-    for press in ("*2", ""):
+    for press in (STOP, ""):
         customer, _ = await ami.originate(
             CUSTOMER, application="Wait", data="40",
             variables={"TEST_QUEUE": "test-pool", "TEST_PREDIAL": "agi-bridge-pool-member"},
@@ -246,7 +247,7 @@ async def test_agent_pool_arms_each_call_not_the_login(
     await ami.wait_hangup(agent)
     await bridge.wait_drained()
     assert _requests(simulator) == [(STOP_PATH, "410", "Fred"), (STOP_PATH, calls[1], "Fred")]
-    # *2 ran on the first call's member leg, the second call's stop on its customer's channel
+    # the stop code ran on the first call's member leg, the second call's stop on its customer's
     finished = [line for line in bridge.since_mark() if line["event"] == "agi.session.finished"]
     assert [line["uniqueid"] for line in finished] == [members[0], calls[1]]
     assert finished[0]["channel"].startswith("Local/1001@test-agent-request-")
