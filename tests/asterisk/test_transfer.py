@@ -41,6 +41,17 @@ async def _answered(ami: Ami, uniqueid: str, since: int = 0) -> Message:
     return await ami.wait_event(_after(ami, since, "BridgeEnter", uniqueid), what="BridgeEnter")
 
 
+async def _talking(ami: Ami, member: str) -> None:
+    """The member and the customer's side are both in the member's bridge: before that, AMI's
+    BlindTransfer and Atxfer of the member answer "Transfer invalid" (a bridge of one)."""
+    bridge = (await _answered(ami, member)).get("BridgeUniqueid")
+    await ami.wait_event(
+        lambda e: e.event == "BridgeEnter" and e.get("BridgeUniqueid") == bridge
+        and e.get("Uniqueid") != member,
+        what=f"the customer's side in the bridge of {member}",
+    )  # fmt: skip
+
+
 def _after(ami: Ami, since: int, event: str, uniqueid: str) -> Callable[[Message], bool]:
     return lambda e: (
         e.event == event
@@ -125,7 +136,7 @@ async def test_blind_transfer_by_ami_sends_no_stop_for_the_call_that_goes_on(
 ) -> None:
     """AMI BlindTransfer of 410's leg: the same as by DTMF, one stop at the end, 411's login."""
     customer, member = await _call(ami, QUEUE, TEST_AGENT_STAY="30")
-    await _answered(ami, member)
+    await _talking(ami, member)
     await _blind_transfer(ami, member)
     await ami.wait_hangup(member)
     target = await _member(ami, customer, TARGET)
@@ -141,7 +152,7 @@ async def test_target_feature_code_after_a_transfer(
     """411, armed in the transfer context, presses the stop code: one stop for 411 with its own
     login; neither the end of the call nor 410's transfer sends another."""
     customer, member = await _call(ami, QUEUE, TEST_AGENT_STAY="30", TEST_DTMF_411=STOP)
-    await _answered(ami, member)
+    await _talking(ami, member)
     await _blind_transfer(ami, member)
     target = await _member(ami, customer, TARGET)
     await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=target)
@@ -166,7 +177,7 @@ async def test_attended_transfer_completed_sends_no_stop_for_the_call_that_goes_
         )  # fmt: skip
     else:
         customer, member = await _call(ami, QUEUE, TEST_AGENT_STAY="30")
-        await _answered(ami, member)
+        await _talking(ami, member)
         await _blind_transfer(ami, member, "Atxfer")
     target = await _member(ami, customer, TARGET)
     await _answered(ami, target)
