@@ -14,8 +14,16 @@ from dataclasses import dataclass
 from typing import Final, get_args
 
 from agi_bridge.protocol import Environment
-from agi_bridge.settings import By, Mode, Settings
-from agi_bridge.vocabulary import Action, RecordingRequest, TargetKind, target_kind
+from agi_bridge.settings import Settings
+from agi_bridge.vocabulary import (
+    ACTIONS,
+    Action,
+    By,
+    Mode,
+    RecordingRequest,
+    TargetKind,
+    target_kind,
+)
 
 KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode", "channel", "call"})
 
@@ -188,15 +196,19 @@ def request_for(
     """The request for ``target`` (checked): what every request goes through, from a call or
     from ``agi-bridge send``. ``extension`` looks the agent up in ``agents`` (None: no lookup).
     """
-    if parameters.tag is not None and action != "start":
-        raise Rejected("tag is only accepted by recording/start")
+    rules = ACTIONS[action]
+    if parameters.tag is not None and not rules.takes_tag:
+        tagged = ", ".join(other.route for other in ACTIONS.values() if other.takes_tag)
+        raise Rejected(f"tag is only accepted by {tagged}")
     # ``or None``: an empty default_agent (AGI_BRIDGE_DEFAULT_AGENT=) or agents value is no
     # agent, so a stop without one is REJECTED rather than sent without agentLoginName.
     agent = (
         parameters.agent or _agent_for(extension, settings.agents) or settings.default_agent
     ) or None
-    if agent is None and action == "stop":
-        raise Rejected("stop needs an agent: pass agent=<login>, or set agents / default_agent")
+    if agent is None and rules.needs_agent:
+        raise Rejected(
+            f"{action} needs an agent: pass agent=<login>, or set agents / default_agent"
+        )
     return RecordingRequest(
         action=action, exten_or_uniqueid=target, agent=agent, tag=parameters.tag, kind=kind
     )

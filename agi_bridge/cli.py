@@ -26,7 +26,7 @@ from agi_bridge.testing.defaults import (
     DEMO_KEY,
     DEMO_PORT,
 )
-from agi_bridge.vocabulary import Action, RecordingRequest, target_kind
+from agi_bridge.vocabulary import ACTIONS, Action, RecordingRequest, target_kind
 
 if TYPE_CHECKING:
     from agi_bridge.settings import Settings
@@ -244,8 +244,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     config = SimulatorConfig(api_key=args.api_key)
     if args.agent:
-        both: frozenset[Action] = frozenset({"start", "stop"})
-        config = dataclasses.replace(config, agents=dict.fromkeys(args.agent, both))
+        every: frozenset[Action] = frozenset(ACTIONS)
+        config = dataclasses.replace(config, agents=dict.fromkeys(args.agent, every))
     host, _, port = args.listen.rpartition(":")
     return _run(
         lambda: run_simulator(
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="send one stop/start to NoojeeContact now (tests credentials, TLS, IP list)",
     )
-    send.add_argument("action", choices=["stop", "start"])
+    send.add_argument("action", choices=list(ACTIONS))
     target = send.add_mutually_exclusive_group(required=True)
     target.add_argument("--uniqueid", help="an Asterisk uniqueid, e.g. 1795811316.1")
     target.add_argument("--extension", help="an extension, e.g. 410")

@@ -42,7 +42,15 @@ from agi_bridge.protocol import (
 )
 from agi_bridge.settings import Settings
 from agi_bridge.tasks import finish_within
-from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, ROUTES, Outcome, Status
+from agi_bridge.vocabulary import (
+    ACTIONS,
+    MESSAGE_MAX_CHARS,
+    ROUTES,
+    Action,
+    Mode,
+    Outcome,
+    Status,
+)
 
 log = get_logger("agi_bridge.server")
 
@@ -201,6 +209,11 @@ class AgiServer:
         self.metrics = metrics
         self.delivery = delivery
         self._networks = settings.allow_clients
+        # Each action's default mode and sync budget, as the action table names them.
+        self._policies: dict[Action, tuple[Mode, float]] = {
+            action: (getattr(settings, rules.mode_setting), getattr(settings, rules.budget_setting))
+            for action, rules in ACTIONS.items()
+        }
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
         # Sessions still waiting for their environment, oldest first (dicts keep insertion
@@ -391,16 +404,11 @@ class AgiServer:
             request = build_request(action, environment, parameters, self.settings)
         except Rejected as exc:
             return Outcome(Status.REJECTED, exc.reason)
-        settings = self.settings
-        if action == "stop":
-            mode, budget = settings.stop_mode, settings.stop_budget
-        else:
-            mode, budget = settings.start_mode, settings.start_budget
-        mode = parameters.mode or mode
+        mode, budget = self._policies[action]
         return await self.delivery.submit(
             request,
             call_uniqueid=parameters.call or environment.uniqueid,
-            mode=mode,
+            mode=parameters.mode or mode,
             budget=budget,
         )
 

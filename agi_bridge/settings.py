@@ -34,9 +34,8 @@ from pydantic_settings import (
 from agi_bridge import defaults
 from agi_bridge.defaults import CONFIG_ENV, ENV_PREFIX, env_name
 from agi_bridge.redact import MASK
+from agi_bridge.vocabulary import By, Mode
 
-By = Literal["uniqueid", "extension", "id"]
-Mode = Literal["sync", "async"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 

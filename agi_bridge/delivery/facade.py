@@ -26,9 +26,9 @@ from agi_bridge.delivery.sender import Client, Sender
 from agi_bridge.delivery.sync import SyncPath
 from agi_bridge.delivery.worker import Worker
 from agi_bridge.metrics import Metrics
-from agi_bridge.settings import Mode, Settings
+from agi_bridge.settings import Settings
 from agi_bridge.spool import Spool
-from agi_bridge.vocabulary import Outcome, RecordingRequest, Status
+from agi_bridge.vocabulary import ACTIONS, Mode, Outcome, RecordingRequest, Status
 
 
 class Delivery:
@@ -136,7 +136,10 @@ class Delivery:
         if request.kind == "extension":
             calls.pop(call_uniqueid, None)
             calls[call_uniqueid] = now
-        elif request.action == "stop" and calls.pop(call_uniqueid, None) is not None:
+        elif (
+            ACTIONS[request.action].supersedes_by_extension
+            and calls.pop(call_uniqueid, None) is not None
+        ):
             cancelling = self._spool.cancel_by_extension(
                 call_uniqueid, "cancelled: the call's own stop (by its id) superseded it"
             )

@@ -21,6 +21,7 @@ from agi_bridge.metrics import Metrics
 from agi_bridge.settings import Settings
 from agi_bridge.spool import SettleReason, Spool
 from agi_bridge.vocabulary import (
+    ACTIONS,
     MESSAGE_MAX_CHARS,
     NoojeeResult,
     Outcome,
@@ -75,7 +76,8 @@ class Ledger:
         or its age."""
         settings = self._settings
         age = self._wall_clock() - created
-        if request.action == "start" and result.uncertain:
+        rules = ACTIONS[request.action]
+        if rules.at_most_once and result.uncertain:
             return self.unconfirmed(entry_id, request, unconfirmed_message(result))
         if result.transient and request.kind == "extension" and age >= settings.extension_max_age:
             return self.expired(entry_id, request, f"{result.message}; {self.too_late}")
@@ -83,7 +85,7 @@ class Ledger:
         if result.transient and not exhausted:
             self._metrics.retries.inc()
             return self._spool.failed(entry_id, result.message, retry_at=self._wall_clock())
-        if result.kind is ResultKind.NOT_FOUND and request.action == "stop":
+        if result.kind is ResultKind.NOT_FOUND and rules.not_found_settles:
             # No such call: a stop that reached NoojeeContact after the call (and its recording)
             # ended. Nobody can fix or retry that, so it pages nobody as a dead letter; it is
             # still a WARNING and counted (agi_bridge_noojee_errors{kind="not_found"}), so that

@@ -20,12 +20,12 @@ from typing import Protocol, TypeVar
 from agi_bridge.logs import get_logger
 from agi_bridge.spool import Spool, SpoolError
 from agi_bridge.vocabulary import (
+    ACTIONS,
     MESSAGE_MAX_CHARS,
     Action,
     Outcome,
     RecordingRequest,
     Status,
-    confirmed_status,
 )
 
 log = get_logger("agi_bridge.delivery")
@@ -173,7 +173,7 @@ class RepeatCache:
             return Outcome(Status.FAILED, "no longer queued and never confirmed")
         if settled.fate is Fate.NOT_FOUND:
             return Outcome(Status.FAILED, f"not confirmed since it was queued: {settled.message}")
-        return Outcome(confirmed_status(request.action), "delivered since it was queued")
+        return Outcome(ACTIONS[request.action].confirmed, "delivered since it was queued")
 
 
 def _settled_outcome(reason: str | None, error: str) -> Outcome:

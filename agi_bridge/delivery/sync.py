@@ -24,12 +24,12 @@ from agi_bridge.settings import Settings
 from agi_bridge.spool import Spool
 from agi_bridge.tasks import finish_within
 from agi_bridge.vocabulary import (
+    ACTIONS,
     NoojeeResult,
     Outcome,
     RecordingRequest,
     ResultKind,
     Status,
-    confirmed_status,
     unconfirmed_message,
 )
 
@@ -92,7 +92,7 @@ class SyncPath:
             self._write_ahead(attempt)
             raise
         if done and answer.result().ok:
-            return Outcome(confirmed_status(request.action), answer.result().message)
+            return Outcome(ACTIONS[request.action].confirmed, answer.result().message)
         # A failure is spooled too: a transient one for the worker to retry, a permanent one
         # (no permission, say) in the dead letters, for the operator to retry once fixed.
         store = self._write_ahead(attempt)
@@ -104,8 +104,8 @@ class SyncPath:
             return await queued(store, why, wake=self._wake)
         result = answer.result()
         if result.ok:
-            return Outcome(confirmed_status(request.action), result.message)
-        if request.action == "start" and result.uncertain:
+            return Outcome(ACTIONS[request.action].confirmed, result.message)
+        if ACTIONS[request.action].at_most_once and result.uncertain:
             # Settled unconfirmed by _run (never sent again): nothing to wait for.
             return Outcome(Status.UNCONFIRMED, unconfirmed_message(result))
         if result.transient:
@@ -147,7 +147,7 @@ class SyncPath:
                 attempt.request,
                 call_uniqueid=attempt.call_uniqueid,
                 lease=self._sender.lease,
-                attempted=attempt.request.action == "start",
+                attempted=ACTIONS[attempt.request.action].at_most_once,
             )
         return attempt.store
 

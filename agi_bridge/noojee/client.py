@@ -66,7 +66,7 @@ from agi_bridge.noojee.classify import (
 from agi_bridge.noojee.transport import AiohttpTransport
 from agi_bridge.redact import redact_url
 from agi_bridge.tls import client_context
-from agi_bridge.vocabulary import NoojeeResult, RecordingRequest, ResultKind
+from agi_bridge.vocabulary import ACTIONS, NoojeeResult, RecordingRequest, ResultKind
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -94,10 +94,6 @@ DEFAULT_MAX_CONNECTIONS: Final = 100
 KEEPALIVE_EXPIRY: Final = 4.0
 
 
-_PATHS: Final[dict[str, str]] = {
-    "stop": "CallManagementAPI/stop",
-    "start": "CallManagementAPI/start",
-}
 # Answers whose Retry-After header we honour (RFC 9110: 503 and 429 carry it that way).
 RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
 # Longest Retry-After taken from a header (a day): the worker bounds it further by
@@ -175,7 +171,9 @@ class NoojeeClient:
 
         base = str(url).rstrip("/") + "/"
         self.base_url: Final = base
-        self._urls: Final = {action: f"{base}{path}?" for action, path in _PATHS.items()}
+        self._urls: Final = {
+            action: f"{base}{rules.api_path}?" for action, rules in ACTIONS.items()
+        }
         self._time_url: Final = base + _TIME_PATH
         self._key: Final = api_key
         self._apikey_query: Final = "&apiKey=" + quote(api_key, safe="")
@@ -265,7 +263,7 @@ class NoojeeClient:
         ]
         if request.agent is not None:
             parts += ("&agentLoginName=", quote(request.agent, safe="", errors="surrogateescape"))
-        if request.tag is not None and request.action == "start":
+        if request.tag is not None and ACTIONS[request.action].takes_tag:
             parts += ("&tag=", quote(request.tag, safe="", errors="surrogateescape"))
         parts.append(auth)
         status, body, failure, retry_after = await self._exchange("".join(parts))
