@@ -156,30 +156,21 @@ class Settings(BaseSettings):
     start_budget: float = Field(
         1.0, gt=0, le=30, description="seconds a sync start may hold the call before QUEUED"
     )
-    # A sync attempt confirmed this fast never touches the disk: writing the request ahead
-    # only to delete it again cost a quarter of the bridge's CPU per stop (bench/README.md).
-    # What that gives up: a crash (kill -9, power) in an attempt's first 100 ms, while Asterisk
-    # still waits and then reports AGISTATUS=FAILURE, loses that one request; the restart that
-    # follows any crash makes every call fail that way for seconds, which dwarfs this window.
+    # Why each default value: agi_bridge/defaults.py.
     write_ahead_after: float = Field(
-        0.1,
+        defaults.WRITE_AHEAD_AFTER,
         ge=0,
         le=30,
         description="seconds a sync attempt may take before its request is also spooled "
         "(0: spool every request as its attempt starts)",
     )
     dedup_window: float = Field(
-        60.0,
+        defaults.DEDUP_WINDOW,
         ge=0,
         description="seconds in which a repeat of the same action on the same call is sent once",
     )
-    # A request by extension acts on whatever call the extension is on when it ARRIVES; queue
-    # calls follow each other within seconds when wrap-up is 0. 10 s covers a NoojeeContact
-    # blip (the worker's first retries) while the agent is still on the call that asked; past
-    # it the request is settled "expired", never sent. (The call's own stop by uniqueid or
-    # linkedid cancels it sooner, and is kept for retry_max_age.)
     extension_max_age: float = Field(
-        10.0,
+        defaults.EXTENSION_MAX_AGE,
         gt=0,
         description="seconds a request by extension may wait for delivery before it expires "
         "(at most dedup_window, when that is set)",
@@ -210,15 +201,20 @@ class Settings(BaseSettings):
         "accepts an older CA without keyUsage and still verifies the certificate",
     )
     noojee_connect_timeout: float = Field(
-        2.0, gt=0, description="seconds to open a connection to NoojeeContact"
+        defaults.NOOJEE_CONNECT_TIMEOUT,
+        gt=0,
+        description="seconds to open a connection to NoojeeContact",
     )
     noojee_timeout: float = Field(
-        5.0, gt=0, description="seconds for one NoojeeContact request (background delivery)"
+        defaults.NOOJEE_TIMEOUT,
+        gt=0,
+        description="seconds for one NoojeeContact request (background delivery)",
     )
-    # Pool size and request concurrency are one number: a pool smaller than the requests in
-    # flight reopens TLS connections all the time, a larger one idles.
     noojee_max_connections: int = Field(
-        64, ge=1, le=1000, description="concurrent requests and kept-alive connections"
+        defaults.NOOJEE_MAX_CONNECTIONS,
+        ge=1,
+        le=1000,
+        description="concurrent requests and kept-alive connections",
     )
 
     # --- Durable spool ----------------------------------------------------------------------
@@ -227,16 +223,20 @@ class Settings(BaseSettings):
         True, description="fsync each spool commit (survives power loss, not only kill -9)"
     )
     retry_max_attempts: int = Field(
-        200, ge=1, description="delivery attempts before a request is dead-lettered"
+        defaults.RETRY_MAX_ATTEMPTS,
+        ge=1,
+        description="delivery attempts before a request is dead-lettered",
     )
     retry_max_age: float = Field(
-        86400.0, gt=0, description="seconds before an undelivered request is dead-lettered"
+        defaults.RETRY_MAX_AGE,
+        gt=0,
+        description="seconds before an undelivered request is dead-lettered",
     )
     retry_initial_delay: float = Field(
-        1.0, gt=0, description="first backoff after NoojeeContact fails"
+        defaults.RETRY_INITIAL_DELAY, gt=0, description="first backoff after NoojeeContact fails"
     )
     retry_max_delay: float = Field(
-        300.0, gt=0, description="longest backoff between delivery attempts"
+        defaults.RETRY_MAX_DELAY, gt=0, description="longest backoff between delivery attempts"
     )
 
     # --- Logs -------------------------------------------------------------------------------

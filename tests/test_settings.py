@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import json
 import os
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from agi_bridge.app import delivery_config
+from agi_bridge.delivery.config import DeliveryConfig
+from agi_bridge.noojee import NoojeeClient
 from agi_bridge.settings import (
     TOOLS_ENV_PREFIX,
     Address,
@@ -586,3 +590,16 @@ def test_extension_requests_must_expire_within_the_repeat_window(
     assert problem.startswith("extension_max_age (AGI_BRIDGE_EXTENSION_MAX_AGE) is larger than")
     monkeypatch.setenv("AGI_BRIDGE_DEDUP_WINDOW", "0")
     assert load_settings().extension_max_age == 90
+
+
+def test_parts_built_without_settings_start_from_the_settings_defaults(
+    minimal_env: None,
+) -> None:
+    """Delivery's config objects and the NoojeeContact client, built without settings (a test,
+    a script), start from the very defaults a configured bridge uses: one source."""
+    settings = load_settings()
+    assert delivery_config(settings) == DeliveryConfig()
+    signature = inspect.signature(NoojeeClient)
+    assert signature.parameters["max_connections"].default == settings.noojee_max_connections
+    assert signature.parameters["connect_timeout"].default == settings.noojee_connect_timeout
+    assert signature.parameters["request_timeout"].default == settings.noojee_timeout

@@ -20,13 +20,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from agi_bridge.delivery.config import DeliveryConfig
 from agi_bridge.delivery.ledger import Ledger, queued
 from agi_bridge.delivery.repeats import RepeatCache
 from agi_bridge.delivery.sender import Client, Sender
 from agi_bridge.delivery.sync import SyncPath
 from agi_bridge.delivery.worker import Worker
 from agi_bridge.metrics import Metrics
-from agi_bridge.settings import Settings
 from agi_bridge.spool import Spool
 from agi_bridge.vocabulary import ACTIONS, Mode, Outcome, RecordingRequest, Status
 
@@ -37,7 +37,7 @@ class Delivery:
     def __init__(
         self,
         *,
-        settings: Settings,
+        config: DeliveryConfig,
         client: Client,
         spool: Spool,
         metrics: Metrics,
@@ -47,26 +47,30 @@ class Delivery:
         self._spool = spool
         self._metrics = metrics
         self._wall_clock = wall_clock
-        self._extension_max_age = settings.extension_max_age
+        self._extension_max_age = config.extension_max_age
         # Calls with a request by extension made within extension_max_age, oldest first: the
         # time it was made (wall clock, as the spool's, so that recover() can fill it).
         self._extension_calls: OrderedDict[str, float] = OrderedDict()
-        self._sender = Sender(settings=settings, client=client, metrics=metrics, clock=clock)
+        self._sender = Sender(
+            connections=config.connections, client=client, metrics=metrics, clock=clock
+        )
         self._repeats = RepeatCache(
-            window=settings.dedup_window,
+            window=config.dedup_window,
             spool=spool,
             clock=clock,
-            extension_max_age=settings.extension_max_age,
+            extension_max_age=config.extension_max_age,
         )
         self._ledger = ledger = Ledger(
-            settings=settings,
+            retry=config.retry,
+            extension_max_age=config.extension_max_age,
             spool=spool,
             metrics=metrics,
             repeats=self._repeats,
             wall_clock=wall_clock,
         )
         self._worker = Worker(
-            settings=settings,
+            retry=config.retry,
+            extension_max_age=config.extension_max_age,
             spool=spool,
             sender=self._sender,
             ledger=ledger,
@@ -74,7 +78,7 @@ class Delivery:
             wall_clock=wall_clock,
         )
         self._sync = SyncPath(
-            settings=settings,
+            write_ahead_after=config.write_ahead_after,
             spool=spool,
             sender=self._sender,
             ledger=ledger,

@@ -15,10 +15,10 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Final
 
+from agi_bridge.delivery.config import Retry
 from agi_bridge.delivery.repeats import Fate, RepeatCache
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
-from agi_bridge.settings import Settings
 from agi_bridge.spool import SettleReason, Spool
 from agi_bridge.vocabulary import (
     ACTIONS,
@@ -44,13 +44,15 @@ class Ledger:
     def __init__(
         self,
         *,
-        settings: Settings,
+        retry: Retry,
+        extension_max_age: float,
         spool: Spool,
         metrics: Metrics,
         repeats: RepeatCache,
         wall_clock: Callable[[], float],
     ) -> None:
-        self._settings = settings
+        self._retry = retry
+        self._extension_max_age = extension_max_age
         self._spool = spool
         self._metrics = metrics
         self._repeats = repeats
@@ -74,14 +76,14 @@ class Ledger:
         """One failed attempt of a spooled request: count it for a retry, or move the entry to
         the dead letters when the failure is permanent or the entry has used up its attempts
         or its age."""
-        settings = self._settings
+        retry = self._retry
         age = self._wall_clock() - created
         rules = ACTIONS[request.action]
         if rules.at_most_once and result.uncertain:
             return self.unconfirmed(entry_id, request, unconfirmed_message(result))
-        if result.transient and request.kind == "extension" and age >= settings.extension_max_age:
+        if result.transient and request.kind == "extension" and age >= self._extension_max_age:
             return self.expired(entry_id, request, f"{result.message}; {self.too_late}")
-        exhausted = attempts + 1 >= settings.retry_max_attempts or age >= settings.retry_max_age
+        exhausted = attempts + 1 >= retry.max_attempts or age >= retry.max_age
         if result.transient and not exhausted:
             self._metrics.retries.inc()
             return self._spool.failed(entry_id, result.message, retry_at=self._wall_clock())
@@ -114,7 +116,7 @@ class Ledger:
     @property
     def too_late(self) -> str:
         """Why a request by extension is no longer sent."""
-        max_age = self._settings.extension_max_age
+        max_age = self._extension_max_age
         return f"expired: by extension and not delivered within {max_age:g}s, not sent"
 
     def unconfirmed(

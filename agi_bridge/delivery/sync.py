@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from agi_bridge.delivery.ledger import Ledger, queued
 from agi_bridge.delivery.sender import Sender
 from agi_bridge.logs import get_logger
-from agi_bridge.settings import Settings
 from agi_bridge.spool import Spool
 from agi_bridge.tasks import finish_within
 from agi_bridge.vocabulary import (
@@ -55,13 +54,13 @@ class SyncPath:
     def __init__(
         self,
         *,
-        settings: Settings,
+        write_ahead_after: float,
         spool: Spool,
         sender: Sender,
         ledger: Ledger,
         wake: Callable[[], None],
     ) -> None:
-        self._write_ahead_after = settings.write_ahead_after
+        self._write_ahead_after = write_ahead_after
         self._spool = spool
         self._sender = sender
         self._ledger = ledger

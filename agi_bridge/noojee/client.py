@@ -56,6 +56,7 @@ from urllib.parse import quote
 
 import httpx
 
+from agi_bridge import defaults
 from agi_bridge.noojee.auth import HashAuth, HashPair
 from agi_bridge.noojee.classify import (
     MAX_RESPONSE_BYTES,
@@ -79,15 +80,10 @@ AuthScheme = Literal["apikey", "hash"]
 
 # --- Limits and timeouts -------------------------------------------------------------------
 
-# Connecting is a TCP plus TLS handshake to a server on the same site or a nearby data centre:
-# 2 s is many round trips; longer only keeps an Asterisk channel waiting on a dead host.
-DEFAULT_CONNECT_TIMEOUT: Final = 2.0
-# Per read/write/pool wait. NoojeeContact answers recording calls in milliseconds; 5 s covers
-# a loaded server while still telling the dialplan something before a caller notices.
-DEFAULT_REQUEST_TIMEOUT: Final = 5.0
-# Keep-alive pool size: far more than the concurrent recording changes one PBX produces, small
-# enough that a flood cannot exhaust the server's connector threads (Tomcat's default is 200).
-DEFAULT_MAX_CONNECTIONS: Final = 100
+# The settings' defaults (one source, agi_bridge/defaults.py, where each value is explained).
+DEFAULT_CONNECT_TIMEOUT: Final = defaults.NOOJEE_CONNECT_TIMEOUT
+DEFAULT_REQUEST_TIMEOUT: Final = defaults.NOOJEE_TIMEOUT
+DEFAULT_MAX_CONNECTIONS: Final = defaults.NOOJEE_MAX_CONNECTIONS
 # Close idle pooled connections before the server does, so a request is not sent on a socket
 # the server is closing at that moment. Apache httpd's default KeepAliveTimeout is 5 s and
 # Tomcat's connectionTimeout 20 s; 4 s stays under both.
