@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 
 from agi_bridge.delivery import Delivery
 from agi_bridge.delivery.config import Connections, DeliveryConfig, Retry
-from agi_bridge.delivery.ledger import STORE_TIMEOUT
+from agi_bridge.delivery.sync import STORE_TIMEOUT
 from agi_bridge.health import HealthServer
 from agi_bridge.lock import DataDirLock
 from agi_bridge.logs import get_logger

@@ -210,7 +210,7 @@ def request_for(
             f"{action} needs an agent: pass agent=<login>, or set agents / default_agent"
         )
     return RecordingRequest(
-        action=action, exten_or_uniqueid=target, agent=agent, tag=parameters.tag, kind=kind
+        action=action, target=target, agent=agent, tag=parameters.tag, kind=kind
     )
 
 

@@ -147,7 +147,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     async def send() -> int:
         # One request: one connection.
         async with noojee_client(settings, max_connections=1) as client:
-            params = {"extenOrUniqueId": request.exten_or_uniqueid}
+            params = {"extenOrUniqueId": request.target}
             if request.agent:
                 params["agentLoginName"] = request.agent
             if request.tag:
@@ -190,7 +190,7 @@ def _print_entries(entries: Sequence[SpoolEntry], now: float, *, dead: bool) -> 
         r = e.request
         why = f"  {e.reason or '-':11}" if dead else ""
         print(
-            f"{e.id:>6}  {r.action:6}  {r.exten_or_uniqueid[:20]:20}  {(r.agent or '-')[:12]:12}"
+            f"{e.id:>6}  {r.action:6}  {r.target[:20]:20}  {(r.agent or '-')[:12]:12}"
             f"  {r.kind:9}  {_age(now - e.created):>8}  {e.attempts:>5}{why}  {e.last_error or ''}"
         )
 

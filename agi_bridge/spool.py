@@ -152,7 +152,7 @@ def _entry(row: tuple[object, ...]) -> SpoolEntry:
     id_, action, target, agent, tag, uniqueid, created, attempts, kind, *rest = row
     request = RecordingRequest(
         action=cast(Action, action),
-        exten_or_uniqueid=cast(str, target),
+        target=cast(str, target),
         agent=cast("str | None", agent),
         tag=cast("str | None", tag),
         kind=cast(TargetKind, kind),
@@ -502,7 +502,7 @@ class Spool:
                 " kind, attempted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     request.action,
-                    request.exten_or_uniqueid,
+                    request.target,
                     request.agent,
                     request.tag,
                     call_uniqueid,
@@ -514,7 +514,7 @@ class Spool:
             )
             return cast(int, cursor.lastrowid)
 
-        what = f"{request.action} {request.exten_or_uniqueid} agent={request.agent}"
+        what = f"{request.action} {request.target} agent={request.agent}"
         return self._acall(work, f"{what} call={call_uniqueid}")
 
     async def release_leases(self) -> int:

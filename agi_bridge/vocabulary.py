@@ -51,7 +51,7 @@ class RecordingRequest:
     """One stop or start call. ``tag`` is only sent with start; ``None`` fields are omitted."""
 
     action: Action
-    exten_or_uniqueid: str  # -> extenOrUniqueId
+    target: str  # -> extenOrUniqueId
     agent: str | None = None  # -> agentLoginName
     tag: str | None = None  # -> tag (start only)
     # How the call named its target; decides how long the request may wait (not sent).

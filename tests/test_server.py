@@ -283,7 +283,7 @@ async def test_a_delivery_is_recorded_even_when_the_worker_batch_is_cut_short(
 
     try:
         for agent in ("Fred", "Barney"):
-            request = RecordingRequest(action="stop", exten_or_uniqueid="410", agent=agent)
+            request = RecordingRequest(action="stop", target="410", agent=agent)
             await spool.add(request, call_uniqueid=f"4.{agent}")
         spool.delivered = spy  # type: ignore[method-assign]
         worker = asyncio.create_task(delivery.run())

@@ -277,7 +277,7 @@ def test_survives_sigkill_right_after_add(tmp_path: Path) -> None:
         entries = spool.list("pending")
     finally:
         spool.close()
-    assert sorted(int(e.request.exten_or_uniqueid) for e in entries) == list(range(count))
+    assert sorted(int(e.request.target) for e in entries) == list(range(count))
     assert all(e.request.agent == "Fred" for e in entries)
 
 

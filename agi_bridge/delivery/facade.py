@@ -21,14 +21,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from agi_bridge.delivery.config import DeliveryConfig
-from agi_bridge.delivery.ledger import Ledger, queued
+from agi_bridge.delivery.ledger import Ledger
 from agi_bridge.delivery.repeats import RepeatCache
 from agi_bridge.delivery.sender import Client, Sender
-from agi_bridge.delivery.sync import SyncPath
+from agi_bridge.delivery.sync import SyncPath, queued
 from agi_bridge.delivery.worker import Worker
 from agi_bridge.metrics import Metrics
 from agi_bridge.spool import Spool
-from agi_bridge.vocabulary import ACTIONS, Mode, Outcome, RecordingRequest, Status
+from agi_bridge.vocabulary import ACTIONS, Mode, Outcome, RecordingRequest
 
 
 class Delivery:
@@ -99,34 +99,18 @@ class Delivery:
         self, request: RecordingRequest, *, call_uniqueid: str, mode: Mode, budget: float
     ) -> Outcome:
         """Deliver or queue ``request``; returns within ``budget`` plus a spool commit."""
-        repeats = self._repeats
-        key = (request.exten_or_uniqueid, call_uniqueid)
         self._cancel_by_extension(request, call_uniqueid)
-        earlier = repeats.earlier(key, request.action)
-        if earlier is not None:
-            # The same action on the same call is under way or done: answer with its outcome
-            # (a repeat arriving meanwhile waits for it, within the same budget).
-            repeated = await repeats.answer(request, earlier, first_at=repeats.seen_at(key))
-            if repeated is not None:
-                self._metrics.duplicates.inc()
-                if repeated.status is Status.EXPIRED:
-                    # Told once; the next press is a fresh request, sent while the call is on.
-                    repeats.forget(key, earlier)
-                return repeated
-        remembered = repeats.remember(key, request.action)
-        try:
+
+        async def send() -> Outcome:
             if mode == "async":
                 store = self._spool.add(request, call_uniqueid=call_uniqueid)
-                outcome = await queued(store, "queued for delivery", wake=self._worker.wake)
-            else:
-                outcome = await self._sync.send_within(request, call_uniqueid, budget)
-        except BaseException:
-            repeats.forget(key, remembered)
-            remembered.cancel()  # repeats waiting on it try for themselves
-            raise
-        remembered.set_result(outcome)
-        if outcome.status is Status.FAILED:
-            repeats.forget(key, remembered)  # a failure is worth trying again at once
+                return await queued(store, "queued for delivery", wake=self._worker.wake)
+            return await self._sync.send_within(request, call_uniqueid, budget)
+
+        key = (request.target, call_uniqueid)
+        outcome, repeated = await self._repeats.once(key, request, send)
+        if repeated:
+            self._metrics.duplicates.inc()
         return outcome
 
     def _cancel_by_extension(self, request: RecordingRequest, call_uniqueid: str) -> None:

@@ -1,6 +1,6 @@
 """What became of an attempt on a spooled request, written to the spool whoever made it (a
 session's sync attempt or the worker): delivered, to be retried, or settled without delivery
-(dead-lettered, unconfirmed, expired); and the answer ``QUEUED`` once a request is on disk.
+(dead-lettered, unconfirmed, expired).
 
 A stop is retried as long as its attempts and age allow (a repeat is harmless). A start is
 retried only after a failure that certainly never reached NoojeeContact: one that may have
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any
 
 from agi_bridge.delivery.config import Retry
 from agi_bridge.delivery.repeats import Fate, RepeatCache
@@ -22,20 +22,13 @@ from agi_bridge.metrics import Metrics
 from agi_bridge.spool import SettleReason, Spool
 from agi_bridge.vocabulary import (
     ACTIONS,
-    MESSAGE_MAX_CHARS,
     NoojeeResult,
-    Outcome,
     RecordingRequest,
     ResultKind,
-    Status,
     unconfirmed_message,
 )
 
 log = get_logger("agi_bridge.delivery")
-
-# How long a session waits for its spool commit before it answers FAILED rather than hold the
-# call on a stalled disk: SQLite's own busy timeout (another process holding the lock) is 5 s.
-STORE_TIMEOUT: Final = 5.0
 
 
 class Ledger:
@@ -95,7 +88,7 @@ class Ledger:
             log.warning(
                 "spool.entry.not_found",
                 id=entry_id,
-                target=request.exten_or_uniqueid,
+                target=request.target,
                 attempts=attempts + 1,
                 error=result.message,
             )
@@ -106,7 +99,7 @@ class Ledger:
             "spool.entry.dead",
             id=entry_id,
             action=request.action,
-            target=request.exten_or_uniqueid,
+            target=request.target,
             attempts=attempts + 1,
             age=round(age, 1),
             error=result.message,
@@ -136,7 +129,7 @@ class Ledger:
             f"spool.entry.{reason}",
             id=entry_id,
             action=request.action,
-            target=request.exten_or_uniqueid,
+            target=request.target,
             kind=request.kind,
             error=message,
         )
@@ -167,22 +160,3 @@ class Ledger:
         if result.ok:
             return self.delivered(entry_id, result.message)
         return self.failed(entry_id, request, result, attempts=0, created=self._wall_clock())
-
-
-async def queued(store: asyncio.Future[int], why: str, *, wake: Callable[[], None]) -> Outcome:
-    """``QUEUED`` once ``store`` (the spool write) is committed, and the worker woken to send
-    it; FAILED if the write fails or stalls."""
-    # asyncio.wait never cancels what it waits for: a cancelled session leaves alone the write
-    # that others settle on (and it costs less than a timeout around a shield).
-    done, _ = await asyncio.wait((store,), timeout=STORE_TIMEOUT)
-    if not done:
-        log.error("spool.write.slow", timeout=STORE_TIMEOUT)
-        return Outcome(Status.FAILED, f"{why}; could not queue: spool too slow")
-    error = store.exception()
-    if error is not None:
-        log.error(
-            "spool.write.failed", error=str(error), error_type=type(error).__name__, exc_info=error
-        )
-        return Outcome(Status.FAILED, f"{why}; could not queue: spool not writable")
-    wake()
-    return Outcome(Status.QUEUED, why[:MESSAGE_MAX_CHARS], store.result())

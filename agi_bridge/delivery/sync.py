@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
-from agi_bridge.delivery.ledger import Ledger, queued
+from agi_bridge.delivery.ledger import Ledger
 from agi_bridge.delivery.sender import Sender
 from agi_bridge.logs import get_logger
 from agi_bridge.spool import Spool
 from agi_bridge.tasks import finish_within
 from agi_bridge.vocabulary import (
     ACTIONS,
+    MESSAGE_MAX_CHARS,
     NoojeeResult,
     Outcome,
     RecordingRequest,
@@ -33,6 +35,10 @@ from agi_bridge.vocabulary import (
 )
 
 log = get_logger("agi_bridge.delivery")
+
+# How long a session waits for its spool commit before it answers FAILED rather than hold the
+# call on a stalled disk: SQLite's own busy timeout (another process holding the lock) is 5 s.
+STORE_TIMEOUT: Final = 5.0
 
 # What a session waiting for NoojeeContact is told when a second signal cuts the wait short.
 STOPPING = NoojeeResult(ResultKind.TIMEOUT, "the bridge is stopping; NoojeeContact did not answer")
@@ -173,3 +179,22 @@ class SyncPath:
         what became of them; cancel those still running at the deadline (their entries stay
         pending and are sent after the restart)."""
         await finish_within(tuple(self._in_flight), grace)
+
+
+async def queued(store: asyncio.Future[int], why: str, *, wake: Callable[[], None]) -> Outcome:
+    """``QUEUED`` once ``store`` (the spool write) is committed, and the worker woken to send
+    it; FAILED if the write fails or stalls."""
+    # asyncio.wait never cancels what it waits for: a cancelled session leaves alone the write
+    # that others settle on (and it costs less than a timeout around a shield).
+    done, _ = await asyncio.wait((store,), timeout=STORE_TIMEOUT)
+    if not done:
+        log.error("spool.write.slow", timeout=STORE_TIMEOUT)
+        return Outcome(Status.FAILED, f"{why}; could not queue: spool too slow")
+    error = store.exception()
+    if error is not None:
+        log.error(
+            "spool.write.failed", error=str(error), error_type=type(error).__name__, exc_info=error
+        )
+        return Outcome(Status.FAILED, f"{why}; could not queue: spool not writable")
+    wake()
+    return Outcome(Status.QUEUED, why[:MESSAGE_MAX_CHARS], store.result())

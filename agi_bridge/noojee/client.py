@@ -254,7 +254,7 @@ class NoojeeClient:
         parts = [
             self._urls[request.action],
             "extenOrUniqueId=",
-            quote(request.exten_or_uniqueid, safe="", errors="surrogateescape"),
+            quote(request.target, safe="", errors="surrogateescape"),
         ]
         if request.agent is not None:
             parts += ("&agentLoginName=", quote(request.agent, safe="", errors="surrogateescape"))
