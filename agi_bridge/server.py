@@ -154,8 +154,12 @@ class _Session(asyncio.Protocol):
             raise self._error
 
     async def environment(self) -> Environment:
-        async with asyncio.timeout(self.settings.environment_timeout):
-            event = await self._event()
+        # Asterisk sends the environment as it connects: under load it is usually all read by
+        # the time this task runs, and then no timer is started (one less per session).
+        event = self.connection.next_event()
+        if event is NEED_DATA:
+            async with asyncio.timeout(self.settings.environment_timeout):
+                event = await self._event()
         assert isinstance(event, Environment)  # the protocol core yields it first, or raises
         return event
 
