@@ -210,18 +210,19 @@ def cmd_spool(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, for_noojee=False)
     spool = Spool(settings.data_dir, fsync=settings.spool_fsync)
     spool.open(create=False)
+    admin = spool.admin
     try:
         if args.spool_command == "list":
             table: Literal["pending", "dead"] = "dead" if args.dead else "pending"
-            entries = spool.list(table)
+            entries = admin.list(table)
             _print_entries(entries, time.time(), dead=args.dead)
-            stats = spool.sync_stats()
+            stats = admin.stats()
             oldest = (
                 "-" if stats.oldest_pending is None else _age(time.time() - stats.oldest_pending)
             )
             print(f"\npending {stats.pending} (oldest {oldest}), dead letters {stats.dead}")
         elif args.spool_command == "retry":
-            moved = spool.retry_dead(args.ids or None, force=args.force)
+            moved = admin.retry_dead(args.ids or None, force=args.force)
             print(
                 f"{len(moved)} dead letter(s) moved back to pending, same ids"
                 f"{': ' if moved else ''}{', '.join(map(str, moved))}; a running bridge sends "
@@ -232,7 +233,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
             if not args.ids and not args.all:
                 print("name the entries to purge (ids) or pass --all", file=sys.stderr)
                 return EXIT_FAILED
-            removed = spool.purge(table, args.ids or None)
+            removed = admin.purge(table, args.ids or None)
             print(f"{removed} {table} entr{'y' if removed == 1 else 'ies'} deleted for good")
     finally:
         spool.close()

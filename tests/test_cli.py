@@ -457,8 +457,8 @@ def spool_contents(data_dir: Path) -> tuple[list[str], list[str]]:
     spool.open()
     try:
         return (
-            [e.request.target for e in spool.list("pending")],
-            [e.request.target for e in spool.list("dead")],
+            [e.request.target for e in spool.admin.list("pending")],
+            [e.request.target for e in spool.admin.list("dead")],
         )
     finally:
         spool.close()

@@ -193,7 +193,7 @@ async def test_a_repeat_after_queued_and_not_found_is_not_told_stopped(
     the repeat hears FAILED with the reason, never STOPPED."""
     entry = await _queued_entry(spool)
     await parts.ledger.failed(entry, STOP, NOT_FOUND, attempts=0, created=parts.clock())
-    assert spool.list("pending") == spool.list("dead") == []
+    assert spool.admin.list("pending") == spool.admin.list("dead") == []
     answer = await _repeat_after_queued(parts, entry)
     assert answer == Outcome(
         Status.FAILED,
@@ -207,7 +207,7 @@ async def test_a_repeat_after_queued_and_purged_is_not_told_stopped(
     """An entry gone without a record of its fate (an operator purged it) was never
     confirmed: FAILED, not STOPPED."""
     entry = await _queued_entry(spool)
-    assert spool.purge("pending", [entry]) == 1
+    assert spool.admin.purge("pending", [entry]) == 1
     answer = await _repeat_after_queued(parts, entry)
     assert answer.status is Status.FAILED
     assert answer.message.endswith("no longer queued and never confirmed")
@@ -244,8 +244,8 @@ async def test_a_start_not_found_is_a_dead_letter_and_a_stop_is_not(
     stop, start = await _queued_entry(spool, STOP), await _queued_entry(spool, START)
     await parts.ledger.failed(stop, STOP, NOT_FOUND, attempts=0, created=parts.clock())
     await parts.ledger.failed(start, START, NOT_FOUND, attempts=0, created=parts.clock())
-    assert [entry.id for entry in spool.list("dead")] == [start]
-    assert spool.list("pending") == []
+    assert [entry.id for entry in spool.admin.list("dead")] == [start]
+    assert spool.admin.list("pending") == []
 
 
 async def test_a_transient_failure_is_retried_until_the_age_limit(spool: Spool) -> None:
@@ -255,11 +255,11 @@ async def test_a_transient_failure_is_retried_until_the_age_limit(spool: Spool) 
     entry = await _queued_entry(spool)
     created = parts.clock()
     await parts.ledger.failed(entry, STOP, DOWN, attempts=0, created=created)
-    [pending] = spool.list("pending")
+    [pending] = spool.admin.list("pending")
     assert pending.attempts == 1
     parts.clock.advance(3600.0)
     await parts.ledger.failed(entry, STOP, DOWN, attempts=1, created=created)
-    assert [dead.id for dead in spool.list("dead")] == [entry]
+    assert [dead.id for dead in spool.admin.list("dead")] == [entry]
 
 
 # --- the sync path ---------------------------------------------------------------------------
@@ -292,10 +292,10 @@ async def test_a_late_answer_settles_the_queued_entry_and_drain_waits_for_it(spo
     outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=0.01)
     assert outcome.status is Status.QUEUED
     assert outcome.entry is not None
-    assert [entry.id for entry in spool.list("pending")] == [outcome.entry]
+    assert [entry.id for entry in spool.admin.list("pending")] == [outcome.entry]
     gate.set()
     await parts.sync.drain(5)
-    assert spool.list("pending") == []
+    assert spool.admin.list("pending") == []
     assert await parts.spool.where(outcome.entry) is None
     answer = await parts.repeats.answer(STOP, _done(outcome))
     assert answer is not None
@@ -308,7 +308,7 @@ async def test_drain_cancels_an_attempt_at_its_deadline_and_keeps_the_entry(spoo
     parts = _parts(spool, FakeClient(OK, gate=asyncio.Event()), write_ahead_after=0.0)
     outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=0.01)
     await parts.sync.drain(0.01)
-    assert [entry.id for entry in spool.list("pending")] == [outcome.entry]
+    assert [entry.id for entry in spool.admin.list("pending")] == [outcome.entry]
 
 
 async def test_a_permanent_failure_is_failed_and_dead_lettered(spool: Spool) -> None:
@@ -317,7 +317,7 @@ async def test_a_permanent_failure_is_failed_and_dead_lettered(spool: Spool) -> 
     outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=2.0)
     await parts.sync.drain(5)
     assert outcome == Outcome(Status.FAILED, "Permission denied")
-    [dead] = spool.list("dead")
+    [dead] = spool.admin.list("dead")
     assert dead.last_error == "Permission denied"
 
 
@@ -332,7 +332,7 @@ async def test_shutdown_writes_ahead_an_attempt_in_its_first_wait(spool: Spool) 
     session.cancel()
     await parts.sync.drain(0)
     assert session.cancelled()
-    [entry] = spool.list("pending")
+    [entry] = spool.admin.list("pending")
     assert entry.request == STOP
 
 
@@ -352,7 +352,7 @@ async def test_the_worker_delivers_what_is_due_and_records_it(spool: Spool) -> N
     client.gate.set()
     await asyncio.wait_for(run, timeout=5)
     assert client.sent == [STOP]
-    assert spool.list("pending") == []
+    assert spool.admin.list("pending") == []
     assert parts.metrics.registry.get_sample_value("agi_bridge_spool_delivered_total") == 1
     answer = await parts.repeats.answer(STOP, _done(Outcome(Status.QUEUED, "down", entry)))
     assert answer is not None
@@ -391,7 +391,7 @@ async def test_after_a_transient_failure_the_worker_probes_one_entry_at_a_time(
     await asyncio.wait_for(run, timeout=5)
     full = CONNECTIONS.max_connections
     assert [claim for claim in claims if claim[1]] == [(full, 3), (1, 1), (1, 1), (1, 1), (full, 2)]
-    assert spool.list("pending") == []
+    assert spool.admin.list("pending") == []
 
 
 async def test_a_session_getting_through_ends_the_backoff_at_once(spool: Spool) -> None:
@@ -408,7 +408,7 @@ async def test_a_session_getting_through_ends_the_backoff_at_once(spool: Spool) 
     await client.sent_at_least(6)  # both entries, long before the hour
     parts.worker.stop()
     await asyncio.wait_for(run, timeout=5)
-    assert spool.list("pending") == []
+    assert spool.admin.list("pending") == []
 
 
 # --- issue 18: starts at most once, only NoojeeContact confirms ------------------------------

@@ -137,8 +137,8 @@ async def test_permission_denied_is_failed_and_dead_lettered(
     spool = Spool(tmp_path)
     spool.open()
     try:
-        [dead] = spool.list("dead")
-        assert spool.list("pending") == []
+        [dead] = spool.admin.list("dead")
+        assert spool.admin.list("pending") == []
     finally:
         spool.close()
     assert dead.last_error == "Permission denied"
@@ -291,7 +291,7 @@ async def test_a_delivery_is_recorded_even_when_the_worker_batch_is_cut_short(
         worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await worker
-        [left] = spool.list("pending")
+        [left] = spool.admin.list("pending")
     finally:
         await client.aclose()
         spool.close()
