@@ -16,6 +16,9 @@ CONFIG_ENV: Final = ENV_PREFIX + "CONFIG"
 LISTEN: Final = "127.0.0.1:4573"
 METRICS_LISTEN: Final = "127.0.0.1:9573"
 
+# What a request names when the call does not say: the extension, which every dialplan has.
+DEFAULT_BY: Final = "extension"
+
 # --- NoojeeContact: connections and timeouts ---------------------------------------------
 # Connecting is a TCP plus TLS handshake to a server on the same site or a nearby data centre:
 # 2 s is many round trips; longer only keeps an Asterisk channel waiting on a dead host.

@@ -134,7 +134,8 @@ class Settings(BaseSettings):
 
     # --- Routes -----------------------------------------------------------------------------
     default_by: By = Field(
-        "extension", description="identifier sent when the call does not say: uniqueid|extension|id"
+        defaults.DEFAULT_BY,
+        description="identifier sent when the call does not say: uniqueid|extension|id",
     )
     default_agent: str | None = Field(
         None, description="agentLoginName when neither the call nor `agents` gives one"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agi_bridge.app import delivery_config
+from agi_bridge.calls import CallDefaults
 from agi_bridge.delivery.config import DeliveryConfig
 from agi_bridge.noojee import NoojeeClient
 from agi_bridge.settings import (
@@ -595,10 +596,16 @@ def test_extension_requests_must_expire_within_the_repeat_window(
 def test_parts_built_without_settings_start_from_the_settings_defaults(
     minimal_env: None,
 ) -> None:
-    """Delivery's config objects and the NoojeeContact client, built without settings (a test,
-    a script), start from the very defaults a configured bridge uses: one source."""
+    """Delivery's config objects, the call defaults and the NoojeeContact client, built
+    without settings (a test, a script), start from a configured bridge's defaults."""
     settings = load_settings()
     assert delivery_config(settings) == DeliveryConfig()
+    calls = CallDefaults()
+    assert (calls.default_by, calls.default_agent, dict(calls.agents)) == (
+        settings.default_by,
+        settings.default_agent,
+        settings.agents,
+    )
     signature = inspect.signature(NoojeeClient)
     assert signature.parameters["max_connections"].default == settings.noojee_max_connections
     assert signature.parameters["connect_timeout"].default == settings.noojee_connect_timeout

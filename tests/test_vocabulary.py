@@ -11,8 +11,8 @@ import pytest
 from pydantic import SecretStr
 
 from agi_bridge import vocabulary
+from agi_bridge.calls import CallDefaults, Rejected, request_for
 from agi_bridge.calls import CallParameters as Parameters
-from agi_bridge.calls import Rejected, request_for
 from agi_bridge.cli import build_parser
 from agi_bridge.noojee.client import NoojeeClient
 from agi_bridge.settings import Settings
@@ -93,17 +93,18 @@ def test_per_action_rules_come_from_the_table(action: vocabulary.Action) -> None
     settings = Settings(
         noojee_url="https://pbx.example/servicemanager/rest", noojee_api_key=SecretStr("k")
     )
+    defaults = CallDefaults()
     rules = ACTIONS[action]
     tagged = Parameters(agent="Fred", tag="T")
     if rules.takes_tag:
-        assert request_for(action, "1.1", None, tagged, settings, "uniqueid").tag == "T"
+        assert request_for(action, "1.1", None, tagged, defaults, "uniqueid").tag == "T"
     else:
         with pytest.raises(Rejected, match="tag is only accepted"):
-            request_for(action, "1.1", None, tagged, settings, "uniqueid")
+            request_for(action, "1.1", None, tagged, defaults, "uniqueid")
     if rules.needs_agent:
         with pytest.raises(Rejected, match=f"{action} needs an agent"):
-            request_for(action, "1.1", None, Parameters(), settings, "uniqueid")
+            request_for(action, "1.1", None, Parameters(), defaults, "uniqueid")
     else:
-        assert request_for(action, "1.1", None, Parameters(), settings, "uniqueid").agent is None
+        assert request_for(action, "1.1", None, Parameters(), defaults, "uniqueid").agent is None
     assert getattr(settings, rules.mode_setting) in ("sync", "async")
     assert getattr(settings, rules.budget_setting) > 0
