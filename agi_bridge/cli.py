@@ -38,8 +38,8 @@ EXIT_CONFIG: Final = 2  # the configuration is unusable: nothing was started
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from agi_bridge.loading import load_settings, settings_warnings
     from agi_bridge.logs import configure_logging, get_logger
-    from agi_bridge.settings import load_settings, settings_warnings
 
     settings = load_settings(args.config)
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=[settings.api_key])
@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agi_bridge.settings import load_settings, settings_warnings
+    from agi_bridge.loading import load_settings, settings_warnings
 
     settings = load_settings(args.config)
     json.dump(settings.masked(), sys.stdout, indent=2, sort_keys=True)
@@ -209,7 +209,7 @@ def _age(seconds: float) -> str:
 
 
 def cmd_spool(args: argparse.Namespace) -> int:
-    from agi_bridge.settings import load_settings
+    from agi_bridge.loading import load_settings
     from agi_bridge.spool import Spool
 
     settings = load_settings(args.config, for_noojee=False)

@@ -149,6 +149,7 @@ HEAVY_FOR_HELP = {
     "pydantic",
     "pydantic_settings",
     "agi_bridge.settings",
+    "agi_bridge.loading",
     "httpx",
     "aiohttp",
     "agi_bridge.app",

@@ -13,15 +13,9 @@ import pytest
 from agi_bridge.app import delivery_config
 from agi_bridge.calls import CallDefaults
 from agi_bridge.delivery.config import DeliveryConfig
+from agi_bridge.loading import TOOLS_ENV_PREFIX, load_settings
 from agi_bridge.noojee import NoojeeClient
-from agi_bridge.settings import (
-    TOOLS_ENV_PREFIX,
-    Address,
-    ConfigError,
-    Settings,
-    env_name,
-    load_settings,
-)
+from agi_bridge.settings import Address, ConfigError, Settings, env_name
 
 KEY = "f863246a-973e-11e6-8784-08002718f5b5"
 URL = "https://pbx.example/servicemanager/rest"
