@@ -21,7 +21,8 @@ import time
 from prometheus_client import generate_latest
 
 from agi_bridge.delivery import Delivery
-from agi_bridge.delivery.ledger import STORE_TIMEOUT
+from agi_bridge.delivery.config import Connections, DeliveryConfig, Retry
+from agi_bridge.delivery.sync import STORE_TIMEOUT
 from agi_bridge.health import HealthServer
 from agi_bridge.lock import DataDirLock
 from agi_bridge.logs import get_logger
@@ -58,6 +59,26 @@ def noojee_client(settings: Settings, *, max_connections: int | None = None) -> 
     )
 
 
+def delivery_config(settings: Settings) -> DeliveryConfig:
+    """Delivery's share of the settings, read once at start-up."""
+    return DeliveryConfig(
+        connections=Connections(
+            max_connections=settings.noojee_max_connections,
+            connect_timeout=settings.noojee_connect_timeout,
+            request_timeout=settings.noojee_timeout,
+        ),
+        retry=Retry(
+            max_attempts=settings.retry_max_attempts,
+            max_age=settings.retry_max_age,
+            initial_delay=settings.retry_initial_delay,
+            max_delay=settings.retry_max_delay,
+        ),
+        write_ahead_after=settings.write_ahead_after,
+        dedup_window=settings.dedup_window,
+        extension_max_age=settings.extension_max_age,
+    )
+
+
 class Bridge:
     """A running agi-bridge. ``await start()``, then ``await stop()``."""
 
@@ -68,7 +89,10 @@ class Bridge:
         self.lock = DataDirLock(settings.data_dir)
         self.spool = Spool(settings.data_dir, fsync=settings.spool_fsync)
         self.delivery = Delivery(
-            settings=settings, client=self.client, spool=self.spool, metrics=self.metrics
+            config=delivery_config(settings),
+            client=self.client,
+            spool=self.spool,
+            metrics=self.metrics,
         )
         self.server = AgiServer(settings, delivery=self.delivery, metrics=self.metrics)
         address = settings.metrics_address

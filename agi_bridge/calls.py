@@ -10,12 +10,20 @@ with a reason the admin can act on, never guessed at.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, get_args
 
+from agi_bridge import defaults
 from agi_bridge.protocol import Environment
-from agi_bridge.settings import By, Mode, Settings
-from agi_bridge.vocabulary import Action, RecordingRequest, TargetKind, target_kind
+from agi_bridge.vocabulary import (
+    ACTIONS,
+    Action,
+    By,
+    Mode,
+    RecordingRequest,
+    TargetKind,
+    target_kind,
+)
 
 KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode", "channel", "call"})
 
@@ -24,6 +32,15 @@ KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode", "channel", "c
 MAX_IDENTIFIER_LENGTH: Final = 149
 # agentLoginName and tag are short NoojeeContact fields; a longer value is a dialplan bug.
 MAX_VALUE_LENGTH: Final = 255
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallDefaults:
+    """What a call gets when it does not say (the settings of the same names, read once)."""
+
+    default_by: By = defaults.DEFAULT_BY
+    default_agent: str | None = None
+    agents: Mapping[str, str] = field(default_factory=dict)  # extension -> agentLoginName
 
 
 class Rejected(Exception):
@@ -150,10 +167,10 @@ def build_request(
     action: Action,
     environment: Environment,
     parameters: CallParameters,
-    settings: Settings,
+    call_defaults: CallDefaults,
 ) -> RecordingRequest:
     """The NoojeeContact request for this call, or :class:`Rejected` saying what is missing."""
-    by: By = parameters.by or ("id" if parameters.id is not None else settings.default_by)
+    by: By = parameters.by or ("id" if parameters.id is not None else call_defaults.default_by)
     channel = parameters.channel or environment.channel
     extension = extension_from_channel(channel)
     if parameters.channel is not None and extension is None:
@@ -174,7 +191,7 @@ def build_request(
             raise Rejected(f"no extension in channel {channel!r}: use by=uniqueid or by=id")
         # Checked like a uniqueid: agi_channel is as unchecked as agi_uniqueid.
         target = _check_text("extension", extension, MAX_IDENTIFIER_LENGTH)
-    return request_for(action, target, extension, parameters, settings, target_kind(by))
+    return request_for(action, target, extension, parameters, call_defaults, target_kind(by))
 
 
 def request_for(
@@ -182,23 +199,29 @@ def request_for(
     target: str,
     extension: str | None,
     parameters: CallParameters,
-    settings: Settings,
+    call_defaults: CallDefaults,
     kind: TargetKind,
 ) -> RecordingRequest:
     """The request for ``target`` (checked): what every request goes through, from a call or
     from ``agi-bridge send``. ``extension`` looks the agent up in ``agents`` (None: no lookup).
     """
-    if parameters.tag is not None and action != "start":
-        raise Rejected("tag is only accepted by recording/start")
+    rules = ACTIONS[action]
+    if parameters.tag is not None and not rules.takes_tag:
+        tagged = ", ".join(other.route for other in ACTIONS.values() if other.takes_tag)
+        raise Rejected(f"tag is only accepted by {tagged}")
     # ``or None``: an empty default_agent (AGI_BRIDGE_DEFAULT_AGENT=) or agents value is no
     # agent, so a stop without one is REJECTED rather than sent without agentLoginName.
     agent = (
-        parameters.agent or _agent_for(extension, settings.agents) or settings.default_agent
+        parameters.agent
+        or _agent_for(extension, call_defaults.agents)
+        or call_defaults.default_agent
     ) or None
-    if agent is None and action == "stop":
-        raise Rejected("stop needs an agent: pass agent=<login>, or set agents / default_agent")
+    if agent is None and rules.needs_agent:
+        raise Rejected(
+            f"{action} needs an agent: pass agent=<login>, or set agents / default_agent"
+        )
     return RecordingRequest(
-        action=action, exten_or_uniqueid=target, agent=agent, tag=parameters.tag, kind=kind
+        action=action, target=target, agent=agent, tag=parameters.tag, kind=kind
     )
 
 

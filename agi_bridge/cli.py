@@ -26,7 +26,7 @@ from agi_bridge.testing.defaults import (
     DEMO_KEY,
     DEMO_PORT,
 )
-from agi_bridge.vocabulary import Action, RecordingRequest, target_kind
+from agi_bridge.vocabulary import ACTIONS, Action, RecordingRequest, target_kind
 
 if TYPE_CHECKING:
     from agi_bridge.settings import Settings
@@ -38,8 +38,8 @@ EXIT_CONFIG: Final = 2  # the configuration is unusable: nothing was started
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from agi_bridge.loading import load_settings, settings_warnings
     from agi_bridge.logs import configure_logging, get_logger
-    from agi_bridge.settings import load_settings, settings_warnings
 
     settings = load_settings(args.config)
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=[settings.api_key])
@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agi_bridge.settings import load_settings, settings_warnings
+    from agi_bridge.loading import load_settings, settings_warnings
 
     settings = load_settings(args.config)
     json.dump(settings.masked(), sys.stdout, indent=2, sort_keys=True)
@@ -94,7 +94,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def _send_request(args: argparse.Namespace, settings: Settings) -> RecordingRequest:
     """The checks and the agent lookup of a call from the dialplan: what send tries is what
     the bridge would send. The identifier goes out as given, which is what id= means."""
-    from agi_bridge.calls import Rejected, parameters_from, request_for
+    from agi_bridge.calls import CallDefaults, Rejected, parameters_from, request_for
 
     given = (("id", args.uniqueid or args.extension), ("agent", args.agent), ("tag", args.tag))
     parameters = parameters_from(
@@ -103,7 +103,12 @@ def _send_request(args: argparse.Namespace, settings: Settings) -> RecordingRequ
     if parameters.id is None:
         raise Rejected("the extension or uniqueid is empty")
     kind = target_kind("extension" if args.extension else "id")
-    return request_for(args.action, parameters.id, args.extension, parameters, settings, kind)
+    call_defaults = CallDefaults(
+        default_by=settings.default_by,
+        default_agent=settings.default_agent,
+        agents=settings.agents,
+    )
+    return request_for(args.action, parameters.id, args.extension, parameters, call_defaults, kind)
 
 
 def _tls_warnings(settings: Settings) -> list[str]:
@@ -147,7 +152,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     async def send() -> int:
         # One request: one connection.
         async with noojee_client(settings, max_connections=1) as client:
-            params = {"extenOrUniqueId": request.exten_or_uniqueid}
+            params = {"extenOrUniqueId": request.target}
             if request.agent:
                 params["agentLoginName"] = request.agent
             if request.tag:
@@ -190,7 +195,7 @@ def _print_entries(entries: Sequence[SpoolEntry], now: float, *, dead: bool) -> 
         r = e.request
         why = f"  {e.reason or '-':11}" if dead else ""
         print(
-            f"{e.id:>6}  {r.action:6}  {r.exten_or_uniqueid[:20]:20}  {(r.agent or '-')[:12]:12}"
+            f"{e.id:>6}  {r.action:6}  {r.target[:20]:20}  {(r.agent or '-')[:12]:12}"
             f"  {r.kind:9}  {_age(now - e.created):>8}  {e.attempts:>5}{why}  {e.last_error or ''}"
         )
 
@@ -204,24 +209,25 @@ def _age(seconds: float) -> str:
 
 
 def cmd_spool(args: argparse.Namespace) -> int:
-    from agi_bridge.settings import load_settings
+    from agi_bridge.loading import load_settings
     from agi_bridge.spool import Spool
 
     settings = load_settings(args.config, for_noojee=False)
     spool = Spool(settings.data_dir, fsync=settings.spool_fsync)
     spool.open(create=False)
+    admin = spool.admin
     try:
         if args.spool_command == "list":
             table: Literal["pending", "dead"] = "dead" if args.dead else "pending"
-            entries = spool.list(table)
+            entries = admin.list(table)
             _print_entries(entries, time.time(), dead=args.dead)
-            stats = spool.sync_stats()
+            stats = admin.stats()
             oldest = (
                 "-" if stats.oldest_pending is None else _age(time.time() - stats.oldest_pending)
             )
             print(f"\npending {stats.pending} (oldest {oldest}), dead letters {stats.dead}")
         elif args.spool_command == "retry":
-            moved = spool.retry_dead(args.ids or None, force=args.force)
+            moved = admin.retry_dead(args.ids or None, force=args.force)
             print(
                 f"{len(moved)} dead letter(s) moved back to pending, same ids"
                 f"{': ' if moved else ''}{', '.join(map(str, moved))}; a running bridge sends "
@@ -232,7 +238,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
             if not args.ids and not args.all:
                 print("name the entries to purge (ids) or pass --all", file=sys.stderr)
                 return EXIT_FAILED
-            removed = spool.purge(table, args.ids or None)
+            removed = admin.purge(table, args.ids or None)
             print(f"{removed} {table} entr{'y' if removed == 1 else 'ies'} deleted for good")
     finally:
         spool.close()
@@ -244,8 +250,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     config = SimulatorConfig(api_key=args.api_key)
     if args.agent:
-        both: frozenset[Action] = frozenset({"start", "stop"})
-        config = dataclasses.replace(config, agents=dict.fromkeys(args.agent, both))
+        every: frozenset[Action] = frozenset(ACTIONS)
+        config = dataclasses.replace(config, agents=dict.fromkeys(args.agent, every))
     host, _, port = args.listen.rpartition(":")
     return _run(
         lambda: run_simulator(
@@ -352,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="send one stop/start to NoojeeContact now (tests credentials, TLS, IP list)",
     )
-    send.add_argument("action", choices=["stop", "start"])
+    send.add_argument("action", choices=list(ACTIONS))
     target = send.add_mutually_exclusive_group(required=True)
     target.add_argument("--uniqueid", help="an Asterisk uniqueid, e.g. 1795811316.1")
     target.add_argument("--extension", help="an extension, e.g. 410")

@@ -14,7 +14,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
-from agi_bridge.vocabulary import ROUTES, NoojeeResult, ResultKind, Status, confirmed_status
+from agi_bridge.vocabulary import ACTIONS, ROUTES, NoojeeResult, ResultKind, Status
 
 _M = TypeVar("_M", bound=MetricWrapperBase)
 
@@ -39,12 +39,12 @@ UNKNOWN_ROUTE: Final = "unknown"
 def _session_statuses() -> Mapping[str, tuple[Status, ...]]:
     """Each route label and the NOOJEE_STATUS values its sessions can end with: any but the
     other action's confirmation; an unknown route is always REJECTED (server.py)."""
-    confirmations = {confirmed_status(action) for action in ROUTES.values()}
+    confirmations = {rules.confirmed for rules in ACTIONS.values()}
     statuses = {
         route: tuple(
             status
             for status in Status
-            if status not in confirmations or status is confirmed_status(action)
+            if status not in confirmations or status is ACTIONS[action].confirmed
         )
         for route, action in ROUTES.items()
     }

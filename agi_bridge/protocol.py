@@ -37,7 +37,6 @@ on, so that the server can still tell the dialplan why it refuses the call.
 from __future__ import annotations
 
 import enum
-import functools
 import re
 import types
 from collections.abc import Mapping
@@ -255,9 +254,6 @@ _COMMAND_RE: Final = re.compile(r"[A-Za-z0-9_]+(?: [A-Za-z0-9_]+)*")
 _VARIABLE_NAME_RE: Final = re.compile(r"[A-Za-z0-9_]+")
 
 
-# A server sends a handful of distinct commands, each for every session: check each name once.
-# Bounded, so a caller varying them cannot grow the cache forever; refusals are not cached.
-@functools.lru_cache(maxsize=64)
 def _check_command_name(command: str) -> None:
     if _COMMAND_RE.fullmatch(command) is None:
         raise LocalProtocolError("invalid command name")
@@ -297,9 +293,6 @@ def encode_command(*words: str) -> bytes:
     return line
 
 
-# The same for variable names: quoting keeps a name intact on the wire, but Asterisk would
-# still interpret characters like "(" (a dialplan function) or ":" in it: only plain names pass.
-@functools.lru_cache(maxsize=64)
 def _line_name(head: bytes) -> bytes:
     """The variable name at the start of an environment line cut for its length."""
     name, separator, _ = head.partition(b": ")
@@ -308,6 +301,8 @@ def _line_name(head: bytes) -> bytes:
     return name
 
 
+# Quoting keeps a variable name intact on the wire, but Asterisk would still interpret
+# characters like "(" (a dialplan function) or ":" in it: only plain names pass.
 def _check_variable_name(name: str) -> None:
     if _VARIABLE_NAME_RE.fullmatch(name) is None:
         raise LocalProtocolError("invalid variable name")
@@ -350,10 +345,6 @@ def _decode(raw: bytes) -> str:
 
 
 class _State(enum.Enum):
-    # Members are singletons compared by identity; Enum's own __hash__ is Python code that
-    # every transition's dict lookup would run.
-    __hash__ = object.__hash__
-
     ENVIRONMENT = "reading the environment"
     IDLE = "no command is pending"
     AWAITING_REPLY = "a reply is pending"
@@ -363,8 +354,6 @@ class _State(enum.Enum):
 
 
 class _Input(enum.Enum):
-    __hash__ = object.__hash__  # as _State
-
     ENVIRONMENT_END = "end of environment"
     SEND = "command"
     HANGUP = "HANGUP"

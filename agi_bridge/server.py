@@ -26,7 +26,7 @@ from typing import Final, cast
 
 import structlog
 
-from agi_bridge.calls import Rejected, build_request, parse_parameters
+from agi_bridge.calls import CallDefaults, Rejected, build_request, parse_parameters
 from agi_bridge.delivery import Delivery
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics, Refusal
@@ -42,7 +42,15 @@ from agi_bridge.protocol import (
 )
 from agi_bridge.settings import Settings
 from agi_bridge.tasks import finish_within
-from agi_bridge.vocabulary import MESSAGE_MAX_CHARS, ROUTES, Outcome, Status
+from agi_bridge.vocabulary import (
+    ACTIONS,
+    MESSAGE_MAX_CHARS,
+    ROUTES,
+    Action,
+    Mode,
+    Outcome,
+    Status,
+)
 
 log = get_logger("agi_bridge.server")
 
@@ -146,8 +154,12 @@ class _Session(asyncio.Protocol):
             raise self._error
 
     async def environment(self) -> Environment:
-        async with asyncio.timeout(self.settings.environment_timeout):
-            event = await self._event()
+        # Asterisk sends the environment as it connects: under load it is usually all read by
+        # the time this task runs, and then no timer is started (one less per session).
+        event = self.connection.next_event()
+        if event is NEED_DATA:
+            async with asyncio.timeout(self.settings.environment_timeout):
+                event = await self._event()
         assert isinstance(event, Environment)  # the protocol core yields it first, or raises
         return event
 
@@ -201,6 +213,16 @@ class AgiServer:
         self.metrics = metrics
         self.delivery = delivery
         self._networks = settings.allow_clients
+        self._call_defaults = CallDefaults(
+            default_by=settings.default_by,
+            default_agent=settings.default_agent,
+            agents=settings.agents,
+        )
+        # Each action's default mode and sync budget, as the action table names them.
+        self._policies: dict[Action, tuple[Mode, float]] = {
+            action: (getattr(settings, rules.mode_setting), getattr(settings, rules.budget_setting))
+            for action, rules in ACTIONS.items()
+        }
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
         # Sessions still waiting for their environment, oldest first (dicts keep insertion
@@ -388,19 +410,14 @@ class AgiServer:
             return Outcome(Status.REJECTED, f"unknown route {route!r} (known: {known})")
         try:
             parameters = parse_parameters(environment)
-            request = build_request(action, environment, parameters, self.settings)
+            request = build_request(action, environment, parameters, self._call_defaults)
         except Rejected as exc:
             return Outcome(Status.REJECTED, exc.reason)
-        settings = self.settings
-        if action == "stop":
-            mode, budget = settings.stop_mode, settings.stop_budget
-        else:
-            mode, budget = settings.start_mode, settings.start_budget
-        mode = parameters.mode or mode
+        mode, budget = self._policies[action]
         return await self.delivery.submit(
             request,
             call_uniqueid=parameters.call or environment.uniqueid,
-            mode=mode,
+            mode=parameters.mode or mode,
             budget=budget,
         )
 

@@ -152,7 +152,7 @@ def _entry(row: tuple[object, ...]) -> SpoolEntry:
     id_, action, target, agent, tag, uniqueid, created, attempts, kind, *rest = row
     request = RecordingRequest(
         action=cast(Action, action),
-        exten_or_uniqueid=cast(str, target),
+        target=cast(str, target),
         agent=cast("str | None", agent),
         tag=cast("str | None", tag),
         kind=cast(TargetKind, kind),
@@ -502,7 +502,7 @@ class Spool:
                 " kind, attempted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     request.action,
-                    request.exten_or_uniqueid,
+                    request.target,
                     request.agent,
                     request.tag,
                     call_uniqueid,
@@ -514,7 +514,7 @@ class Spool:
             )
             return cast(int, cursor.lastrowid)
 
-        what = f"{request.action} {request.exten_or_uniqueid} agent={request.agent}"
+        what = f"{request.action} {request.target} agent={request.agent}"
         return self._acall(work, f"{what} call={call_uniqueid}")
 
     async def release_leases(self) -> int:
@@ -759,11 +759,23 @@ class Spool:
                 )
         return problems
 
-    # --- the operator's view (CLI) --------------------------------------------------------
+    @property
+    def admin(self) -> SpoolAdmin:
+        """The operator's blocking face of this open spool (the CLI, tests)."""
+        return SpoolAdmin(self)
+
+
+class SpoolAdmin:
+    """What an operator does to a spool, one blocking call each (``agi-bridge spool``): the
+    delivery path's calls are futures and coroutines, these wait for their commit."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._call = spool._scall
+        self._clock = spool._clock
 
     def list(self, table: Literal["pending", "dead"]) -> list[SpoolEntry]:
         reason = "reason" if table == "dead" else "NULL"
-        return self._scall(
+        return self._call(
             lambda db: [
                 _entry(row)
                 for row in db.execute(
@@ -772,8 +784,8 @@ class Spool:
             ]
         )
 
-    def sync_stats(self) -> SpoolStats:
-        return self._scall(_stats)
+    def stats(self) -> SpoolStats:
+        return self._call(_stats)
 
     def retry_dead(
         self, ids: Iterable[int] | None = None, *, force: bool = False
@@ -807,7 +819,7 @@ class Spool:
             db.execute(f"DELETE FROM dead{where}", params)  # noqa: S608
             return moved
 
-        return self._scall(work)
+        return self._call(work)
 
     def purge(self, table: Literal["pending", "dead"], ids: Iterable[int] | None = None) -> int:
         """Delete entries for good (all of ``table``, or ``ids``)."""
@@ -818,7 +830,7 @@ class Spool:
             where, params = _id_filter(selected)
             return db.execute(f"DELETE FROM {table}{where}", params).rowcount  # noqa: S608
 
-        return self._scall(work)
+        return self._call(work)
 
 
 def damage(path: Path) -> str | None:

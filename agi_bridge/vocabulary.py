@@ -1,34 +1,41 @@
 """The words every layer shares: what the dialplan asks for, what NoojeeContact answered, what
 the dialplan is told. Imports nothing of ours, so that the spool, the metrics and the protocol
-side never load the HTTP client to name a request or a status."""
+side never load the HTTP client to name a request or a status.
+
+:data:`ACTIONS` is the one table of what depends on the action (its route, its API path, its
+rules): every other module reads it, none compares an action's name, so adding a verb or a rule
+is one row here."""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Literal, get_args
+from types import MappingProxyType
+from typing import Final, Literal
 
 __all__ = [
+    "ACTIONS",
     "MESSAGE_MAX_CHARS",
     "ROUTES",
     "Action",
+    "ActionRules",
+    "By",
+    "Mode",
     "NoojeeResult",
     "Outcome",
     "RecordingRequest",
     "ResultKind",
     "Status",
     "TargetKind",
-    "confirmed_status",
     "target_kind",
     "unconfirmed_message",
 ]
 
 Action = Literal["start", "stop"]
-_ACTIONS: Final[frozenset[str]] = frozenset(get_args(Action))
-
-# The explicit route table: a script path not listed here is REJECTED, never looked up.
-ROUTES: Final[Mapping[str, Action]] = {"recording/stop": "stop", "recording/start": "start"}
+# What a call names its target by (``by=``), and how it waits for NoojeeContact (``mode=``).
+By = Literal["uniqueid", "extension", "id"]
+Mode = Literal["sync", "async"]
 
 # What ``extenOrUniqueId`` names: a call (its uniqueid, or an explicit id such as its
 # linkedid) or an extension, which NoojeeContact applies to whatever call that extension is on
@@ -44,15 +51,15 @@ class RecordingRequest:
     """One stop or start call. ``tag`` is only sent with start; ``None`` fields are omitted."""
 
     action: Action
-    exten_or_uniqueid: str  # -> extenOrUniqueId
+    target: str  # -> extenOrUniqueId
     agent: str | None = None  # -> agentLoginName
     tag: str | None = None  # -> tag (start only)
     # How the call named its target; decides how long the request may wait (not sent).
     kind: TargetKind = "uniqueid"
 
     def __post_init__(self) -> None:
-        if self.action not in _ACTIONS:
-            raise ValueError(f"action must be 'start' or 'stop', not {self.action!r}")
+        if self.action not in ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(ACTIONS)}, not {self.action!r}")
 
 
 def target_kind(by: str) -> TargetKind:
@@ -148,9 +155,62 @@ class Status(enum.StrEnum):
     EXPIRED = "EXPIRED"
 
 
-def confirmed_status(action: Action) -> Status:
-    """What the dialplan hears once NoojeeContact has done ``action``."""
-    return Status.STOPPED if action == "stop" else Status.STARTED
+@dataclass(frozen=True, slots=True)
+class ActionRules:
+    """Everything that depends on the action, read by every part that needs it."""
+
+    route: str  # the AGI script path that asks for it
+    api_path: str  # NoojeeContact's path, under noojee_url
+    confirmed: Status  # what the dialplan hears once NoojeeContact has done it
+    takes_tag: bool  # ``tag`` is sent with it (NoojeeContact knows tags on start only)
+    needs_agent: bool  # NoojeeContact refuses it without agentLoginName
+    # A replay adds a recording leg: sent at most once; an answer that may mean "done" (an
+    # uncertain result) settles it unconfirmed, and an attempt under way marks it attempted.
+    # Otherwise at least once: a repeat is harmless.
+    at_most_once: bool
+    # "No such call" settles it (a stop after the call and its recording ended): not a fault
+    # anyone can fix, so it is no dead letter.
+    not_found_settles: bool
+    # Sent by the call's id, it ends what the call still has queued by extension (the call's
+    # own hangup stop: a request by extension could then only reach the extension's next call).
+    supersedes_by_extension: bool
+    mode_setting: str  # the Settings field with its default mode
+    budget_setting: str  # the Settings field with how long a sync one may hold the call
+
+
+ACTIONS: Final[Mapping[Action, ActionRules]] = MappingProxyType(
+    {
+        "stop": ActionRules(
+            route="recording/stop",
+            api_path="CallManagementAPI/stop",
+            confirmed=Status.STOPPED,
+            takes_tag=False,
+            needs_agent=True,
+            at_most_once=False,
+            not_found_settles=True,
+            supersedes_by_extension=True,
+            mode_setting="stop_mode",
+            budget_setting="stop_budget",
+        ),
+        "start": ActionRules(
+            route="recording/start",
+            api_path="CallManagementAPI/start",
+            confirmed=Status.STARTED,
+            takes_tag=True,
+            needs_agent=False,
+            at_most_once=True,
+            not_found_settles=False,
+            supersedes_by_extension=False,
+            mode_setting="start_mode",
+            budget_setting="start_budget",
+        ),
+    }
+)
+
+# The explicit route table: a script path not listed here is REJECTED, never looked up.
+ROUTES: Final[Mapping[str, Action]] = MappingProxyType(
+    {rules.route: action for action, rules in ACTIONS.items()}
+)
 
 
 def unconfirmed_message(result: NoojeeResult) -> str:

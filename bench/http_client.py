@@ -53,7 +53,7 @@ except ImportError:  # not a dependency of the bridge any more
 
 # Enough requests in flight that the pool holds several connections, as under a burst.
 CONCURRENCY = 20
-STOP = RecordingRequest(action="stop", exten_or_uniqueid="410", agent="Fred")
+STOP = RecordingRequest(action="stop", target="410", agent="Fred")
 HEADERS = {"Content-Type": "application/x-www-form-urlencoded", "Accept-Encoding": "identity"}
 
 Post = Callable[[], Awaitable[None]]

@@ -27,6 +27,7 @@ import platform
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,8 @@ WARMUP_ID_OFFSET = 50_000_000
 @dataclass
 class Scenario:
     name: str
-    target: str  # ceiling-{asyncio,uvloop}[-2set|-protocol] | panoramisk | per-call | bridge
+    target: str  # ceiling-{asyncio,uvloop}[-2set|-protocol] | panoramisk | per-call | minimal
+    #               | bridge
     description: str
     mode: str = "closed"  # closed | open | hold (see loadgen.py)
     n: int = 5000
@@ -95,6 +97,13 @@ SCENARIOS: list[Scenario] = [
         "panoramisk",
         "panoramisk 1.4 fast_agi + httpx (default transport), sync stop, simulator 0 ms, uvloop",
         n=5000,
+        quick_n=800,
+    ),
+    Scenario(
+        "minimal",
+        "minimal",
+        "the minimal bridge of issue 19 (streams + one aiohttp session), sync stop, 0 ms, uvloop",
+        n=6000,
         quick_n=800,
     ),
     Scenario(
@@ -344,6 +353,9 @@ def start_target(
         pool = str(max(64, scenario.concurrency))
         command = [PYTHON, str(BENCH / "panoramisk_target.py"), str(port), sim.base_url]
         command += [API_KEY, str(sim.ca_file), pool]
+    elif kind == "minimal":
+        command = [PYTHON, str(BENCH / "minimal_bridge.py"), str(port), sim.base_url]
+        command += [API_KEY, str(sim.ca_file)]
     elif kind == "per-call":
         command = [PYTHON, str(BENCH / "per_call_shim.py"), str(port)]
         env |= {
@@ -654,6 +666,14 @@ def verdicts(
                 )
             else:
                 lines.append(f"      {scenario} / {ceiling} CPU per session: {ratio:.2f}x")
+    minimal = cpu("minimal")
+    if minimal is not None:
+        # Issue 19: what agi-bridge adds over the minimal bridge, delivery included for async.
+        for scenario, limit in (("bridge-sync-0ms", 1.5), ("bridge-async", 1.8)):
+            value = cpu(scenario)
+            if value is not None:
+                name = f"{scenario} / minimal CPU per session"
+                checks.append(_check(name, value / minimal, limit, at_most=True))
     sync = cpu("bridge-sync-0ms")
     if sync is not None:
         for other in ("panoramisk", "per-call"):
@@ -686,6 +706,20 @@ def verdicts(
     return lines, checks
 
 
+def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per scenario, its CPU per session the median of its runs (all runs kept)."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by.setdefault(row["scenario"], []).append(row)
+    medians = []
+    for runs in by.values():
+        values = [r["cpu_s_per_1k"] for r in runs]
+        medians.append(
+            runs[-1] | {"cpu_s_per_1k": statistics.median(values), "cpu_s_per_1k_runs": values}
+        )
+    return medians
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="~1 minute smoke run")
@@ -712,6 +746,13 @@ def main() -> int:
         help="after each measured window, run it again under py-spy (raw stacks into DIR)",
     )
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the chosen scenarios N times in turn (interleaved); verdicts on the medians",
+    )
     args = parser.parse_args()
     if args.list:
         for s in SCENARIOS:
@@ -743,7 +784,7 @@ def main() -> int:
         workdir = Path(tmp)
         sim = Simulator(workdir)
         try:
-            for scenario in chosen:
+            for scenario in chosen * args.repeat:
                 t0 = time.monotonic()
                 row = run_scenario(scenario, sim, workdir, options)
                 rows.append(row)
@@ -763,7 +804,14 @@ def main() -> int:
     print()
     print(table(rows))
     print()
-    notes, checks = verdicts(rows, ceiling_name)
+    medians = median_rows(rows)
+    if args.repeat > 1:
+        print(f"Medians of {args.repeat} interleaved runs (CPU s/1k, every run in brackets):")
+        for row in medians:
+            runs = ", ".join(f"{v:.3f}" for v in row["cpu_s_per_1k_runs"])
+            print(f"  {row['scenario']:24} {row['cpu_s_per_1k']:.3f}  [{runs}]")
+        print()
+    notes, checks = verdicts(medians, ceiling_name)
     print(f"Targets (issue 6; CPU ratios against {ceiling_name}, the bridge's own event loop):")
     for check in checks:
         print("  " + check["text"])
@@ -781,6 +829,7 @@ def main() -> int:
                     "elapsed_seconds": elapsed,
                     "argv": sys.argv[1:],
                     "scenarios": rows,
+                    "medians": medians,
                     "checks": checks,
                     "scenario_definitions": [asdict(s) for s in chosen],
                 },

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from agi_bridge.calls import (
     MAX_IDENTIFIER_LENGTH,
     MAX_VALUE_LENGTH,
+    CallDefaults,
     CallParameters,
     Rejected,
     build_request,
@@ -22,7 +22,6 @@ from agi_bridge.calls import (
     parse_parameters,
 )
 from agi_bridge.protocol import AgiConnection, Environment
-from agi_bridge.settings import Settings
 from agi_bridge.testing.fake_asterisk import Call, environment_block
 from agi_bridge.vocabulary import Action, RecordingRequest
 
@@ -46,12 +45,8 @@ def environment(
     return event
 
 
-def settings(**values: Any) -> Settings:
-    base: dict[str, Any] = {
-        "noojee_url": "https://pbx.example/servicemanager/rest",
-        "noojee_api_key": SecretStr("k"),
-    }
-    return Settings(**(base | values))
+def settings(**values: Any) -> CallDefaults:
+    return CallDefaults(**values)
 
 
 def request_for(

@@ -149,6 +149,7 @@ HEAVY_FOR_HELP = {
     "pydantic",
     "pydantic_settings",
     "agi_bridge.settings",
+    "agi_bridge.loading",
     "httpx",
     "aiohttp",
     "agi_bridge.app",
@@ -457,8 +458,8 @@ def spool_contents(data_dir: Path) -> tuple[list[str], list[str]]:
     spool.open()
     try:
         return (
-            [e.request.exten_or_uniqueid for e in spool.list("pending")],
-            [e.request.exten_or_uniqueid for e in spool.list("dead")],
+            [e.request.target for e in spool.admin.list("pending")],
+            [e.request.target for e in spool.admin.list("dead")],
         )
     finally:
         spool.close()

@@ -6,6 +6,7 @@ test_robustness.py; these pin down what each part promises to the others.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
+import agi_bridge.delivery
+from agi_bridge.delivery.config import Connections, DeliveryConfig, Retry
 from agi_bridge.delivery.ledger import Ledger
 from agi_bridge.delivery.repeats import RepeatCache
 from agi_bridge.delivery.sender import Sender
 from agi_bridge.delivery.sync import SyncPath
 from agi_bridge.delivery.worker import Worker
 from agi_bridge.metrics import Metrics
-from agi_bridge.settings import Settings
 from agi_bridge.spool import Spool, SpoolEntry
 from agi_bridge.vocabulary import NoojeeResult, Outcome, RecordingRequest, ResultKind, Status
 from tests.clock import FakeClock
@@ -33,6 +34,7 @@ DENIED = NoojeeResult(ResultKind.API_ERROR, "Permission denied", -1, 200)
 NOT_FOUND = NoojeeResult(ResultKind.NOT_FOUND, "Call not found", -1, 200)
 DOWN = NoojeeResult(ResultKind.HTTP_ERROR, "HTTP 503: Service Unavailable", None, 503)
 WINDOW = 60.0
+CONNECTIONS = Connections()
 
 
 class FakeClient:
@@ -79,18 +81,6 @@ class Parts:
     worker: Worker
 
 
-def _settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "noojee_url": "https://127.0.0.1:9",  # never contacted: the client is a fake
-        "noojee_api_key": SecretStr("key"),
-        "data_dir": tmp_path,
-        "metrics_listen": "",
-        "spool_fsync": False,
-        "dedup_window": WINDOW,
-    }
-    return Settings(**(values | overrides))
-
-
 @pytest.fixture
 async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
     spool = Spool(tmp_path, fsync=False)
@@ -104,34 +94,48 @@ async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
 def _parts(
     spool: Spool,
     client: FakeClient,
-    tmp_path: Path,
     clock: FakeClock | None = None,
-    **settings: Any,
+    *,
+    retry: Retry | None = None,
+    write_ahead_after: float = DeliveryConfig().write_ahead_after,
 ) -> Parts:
-    values = _settings(tmp_path, **settings)
     clock = clock or FakeClock(1000.0)
     metrics = Metrics()
-    sender = Sender(settings=values, client=client, metrics=metrics, clock=clock)
-    repeats = RepeatCache(window=values.dedup_window, spool=spool, clock=clock)
+    retry = retry or Retry()
+    sender = Sender(connections=CONNECTIONS, client=client, metrics=metrics, clock=clock)
+    repeats = RepeatCache(window=WINDOW, spool=spool, clock=clock)
+    max_age = DeliveryConfig().extension_max_age
     ledger = Ledger(
-        settings=values, spool=spool, metrics=metrics, repeats=repeats, wall_clock=clock
+        retry=retry,
+        extension_max_age=max_age,
+        spool=spool,
+        metrics=metrics,
+        repeats=repeats,
+        wall_clock=clock,
     )
     worker = Worker(
-        settings=values,
+        retry=retry,
+        extension_max_age=max_age,
         spool=spool,
         sender=sender,
         ledger=ledger,
         metrics=metrics,
         wall_clock=clock,
     )
-    sync = SyncPath(settings=values, spool=spool, sender=sender, ledger=ledger, wake=worker.wake)
+    sync = SyncPath(
+        write_ahead_after=write_ahead_after,
+        spool=spool,
+        sender=sender,
+        ledger=ledger,
+        wake=worker.wake,
+    )
     return Parts(spool, client, clock, metrics, sender, repeats, ledger, sync, worker)
 
 
 @pytest.fixture
-def parts(tmp_path: Path, spool: Spool) -> Parts:
+def parts(spool: Spool) -> Parts:
     """The parts around a client that confirms every request."""
-    return _parts(spool, FakeClient(OK), tmp_path)
+    return _parts(spool, FakeClient(OK))
 
 
 async def _repeat_after_queued(parts: Parts, entry: int) -> Outcome:
@@ -189,7 +193,7 @@ async def test_a_repeat_after_queued_and_not_found_is_not_told_stopped(
     the repeat hears FAILED with the reason, never STOPPED."""
     entry = await _queued_entry(spool)
     await parts.ledger.failed(entry, STOP, NOT_FOUND, attempts=0, created=parts.clock())
-    assert spool.list("pending") == spool.list("dead") == []
+    assert spool.admin.list("pending") == spool.admin.list("dead") == []
     answer = await _repeat_after_queued(parts, entry)
     assert answer == Outcome(
         Status.FAILED,
@@ -203,7 +207,7 @@ async def test_a_repeat_after_queued_and_purged_is_not_told_stopped(
     """An entry gone without a record of its fate (an operator purged it) was never
     confirmed: FAILED, not STOPPED."""
     entry = await _queued_entry(spool)
-    assert spool.purge("pending", [entry]) == 1
+    assert spool.admin.purge("pending", [entry]) == 1
     answer = await _repeat_after_queued(parts, entry)
     assert answer.status is Status.FAILED
     assert answer.message.endswith("no longer queued and never confirmed")
@@ -240,24 +244,22 @@ async def test_a_start_not_found_is_a_dead_letter_and_a_stop_is_not(
     stop, start = await _queued_entry(spool, STOP), await _queued_entry(spool, START)
     await parts.ledger.failed(stop, STOP, NOT_FOUND, attempts=0, created=parts.clock())
     await parts.ledger.failed(start, START, NOT_FOUND, attempts=0, created=parts.clock())
-    assert [entry.id for entry in spool.list("dead")] == [start]
-    assert spool.list("pending") == []
+    assert [entry.id for entry in spool.admin.list("dead")] == [start]
+    assert spool.admin.list("pending") == []
 
 
-async def test_a_transient_failure_is_retried_until_the_age_limit(
-    tmp_path: Path, spool: Spool
-) -> None:
+async def test_a_transient_failure_is_retried_until_the_age_limit(spool: Spool) -> None:
     """Transient: counted for a retry; the same failure once the entry is older than
     retry_max_age: a dead letter."""
-    parts = _parts(spool, FakeClient(OK), tmp_path, retry_max_age=3600.0)
+    parts = _parts(spool, FakeClient(OK), retry=Retry(max_age=3600.0))
     entry = await _queued_entry(spool)
     created = parts.clock()
     await parts.ledger.failed(entry, STOP, DOWN, attempts=0, created=created)
-    [pending] = spool.list("pending")
+    [pending] = spool.admin.list("pending")
     assert pending.attempts == 1
     parts.clock.advance(3600.0)
     await parts.ledger.failed(entry, STOP, DOWN, attempts=1, created=created)
-    assert [dead.id for dead in spool.list("dead")] == [entry]
+    assert [dead.id for dead in spool.admin.list("dead")] == [entry]
 
 
 # --- the sync path ---------------------------------------------------------------------------
@@ -282,74 +284,66 @@ async def test_a_quick_answer_never_touches_the_spool(
     assert written == []
 
 
-async def test_a_late_answer_settles_the_queued_entry_and_drain_waits_for_it(
-    tmp_path: Path, spool: Spool
-) -> None:
+async def test_a_late_answer_settles_the_queued_entry_and_drain_waits_for_it(spool: Spool) -> None:
     """Past its budget the request is QUEUED (on disk); the answer that comes later removes the
     entry, and drain() returns only once that removal is written."""
     gate = asyncio.Event()
-    parts = _parts(spool, FakeClient(OK, gate=gate), tmp_path, write_ahead_after=0.0)
+    parts = _parts(spool, FakeClient(OK, gate=gate), write_ahead_after=0.0)
     outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=0.01)
     assert outcome.status is Status.QUEUED
     assert outcome.entry is not None
-    assert [entry.id for entry in spool.list("pending")] == [outcome.entry]
+    assert [entry.id for entry in spool.admin.list("pending")] == [outcome.entry]
     gate.set()
     await parts.sync.drain(5)
-    assert spool.list("pending") == []
+    assert spool.admin.list("pending") == []
     assert await parts.spool.where(outcome.entry) is None
     answer = await parts.repeats.answer(STOP, _done(outcome))
     assert answer is not None
     assert answer.status is Status.STOPPED
 
 
-async def test_drain_cancels_an_attempt_at_its_deadline_and_keeps_the_entry(
-    tmp_path: Path, spool: Spool
-) -> None:
+async def test_drain_cancels_an_attempt_at_its_deadline_and_keeps_the_entry(spool: Spool) -> None:
     """An attempt still hanging at the drain's deadline is cancelled; its entry stays pending
     for the next start."""
-    parts = _parts(spool, FakeClient(OK, gate=asyncio.Event()), tmp_path, write_ahead_after=0.0)
+    parts = _parts(spool, FakeClient(OK, gate=asyncio.Event()), write_ahead_after=0.0)
     outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=0.01)
     await parts.sync.drain(0.01)
-    assert [entry.id for entry in spool.list("pending")] == [outcome.entry]
+    assert [entry.id for entry in spool.admin.list("pending")] == [outcome.entry]
 
 
-async def test_a_permanent_failure_is_failed_and_dead_lettered(
-    tmp_path: Path, spool: Spool
-) -> None:
+async def test_a_permanent_failure_is_failed_and_dead_lettered(spool: Spool) -> None:
     """A refusal (Code < 0) is FAILED at once and kept in the dead letters once drained."""
-    parts = _parts(spool, FakeClient(DENIED), tmp_path)
+    parts = _parts(spool, FakeClient(DENIED))
     outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=2.0)
     await parts.sync.drain(5)
     assert outcome == Outcome(Status.FAILED, "Permission denied")
-    [dead] = spool.list("dead")
+    [dead] = spool.admin.list("dead")
     assert dead.last_error == "Permission denied"
 
 
-async def test_shutdown_writes_ahead_an_attempt_in_its_first_wait(
-    tmp_path: Path, spool: Spool
-) -> None:
+async def test_shutdown_writes_ahead_an_attempt_in_its_first_wait(spool: Spool) -> None:
     """write_ahead_in_flight() spools a request whose attempt has not answered yet, before
     write_ahead_after has passed."""
     client = FakeClient(OK, gate=asyncio.Event())
-    parts = _parts(spool, client, tmp_path, write_ahead_after=30.0)
+    parts = _parts(spool, client, write_ahead_after=30.0)
     session = asyncio.create_task(parts.sync.send_within(STOP, "1795811871.1", budget=60.0))
     await client.called.wait()
     parts.sync.write_ahead_in_flight()
     session.cancel()
     await parts.sync.drain(0)
     assert session.cancelled()
-    [entry] = spool.list("pending")
+    [entry] = spool.admin.list("pending")
     assert entry.request == STOP
 
 
 # --- the worker ------------------------------------------------------------------------------
 
 
-async def test_the_worker_delivers_what_is_due_and_records_it(tmp_path: Path, spool: Spool) -> None:
+async def test_the_worker_delivers_what_is_due_and_records_it(spool: Spool) -> None:
     """A queued entry is sent, removed from the spool, counted, and its fate remembered; a
     stopped worker ends after the batch in hand."""
     client = FakeClient(OK, gate=asyncio.Event())
-    parts = _parts(spool, client, tmp_path)
+    parts = _parts(spool, client)
     entry = await _queued_entry(spool)
     run = asyncio.create_task(parts.worker.run())
     await client.called.wait()
@@ -358,7 +352,7 @@ async def test_the_worker_delivers_what_is_due_and_records_it(tmp_path: Path, sp
     client.gate.set()
     await asyncio.wait_for(run, timeout=5)
     assert client.sent == [STOP]
-    assert spool.list("pending") == []
+    assert spool.admin.list("pending") == []
     assert parts.metrics.registry.get_sample_value("agi_bridge_spool_delivered_total") == 1
     answer = await parts.repeats.answer(STOP, _done(Outcome(Status.QUEUED, "down", entry)))
     assert answer is not None
@@ -380,12 +374,12 @@ def _spy_claims(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int
 
 
 async def test_after_a_transient_failure_the_worker_probes_one_entry_at_a_time(
-    tmp_path: Path, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch that fails transiently stops the sending of everything: one entry at a time
     until one gets through, then the rest at full concurrency again."""
     client = FakeClient(DOWN)
-    parts = _parts(spool, client, tmp_path, retry_initial_delay=0.001, retry_max_delay=0.001)
+    parts = _parts(spool, client, retry=Retry(initial_delay=0.001, max_delay=0.001))
     for _ in range(3):
         await _queued_entry(spool)
     claims = _spy_claims(spool, monkeypatch)
@@ -395,18 +389,16 @@ async def test_after_a_transient_failure_the_worker_probes_one_entry_at_a_time(
     await client.sent_at_least(8)  # a third probe gets through, then the other two
     parts.worker.stop()
     await asyncio.wait_for(run, timeout=5)
-    full = _settings(tmp_path).noojee_max_connections
+    full = CONNECTIONS.max_connections
     assert [claim for claim in claims if claim[1]] == [(full, 3), (1, 1), (1, 1), (1, 1), (full, 2)]
-    assert spool.list("pending") == []
+    assert spool.admin.list("pending") == []
 
 
-async def test_a_session_getting_through_ends_the_backoff_at_once(
-    tmp_path: Path, spool: Spool
-) -> None:
+async def test_a_session_getting_through_ends_the_backoff_at_once(spool: Spool) -> None:
     """While the worker waits a long backoff, a session's confirmed request proves NoojeeContact
     is back: the worker sends what is queued without waiting out the delay."""
     client = FakeClient(DOWN)
-    parts = _parts(spool, client, tmp_path, retry_initial_delay=3600.0, retry_max_delay=3600.0)
+    parts = _parts(spool, client, retry=Retry(initial_delay=3600.0, max_delay=3600.0))
     for _ in range(2):
         await _queued_entry(spool)
     run = asyncio.create_task(parts.worker.run())
@@ -416,7 +408,7 @@ async def test_a_session_getting_through_ends_the_backoff_at_once(
     await client.sent_at_least(6)  # both entries, long before the hour
     parts.worker.stop()
     await asyncio.wait_for(run, timeout=5)
-    assert spool.list("pending") == []
+    assert spool.admin.list("pending") == []
 
 
 # --- issue 18: starts at most once, only NoojeeContact confirms ------------------------------
@@ -452,3 +444,15 @@ async def test_a_failed_attempt_is_retried_only_when_a_repeat_cannot_add_a_leg(
         "agi_bridge_spool_settled_total", {"reason": "unconfirmed"}
     )
     assert unconfirmed == (1 if where[1] == "unconfirmed" else 0)
+
+
+def test_delivery_never_imports_the_settings() -> None:
+    """Delivery is given its config objects (built once at start-up), not the settings."""
+    imported = []
+    for path in Path(agi_bridge.delivery.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
+            imported += [f"{path.name}: {name}" for name in names if "settings" in name]
+    assert imported == []

@@ -25,7 +25,9 @@ from typing import Any
 import pytest
 
 from agi_bridge.app import SPOOL_FLUSH_TIMEOUT
-from agi_bridge.settings import CONFIG_ENV, TOOLS_ENV_PREFIX, Settings, env_name, load_settings
+from agi_bridge.defaults import CONFIG_ENV, env_name
+from agi_bridge.loading import TOOLS_ENV_PREFIX, load_settings
+from agi_bridge.settings import Settings
 from agi_bridge.testing.defaults import DEMO_KEY
 
 REPO = Path(__file__).resolve().parent.parent

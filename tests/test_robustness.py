@@ -341,7 +341,7 @@ async def test_the_worst_case_stop_ends_within_one_shutdown_grace(
     spool = Spool(tmp_path)
     spool.open(create=False)
     try:
-        assert spool.sync_stats().pending == queue + sessions
+        assert spool.admin.stats().pending == queue + sessions
     finally:
         spool.close()
 
@@ -719,6 +719,6 @@ async def test_retry_after_is_honoured_and_bounded(
     spool = Spool(tmp_path)
     spool.open(create=False)
     try:
-        assert spool.sync_stats().pending == 0
+        assert spool.admin.stats().pending == 0
     finally:
         spool.close()

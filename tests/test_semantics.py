@@ -54,7 +54,7 @@ async def _until(what: str, check: Callable[[], bool]) -> None:
 
 
 def _dead(bridge: Bridge) -> list[SpoolEntry]:
-    return bridge.spool.list("dead")
+    return bridge.spool.admin.list("dead")
 
 
 def _starts(simulator: NoojeeSimulator) -> int:
@@ -200,7 +200,9 @@ async def test_stops_by_uniqueid_keep_their_retry_horizon(
     async with running_bridge(settings) as bridge:
         await call(bridge, "Fred", "by=uniqueid", uniqueid=CALL)
         await call(bridge, "Fred", "by=extension", uniqueid="1764633600.42")
-        [by_extension] = [e for e in bridge.spool.list("pending") if e.request.kind == "extension"]
+        [by_extension] = [
+            e for e in bridge.spool.admin.list("pending") if e.request.kind == "extension"
+        ]
         # NoojeeContact comes back only once the request by extension is past its validity:
         # the worker may reach it at once, and the outage alone does not make it old enough.
         await _until("past its validity", lambda: time.time() > by_extension.created + max_age)
@@ -227,7 +229,7 @@ async def test_an_answer_that_is_not_noojeecontacts_confirms_nothing(
             bridge, "Fred", "by=uniqueid", script="recording/start", uniqueid="1764633600.42"
         )
         await _until("start settled", lambda: [e.reason for e in _dead(bridge)] == ["unconfirmed"])
-        assert [e.request.action for e in bridge.spool.list("pending")] == ["stop"]
+        assert [e.request.action for e in bridge.spool.admin.list("pending")] == ["stop"]
         simulator.set_failure(FailureMode.NONE)
         delivered = await simulator.wait_for(
             1, predicate=lambda r: r.answered_code == 0, timeout=STATE_TIMEOUT

@@ -18,6 +18,7 @@ import pytest
 import structlog
 
 from agi_bridge.delivery import Delivery
+from agi_bridge.delivery.config import DeliveryConfig
 from agi_bridge.logs import configure_logging
 from agi_bridge.metrics import Metrics
 from agi_bridge.noojee import NoojeeClient
@@ -136,8 +137,8 @@ async def test_permission_denied_is_failed_and_dead_lettered(
     spool = Spool(tmp_path)
     spool.open()
     try:
-        [dead] = spool.list("dead")
-        assert spool.list("pending") == []
+        [dead] = spool.admin.list("dead")
+        assert spool.admin.list("pending") == []
     finally:
         spool.close()
     assert dead.last_error == "Permission denied"
@@ -251,7 +252,7 @@ async def test_a_stop_waiting_for_a_busy_connection_is_queued_and_sent_once(
 
 
 async def test_a_delivery_is_recorded_even_when_the_worker_batch_is_cut_short(
-    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+    simulator: NoojeeSimulator, tmp_path: Path
 ) -> None:
     """The worker sends a batch at once; one answer comes back, another hangs, and shutdown
     cancels the batch. The delivered entry is out of the spool (not sent again after the
@@ -263,7 +264,6 @@ async def test_a_delivery_is_recorded_even_when_the_worker_batch_is_cut_short(
             await hang.wait()  # never set: cancelled with the batch
         return httpx.Response(200, json={"Message": "Recording stopped", "Code": 0})
 
-    settings = make_settings(simulator, ca_file, tmp_path)
     spool = Spool(tmp_path)
     spool.open()
     client = NoojeeClient(
@@ -272,7 +272,7 @@ async def test_a_delivery_is_recorded_even_when_the_worker_batch_is_cut_short(
         api_key=API_KEY,
         transport=httpx.MockTransport(answer),
     )
-    delivery = Delivery(settings=settings, client=client, spool=spool, metrics=Metrics())
+    delivery = Delivery(config=DeliveryConfig(), client=client, spool=spool, metrics=Metrics())
     deleted = asyncio.Event()
     record = spool.delivered
 
@@ -283,7 +283,7 @@ async def test_a_delivery_is_recorded_even_when_the_worker_batch_is_cut_short(
 
     try:
         for agent in ("Fred", "Barney"):
-            request = RecordingRequest(action="stop", exten_or_uniqueid="410", agent=agent)
+            request = RecordingRequest(action="stop", target="410", agent=agent)
             await spool.add(request, call_uniqueid=f"4.{agent}")
         spool.delivered = spy  # type: ignore[method-assign]
         worker = asyncio.create_task(delivery.run())
@@ -291,7 +291,7 @@ async def test_a_delivery_is_recorded_even_when_the_worker_batch_is_cut_short(
         worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await worker
-        [left] = spool.list("pending")
+        [left] = spool.admin.list("pending")
     finally:
         await client.aclose()
         spool.close()

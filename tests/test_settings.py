@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import json
 import os
@@ -9,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from agi_bridge.settings import (
-    TOOLS_ENV_PREFIX,
-    Address,
-    ConfigError,
-    Settings,
-    env_name,
-    load_settings,
-)
+from agi_bridge.app import delivery_config
+from agi_bridge.calls import CallDefaults
+from agi_bridge.delivery.config import DeliveryConfig
+from agi_bridge.loading import TOOLS_ENV_PREFIX, load_settings
+from agi_bridge.noojee import NoojeeClient
+from agi_bridge.settings import Address, ConfigError, Settings, env_name
 
 KEY = "f863246a-973e-11e6-8784-08002718f5b5"
 URL = "https://pbx.example/servicemanager/rest"
@@ -586,3 +585,22 @@ def test_extension_requests_must_expire_within_the_repeat_window(
     assert problem.startswith("extension_max_age (AGI_BRIDGE_EXTENSION_MAX_AGE) is larger than")
     monkeypatch.setenv("AGI_BRIDGE_DEDUP_WINDOW", "0")
     assert load_settings().extension_max_age == 90
+
+
+def test_parts_built_without_settings_start_from_the_settings_defaults(
+    minimal_env: None,
+) -> None:
+    """Delivery's config objects, the call defaults and the NoojeeContact client, built
+    without settings (a test, a script), start from a configured bridge's defaults."""
+    settings = load_settings()
+    assert delivery_config(settings) == DeliveryConfig()
+    calls = CallDefaults()
+    assert (calls.default_by, calls.default_agent, dict(calls.agents)) == (
+        settings.default_by,
+        settings.default_agent,
+        settings.agents,
+    )
+    signature = inspect.signature(NoojeeClient)
+    assert signature.parameters["max_connections"].default == settings.noojee_max_connections
+    assert signature.parameters["connect_timeout"].default == settings.noojee_connect_timeout
+    assert signature.parameters["request_timeout"].default == settings.noojee_timeout

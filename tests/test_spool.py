@@ -130,8 +130,8 @@ async def test_dead_letter_moves_with_error_and_attempts(spool: Spool, clock: Fa
     await spool.failed(entry_id, "HTTP 503", retry_at=clock.now)
     await spool.dead_letter(entry_id, "Permission denied")
     await spool.dead_letter(other, "too old", attempted=False)
-    assert spool.list("pending") == []
-    dead = {e.id: e for e in spool.list("dead")}
+    assert spool.admin.list("pending") == []
+    dead = {e.id: e for e in spool.admin.list("dead")}
     assert dead[entry_id].request == STOP
     assert dead[entry_id].call_uniqueid == "1.1"
     assert (dead[entry_id].attempts, dead[entry_id].last_error) == (2, "Permission denied")
@@ -148,8 +148,8 @@ async def test_retry_dead_moves_back(spool: Spool, clock: FakeClock) -> None:
         await spool.failed(entry_id, "HTTP 500", retry_at=clock.now)
         await spool.dead_letter(entry_id, "HTTP 500")
     clock.now += 100
-    assert spool.retry_dead([ids[1]]) == (ids[1],)
-    assert [e.call_uniqueid for e in spool.list("dead")] == ["1.0", "1.2"]
+    assert spool.admin.retry_dead([ids[1]]) == (ids[1],)
+    assert [e.call_uniqueid for e in spool.admin.list("dead")] == ["1.0", "1.2"]
     (entry,) = await spool.claim_due(limit=10, lease=30)
     assert entry.request == STOP
     assert entry.call_uniqueid == "1.1"
@@ -157,9 +157,9 @@ async def test_retry_dead_moves_back(spool: Spool, clock: FakeClock) -> None:
     assert entry.attempts == 0  # a fresh start: the bounded retries begin again
     assert entry.created == clock.now  # and so does the maximum age
     assert entry.last_error == "HTTP 500"  # the operator can still see why it died
-    assert spool.retry_dead() == (ids[0], ids[2])
-    assert spool.list("dead") == []
-    assert [e.id for e in spool.list("pending")] == ids
+    assert spool.admin.retry_dead() == (ids[0], ids[2])
+    assert spool.admin.list("dead") == []
+    assert [e.id for e in spool.admin.list("pending")] == ids
 
 
 async def test_retry_or_purge_of_an_unknown_id_changes_nothing(
@@ -169,23 +169,23 @@ async def test_retry_or_purge_of_an_unknown_id_changes_nothing(
     ids = [await spool.add(STOP, call_uniqueid=f"1.{n}") for n in range(2)]
     await spool.dead_letter(ids[1], "HTTP 500")
     with pytest.raises(SpoolError, match=rf"^no dead letter with id {ids[0]}, 999: "):
-        spool.retry_dead([ids[1], ids[0], 999])
+        spool.admin.retry_dead([ids[1], ids[0], 999])
     with pytest.raises(SpoolError, match=rf"^no pending entry with id {ids[1]}: "):
-        spool.purge("pending", [ids[0], ids[1]])
-    assert [e.id for e in spool.list("pending")] == [ids[0]]
-    assert [e.id for e in spool.list("dead")] == [ids[1]]
+        spool.admin.purge("pending", [ids[0], ids[1]])
+    assert [e.id for e in spool.admin.list("pending")] == [ids[0]]
+    assert [e.id for e in spool.admin.list("dead")] == [ids[1]]
 
 
 async def test_purge(spool: Spool, clock: FakeClock) -> None:
     """purge deletes the named entries, or the whole table, and says how many."""
     ids = [await spool.add(STOP, call_uniqueid=f"1.{n}") for n in range(4)]
     await spool.dead_letter(ids[3], "dead")
-    assert spool.purge("pending", [ids[0], ids[2]]) == 2
-    assert [e.id for e in spool.list("pending")] == [ids[1]]
-    assert spool.purge("dead") == 1
-    assert spool.list("dead") == []
-    assert spool.purge("pending") == 1
-    assert spool.sync_stats().pending == 0
+    assert spool.admin.purge("pending", [ids[0], ids[2]]) == 2
+    assert [e.id for e in spool.admin.list("pending")] == [ids[1]]
+    assert spool.admin.purge("dead") == 1
+    assert spool.admin.list("dead") == []
+    assert spool.admin.purge("pending") == 1
+    assert spool.admin.stats().pending == 0
 
 
 async def test_stats(spool: Spool, clock: FakeClock) -> None:
@@ -202,7 +202,7 @@ async def test_stats(spool: Spool, clock: FakeClock) -> None:
     assert (stats.pending, stats.dead, stats.oldest_pending) == (2, 1, first_created)
     await spool.delivered(first)
     assert (await spool.stats()).oldest_pending == first_created + 60
-    assert spool.sync_stats() == await spool.stats()
+    assert spool.admin.stats() == await spool.stats()
 
 
 async def test_no_problems_on_a_healthy_spool(spool: Spool) -> None:
@@ -237,7 +237,9 @@ async def test_persists_across_close_and_reopen(tmp_path: Path, clock: FakeClock
             1,
             "HTTP 503",
         )
-        assert [(e.id, e.last_error) for e in second.list("dead")] == [(dead, "Permission denied")]
+        assert [(e.id, e.last_error) for e in second.admin.list("dead")] == [
+            (dead, "Permission denied")
+        ]
         # ids are never reused, so a dead letter and a new entry cannot be confused
         assert await second.add(STOP, call_uniqueid="1.3") > dead
     finally:
@@ -274,10 +276,10 @@ def test_survives_sigkill_right_after_add(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.open()
     try:
-        entries = spool.list("pending")
+        entries = spool.admin.list("pending")
     finally:
         spool.close()
-    assert sorted(int(e.request.exten_or_uniqueid) for e in entries) == list(range(count))
+    assert sorted(int(e.request.target) for e in entries) == list(range(count))
     assert all(e.request.agent == "Fred" for e in entries)
 
 
@@ -301,7 +303,8 @@ async def test_second_process_reads_while_open(tmp_path: Path, clock: FakeClock)
                 from agi_bridge.spool import Spool
                 spool = Spool(Path(sys.argv[1]))
                 spool.open()
-                print(spool.sync_stats().pending, [e.call_uniqueid for e in spool.list("pending")])
+                admin = spool.admin
+                print(admin.stats().pending, [e.call_uniqueid for e in admin.list("pending")])
                 spool.close()
                 db = sqlite3.connect(Path(sys.argv[1]) / "spool.sqlite3")
                 print(db.execute("PRAGMA journal_mode").fetchone()[0])
@@ -348,11 +351,11 @@ def test_use_before_open_is_a_spool_error(tmp_path: Path) -> None:
     """Calls on a spool that is not open fail with SpoolError rather than hanging."""
     spool = Spool(tmp_path)
     with pytest.raises(SpoolError, match="not open"):
-        spool.list("pending")
+        spool.admin.list("pending")
     spool.open()
     spool.close()
     with pytest.raises(SpoolError, match="not open"):
-        spool.sync_stats()
+        spool.admin.stats()
 
 
 async def test_group_commit_many_concurrent_adds_all_durable(tmp_path: Path) -> None:
@@ -368,7 +371,7 @@ async def test_group_commit_many_concurrent_adds_all_durable(tmp_path: Path) -> 
     reopened = Spool(tmp_path)
     reopened.open()
     try:
-        entries = reopened.list("pending")
+        entries = reopened.admin.list("pending")
     finally:
         reopened.close()
     assert sorted(e.id for e in entries) == sorted(ids)
@@ -394,7 +397,7 @@ async def test_one_failing_write_does_not_sink_its_group(tmp_path: Path) -> None
     assert "NOT NULL" in str(errors[0])
     spool.open()
     try:
-        assert spool.sync_stats().pending == 100
+        assert spool.admin.stats().pending == 100
     finally:
         spool.close()
 
@@ -462,7 +465,7 @@ async def test_starts_on_their_way_at_start_up_are_settled_unconfirmed(
         assert [e.id for e in settled] == [claimed, ahead]
         await second.release_leases()
         assert [e.id for e in await second.claim_due(limit=10, lease=30)] == [stop]
-        dead = second.list("dead")
+        dead = second.admin.list("dead")
         assert [(e.id, e.reason) for e in dead] == [
             (claimed, "unconfirmed"),
             (ahead, "unconfirmed"),
@@ -482,7 +485,7 @@ async def test_the_calls_own_stop_cancels_what_it_queued_by_extension(
     by_id = await spool.add(STOP, call_uniqueid="1.1")
     assert await spool.cancel_by_extension("1.1", "cancelled") == [mine]
     assert [e.id for e in await spool.claim_due(limit=10, lease=30)] == [other_call, by_id]
-    assert [(e.id, e.reason, e.request.kind) for e in spool.list("dead")] == [
+    assert [(e.id, e.reason, e.request.kind) for e in spool.admin.list("dead")] == [
         (mine, "cancelled", "extension")
     ]
     assert (await spool.stats()).dead == 0
@@ -501,16 +504,16 @@ async def test_retry_refuses_unconfirmed_and_expired_by_extension_without_force(
     refused = await spool.add(STOP, call_uniqueid="1.3")
     await spool.dead_letter(refused, "Permission denied")
     with pytest.raises(SpoolError) as caught:
-        await asyncio.to_thread(spool.retry_dead)
+        await asyncio.to_thread(spool.admin.retry_dead)
     assert f"{start}: unconfirmed start" in str(caught.value)
     assert f"{late}: expired request by extension" in str(caught.value)
     assert "--force" in str(caught.value)
-    assert len(spool.list("dead")) == 3
-    assert await asyncio.to_thread(spool.retry_dead, [refused]) == (refused,)
+    assert len(spool.admin.list("dead")) == 3
+    assert await asyncio.to_thread(spool.admin.retry_dead, [refused]) == (refused,)
     clock.now += 100
-    assert await asyncio.to_thread(spool.retry_dead, force=True) == (start, late)
+    assert await asyncio.to_thread(spool.admin.retry_dead, force=True) == (start, late)
     assert [e.id for e in await spool.claim_due(limit=10, lease=30)] == [start, late, refused]
-    assert {e.created for e in spool.list("pending")} >= {clock.now}
+    assert {e.created for e in spool.admin.list("pending")} >= {clock.now}
 
 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -532,7 +535,7 @@ async def test_a_spool_of_the_previous_release_is_migrated(tmp_path: Path) -> No
     spool = Spool(tmp_path, fsync=False, clock=lambda: 1_764_633_602.0)
     spool.open()
     try:
-        pending = spool.list("pending")
+        pending = spool.admin.list("pending")
         assert [(e.id, e.request.action, e.request.kind) for e in pending] == [
             (1, "stop", "uniqueid"),
             (2, "stop", "extension"),
@@ -542,7 +545,7 @@ async def test_a_spool_of_the_previous_release_is_migrated(tmp_path: Path) -> No
         ]
         settled = await spool.settle_interrupted("on its way when the bridge stopped")
         assert [e.id for e in settled] == [4, 5]  # written ahead; sent once (no answer)
-        [dead] = [e for e in spool.list("dead") if e.id == 6]
+        [dead] = [e for e in spool.admin.list("dead") if e.id == 6]
         assert (dead.reason, dead.request.kind, dead.last_error) == (
             "failed",
             "extension",

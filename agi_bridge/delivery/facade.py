@@ -20,15 +20,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from agi_bridge.delivery.ledger import Ledger, queued
+from agi_bridge.delivery.config import DeliveryConfig
+from agi_bridge.delivery.ledger import Ledger
 from agi_bridge.delivery.repeats import RepeatCache
 from agi_bridge.delivery.sender import Client, Sender
-from agi_bridge.delivery.sync import SyncPath
+from agi_bridge.delivery.sync import SyncPath, queued
 from agi_bridge.delivery.worker import Worker
 from agi_bridge.metrics import Metrics
-from agi_bridge.settings import Mode, Settings
 from agi_bridge.spool import Spool
-from agi_bridge.vocabulary import Outcome, RecordingRequest, Status
+from agi_bridge.vocabulary import ACTIONS, Mode, Outcome, RecordingRequest
 
 
 class Delivery:
@@ -37,7 +37,7 @@ class Delivery:
     def __init__(
         self,
         *,
-        settings: Settings,
+        config: DeliveryConfig,
         client: Client,
         spool: Spool,
         metrics: Metrics,
@@ -47,26 +47,30 @@ class Delivery:
         self._spool = spool
         self._metrics = metrics
         self._wall_clock = wall_clock
-        self._extension_max_age = settings.extension_max_age
+        self._extension_max_age = config.extension_max_age
         # Calls with a request by extension made within extension_max_age, oldest first: the
         # time it was made (wall clock, as the spool's, so that recover() can fill it).
         self._extension_calls: OrderedDict[str, float] = OrderedDict()
-        self._sender = Sender(settings=settings, client=client, metrics=metrics, clock=clock)
+        self._sender = Sender(
+            connections=config.connections, client=client, metrics=metrics, clock=clock
+        )
         self._repeats = RepeatCache(
-            window=settings.dedup_window,
+            window=config.dedup_window,
             spool=spool,
             clock=clock,
-            extension_max_age=settings.extension_max_age,
+            extension_max_age=config.extension_max_age,
         )
         self._ledger = ledger = Ledger(
-            settings=settings,
+            retry=config.retry,
+            extension_max_age=config.extension_max_age,
             spool=spool,
             metrics=metrics,
             repeats=self._repeats,
             wall_clock=wall_clock,
         )
         self._worker = Worker(
-            settings=settings,
+            retry=config.retry,
+            extension_max_age=config.extension_max_age,
             spool=spool,
             sender=self._sender,
             ledger=ledger,
@@ -74,7 +78,7 @@ class Delivery:
             wall_clock=wall_clock,
         )
         self._sync = SyncPath(
-            settings=settings,
+            write_ahead_after=config.write_ahead_after,
             spool=spool,
             sender=self._sender,
             ledger=ledger,
@@ -95,34 +99,18 @@ class Delivery:
         self, request: RecordingRequest, *, call_uniqueid: str, mode: Mode, budget: float
     ) -> Outcome:
         """Deliver or queue ``request``; returns within ``budget`` plus a spool commit."""
-        repeats = self._repeats
-        key = (request.exten_or_uniqueid, call_uniqueid)
         self._cancel_by_extension(request, call_uniqueid)
-        earlier = repeats.earlier(key, request.action)
-        if earlier is not None:
-            # The same action on the same call is under way or done: answer with its outcome
-            # (a repeat arriving meanwhile waits for it, within the same budget).
-            repeated = await repeats.answer(request, earlier, first_at=repeats.seen_at(key))
-            if repeated is not None:
-                self._metrics.duplicates.inc()
-                if repeated.status is Status.EXPIRED:
-                    # Told once; the next press is a fresh request, sent while the call is on.
-                    repeats.forget(key, earlier)
-                return repeated
-        remembered = repeats.remember(key, request.action)
-        try:
+
+        async def send() -> Outcome:
             if mode == "async":
                 store = self._spool.add(request, call_uniqueid=call_uniqueid)
-                outcome = await queued(store, "queued for delivery", wake=self._worker.wake)
-            else:
-                outcome = await self._sync.send_within(request, call_uniqueid, budget)
-        except BaseException:
-            repeats.forget(key, remembered)
-            remembered.cancel()  # repeats waiting on it try for themselves
-            raise
-        remembered.set_result(outcome)
-        if outcome.status is Status.FAILED:
-            repeats.forget(key, remembered)  # a failure is worth trying again at once
+                return await queued(store, "queued for delivery", wake=self._worker.wake)
+            return await self._sync.send_within(request, call_uniqueid, budget)
+
+        key = (request.target, call_uniqueid)
+        outcome, repeated = await self._repeats.once(key, request, send)
+        if repeated:
+            self._metrics.duplicates.inc()
         return outcome
 
     def _cancel_by_extension(self, request: RecordingRequest, call_uniqueid: str) -> None:
@@ -136,7 +124,10 @@ class Delivery:
         if request.kind == "extension":
             calls.pop(call_uniqueid, None)
             calls[call_uniqueid] = now
-        elif request.action == "stop" and calls.pop(call_uniqueid, None) is not None:
+        elif (
+            ACTIONS[request.action].supersedes_by_extension
+            and calls.pop(call_uniqueid, None) is not None
+        ):
             cancelling = self._spool.cancel_by_extension(
                 call_uniqueid, "cancelled: the call's own stop (by its id) superseded it"
             )

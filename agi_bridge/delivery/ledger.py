@@ -1,6 +1,6 @@
 """What became of an attempt on a spooled request, written to the spool whoever made it (a
 session's sync attempt or the worker): delivered, to be retried, or settled without delivery
-(dead-lettered, unconfirmed, expired); and the answer ``QUEUED`` once a request is on disk.
+(dead-lettered, unconfirmed, expired).
 
 A stop is retried as long as its attempts and age allow (a repeat is harmless). A start is
 retried only after a failure that certainly never reached NoojeeContact: one that may have
@@ -13,28 +13,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any
 
+from agi_bridge.delivery.config import Retry
 from agi_bridge.delivery.repeats import Fate, RepeatCache
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
-from agi_bridge.settings import Settings
 from agi_bridge.spool import SettleReason, Spool
 from agi_bridge.vocabulary import (
-    MESSAGE_MAX_CHARS,
+    ACTIONS,
     NoojeeResult,
-    Outcome,
     RecordingRequest,
     ResultKind,
-    Status,
     unconfirmed_message,
 )
 
 log = get_logger("agi_bridge.delivery")
-
-# How long a session waits for its spool commit before it answers FAILED rather than hold the
-# call on a stalled disk: SQLite's own busy timeout (another process holding the lock) is 5 s.
-STORE_TIMEOUT: Final = 5.0
 
 
 class Ledger:
@@ -43,13 +37,15 @@ class Ledger:
     def __init__(
         self,
         *,
-        settings: Settings,
+        retry: Retry,
+        extension_max_age: float,
         spool: Spool,
         metrics: Metrics,
         repeats: RepeatCache,
         wall_clock: Callable[[], float],
     ) -> None:
-        self._settings = settings
+        self._retry = retry
+        self._extension_max_age = extension_max_age
         self._spool = spool
         self._metrics = metrics
         self._repeats = repeats
@@ -73,17 +69,18 @@ class Ledger:
         """One failed attempt of a spooled request: count it for a retry, or move the entry to
         the dead letters when the failure is permanent or the entry has used up its attempts
         or its age."""
-        settings = self._settings
+        retry = self._retry
         age = self._wall_clock() - created
-        if request.action == "start" and result.uncertain:
+        rules = ACTIONS[request.action]
+        if rules.at_most_once and result.uncertain:
             return self.unconfirmed(entry_id, request, unconfirmed_message(result))
-        if result.transient and request.kind == "extension" and age >= settings.extension_max_age:
+        if result.transient and request.kind == "extension" and age >= self._extension_max_age:
             return self.expired(entry_id, request, f"{result.message}; {self.too_late}")
-        exhausted = attempts + 1 >= settings.retry_max_attempts or age >= settings.retry_max_age
+        exhausted = attempts + 1 >= retry.max_attempts or age >= retry.max_age
         if result.transient and not exhausted:
             self._metrics.retries.inc()
             return self._spool.failed(entry_id, result.message, retry_at=self._wall_clock())
-        if result.kind is ResultKind.NOT_FOUND and request.action == "stop":
+        if result.kind is ResultKind.NOT_FOUND and rules.not_found_settles:
             # No such call: a stop that reached NoojeeContact after the call (and its recording)
             # ended. Nobody can fix or retry that, so it pages nobody as a dead letter; it is
             # still a WARNING and counted (agi_bridge_noojee_errors{kind="not_found"}), so that
@@ -91,7 +88,7 @@ class Ledger:
             log.warning(
                 "spool.entry.not_found",
                 id=entry_id,
-                target=request.exten_or_uniqueid,
+                target=request.target,
                 attempts=attempts + 1,
                 error=result.message,
             )
@@ -102,7 +99,7 @@ class Ledger:
             "spool.entry.dead",
             id=entry_id,
             action=request.action,
-            target=request.exten_or_uniqueid,
+            target=request.target,
             attempts=attempts + 1,
             age=round(age, 1),
             error=result.message,
@@ -112,7 +109,7 @@ class Ledger:
     @property
     def too_late(self) -> str:
         """Why a request by extension is no longer sent."""
-        max_age = self._settings.extension_max_age
+        max_age = self._extension_max_age
         return f"expired: by extension and not delivered within {max_age:g}s, not sent"
 
     def unconfirmed(
@@ -132,7 +129,7 @@ class Ledger:
             f"spool.entry.{reason}",
             id=entry_id,
             action=request.action,
-            target=request.exten_or_uniqueid,
+            target=request.target,
             kind=request.kind,
             error=message,
         )
@@ -163,22 +160,3 @@ class Ledger:
         if result.ok:
             return self.delivered(entry_id, result.message)
         return self.failed(entry_id, request, result, attempts=0, created=self._wall_clock())
-
-
-async def queued(store: asyncio.Future[int], why: str, *, wake: Callable[[], None]) -> Outcome:
-    """``QUEUED`` once ``store`` (the spool write) is committed, and the worker woken to send
-    it; FAILED if the write fails or stalls."""
-    # asyncio.wait never cancels what it waits for: a cancelled session leaves alone the write
-    # that others settle on (and it costs less than a timeout around a shield).
-    done, _ = await asyncio.wait((store,), timeout=STORE_TIMEOUT)
-    if not done:
-        log.error("spool.write.slow", timeout=STORE_TIMEOUT)
-        return Outcome(Status.FAILED, f"{why}; could not queue: spool too slow")
-    error = store.exception()
-    if error is not None:
-        log.error(
-            "spool.write.failed", error=str(error), error_type=type(error).__name__, exc_info=error
-        )
-        return Outcome(Status.FAILED, f"{why}; could not queue: spool not writable")
-    wake()
-    return Outcome(Status.QUEUED, why[:MESSAGE_MAX_CHARS], store.result())

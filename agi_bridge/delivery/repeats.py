@@ -13,19 +13,19 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from agi_bridge.logs import get_logger
 from agi_bridge.spool import Spool, SpoolError
 from agi_bridge.vocabulary import (
+    ACTIONS,
     MESSAGE_MAX_CHARS,
     Action,
     Outcome,
     RecordingRequest,
     Status,
-    confirmed_status,
 )
 
 log = get_logger("agi_bridge.delivery")
@@ -80,6 +80,31 @@ class RepeatCache:
         # A repeat asks about an entry queued by a request at most ``window`` old, whose fate
         # came later still: a fate older than the window can never be asked about.
         self._settled: OrderedDict[int, _Settled] = OrderedDict()
+
+    async def once(
+        self, key: Key, request: RecordingRequest, send: Callable[[], Awaitable[Outcome]]
+    ) -> tuple[Outcome, bool]:
+        """``send()``'s outcome, or (True: a repeat) that of the same action on the same call
+        within the window, which a repeat arriving meanwhile waits for."""
+        earlier = self.earlier(key, request.action)
+        if earlier is not None:
+            repeated = await self.answer(request, earlier, first_at=self.seen_at(key))
+            if repeated is not None:
+                if repeated.status is Status.EXPIRED:
+                    # Told once; the next press is a fresh request, sent while the call is on.
+                    self.forget(key, earlier)
+                return repeated, True
+        remembered = self.remember(key, request.action)
+        try:
+            outcome = await send()
+        except BaseException:
+            self.forget(key, remembered)
+            remembered.cancel()  # repeats waiting on it try for themselves
+            raise
+        remembered.set_result(outcome)
+        if outcome.status is Status.FAILED:
+            self.forget(key, remembered)  # a failure is worth trying again at once
+        return outcome, False
 
     def earlier(self, key: Key, action: Action) -> asyncio.Future[Outcome] | None:
         """The outcome (perhaps still to come) of the same action on the same call within the
@@ -173,7 +198,7 @@ class RepeatCache:
             return Outcome(Status.FAILED, "no longer queued and never confirmed")
         if settled.fate is Fate.NOT_FOUND:
             return Outcome(Status.FAILED, f"not confirmed since it was queued: {settled.message}")
-        return Outcome(confirmed_status(request.action), "delivered since it was queued")
+        return Outcome(ACTIONS[request.action].confirmed, "delivered since it was queued")
 
 
 def _settled_outcome(reason: str | None, error: str) -> Outcome:

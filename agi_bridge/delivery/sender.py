@@ -7,9 +7,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
+from agi_bridge.delivery.config import Connections
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
-from agi_bridge.settings import Settings
 from agi_bridge.vocabulary import NoojeeResult, RecordingRequest, ResultKind
 
 log = get_logger("agi_bridge.delivery")
@@ -29,7 +29,7 @@ class Sender:
     def __init__(
         self,
         *,
-        settings: Settings,
+        connections: Connections,
         client: Client,
         metrics: Metrics,
         clock: Callable[[], float],
@@ -37,11 +37,10 @@ class Sender:
         self._client = client
         self._metrics = metrics
         self._clock = clock
-        self._max_connections = settings.noojee_max_connections
-        self._slots = asyncio.Semaphore(settings.noojee_max_connections)
-        # Longest one attempt can take: /Time, the request, and its one retry after an
-        # expired timestamp, plus a margin. Until then no one else sends the same spool entry.
-        self.lease = settings.noojee_connect_timeout + 3 * settings.noojee_timeout + 1.0
+        self.connections = connections
+        self._max_connections = connections.max_connections
+        self._slots = asyncio.Semaphore(connections.max_connections)
+        self.lease = connections.lease
         # Set when a session's request got through: the worker's backoff may end early.
         self.recovered = asyncio.Event()
         self.last_failure: float | None = None  # clock time of the last transient failure

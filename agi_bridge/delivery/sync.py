@@ -16,24 +16,29 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
-from agi_bridge.delivery.ledger import Ledger, queued
+from agi_bridge.delivery.ledger import Ledger
 from agi_bridge.delivery.sender import Sender
 from agi_bridge.logs import get_logger
-from agi_bridge.settings import Settings
 from agi_bridge.spool import Spool
 from agi_bridge.tasks import finish_within
 from agi_bridge.vocabulary import (
+    ACTIONS,
+    MESSAGE_MAX_CHARS,
     NoojeeResult,
     Outcome,
     RecordingRequest,
     ResultKind,
     Status,
-    confirmed_status,
     unconfirmed_message,
 )
 
 log = get_logger("agi_bridge.delivery")
+
+# How long a session waits for its spool commit before it answers FAILED rather than hold the
+# call on a stalled disk: SQLite's own busy timeout (another process holding the lock) is 5 s.
+STORE_TIMEOUT: Final = 5.0
 
 # What a session waiting for NoojeeContact is told when a second signal cuts the wait short.
 STOPPING = NoojeeResult(ResultKind.TIMEOUT, "the bridge is stopping; NoojeeContact did not answer")
@@ -55,13 +60,13 @@ class SyncPath:
     def __init__(
         self,
         *,
-        settings: Settings,
+        write_ahead_after: float,
         spool: Spool,
         sender: Sender,
         ledger: Ledger,
         wake: Callable[[], None],
     ) -> None:
-        self._write_ahead_after = settings.write_ahead_after
+        self._write_ahead_after = write_ahead_after
         self._spool = spool
         self._sender = sender
         self._ledger = ledger
@@ -92,7 +97,7 @@ class SyncPath:
             self._write_ahead(attempt)
             raise
         if done and answer.result().ok:
-            return Outcome(confirmed_status(request.action), answer.result().message)
+            return Outcome(ACTIONS[request.action].confirmed, answer.result().message)
         # A failure is spooled too: a transient one for the worker to retry, a permanent one
         # (no permission, say) in the dead letters, for the operator to retry once fixed.
         store = self._write_ahead(attempt)
@@ -104,8 +109,8 @@ class SyncPath:
             return await queued(store, why, wake=self._wake)
         result = answer.result()
         if result.ok:
-            return Outcome(confirmed_status(request.action), result.message)
-        if request.action == "start" and result.uncertain:
+            return Outcome(ACTIONS[request.action].confirmed, result.message)
+        if ACTIONS[request.action].at_most_once and result.uncertain:
             # Settled unconfirmed by _run (never sent again): nothing to wait for.
             return Outcome(Status.UNCONFIRMED, unconfirmed_message(result))
         if result.transient:
@@ -147,7 +152,7 @@ class SyncPath:
                 attempt.request,
                 call_uniqueid=attempt.call_uniqueid,
                 lease=self._sender.lease,
-                attempted=attempt.request.action == "start",
+                attempted=ACTIONS[attempt.request.action].at_most_once,
             )
         return attempt.store
 
@@ -174,3 +179,22 @@ class SyncPath:
         what became of them; cancel those still running at the deadline (their entries stay
         pending and are sent after the restart)."""
         await finish_within(tuple(self._in_flight), grace)
+
+
+async def queued(store: asyncio.Future[int], why: str, *, wake: Callable[[], None]) -> Outcome:
+    """``QUEUED`` once ``store`` (the spool write) is committed, and the worker woken to send
+    it; FAILED if the write fails or stalls."""
+    # asyncio.wait never cancels what it waits for: a cancelled session leaves alone the write
+    # that others settle on (and it costs less than a timeout around a shield).
+    done, _ = await asyncio.wait((store,), timeout=STORE_TIMEOUT)
+    if not done:
+        log.error("spool.write.slow", timeout=STORE_TIMEOUT)
+        return Outcome(Status.FAILED, f"{why}; could not queue: spool too slow")
+    error = store.exception()
+    if error is not None:
+        log.error(
+            "spool.write.failed", error=str(error), error_type=type(error).__name__, exc_info=error
+        )
+        return Outcome(Status.FAILED, f"{why}; could not queue: spool not writable")
+    wake()
+    return Outcome(Status.QUEUED, why[:MESSAGE_MAX_CHARS], store.result())

@@ -15,11 +15,11 @@ from typing import Final
 
 import stamina
 
+from agi_bridge.delivery.config import Retry
 from agi_bridge.delivery.ledger import Ledger
 from agi_bridge.delivery.sender import Sender
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
-from agi_bridge.settings import Settings
 from agi_bridge.spool import Spool, SpoolEntry
 from agi_bridge.vocabulary import NoojeeResult
 
@@ -43,14 +43,16 @@ class Worker:
     def __init__(
         self,
         *,
-        settings: Settings,
+        retry: Retry,
+        extension_max_age: float,
         spool: Spool,
         sender: Sender,
         ledger: Ledger,
         metrics: Metrics,
         wall_clock: Callable[[], float],
     ) -> None:
-        self._settings = settings
+        self._retry = retry
+        self._extension_max_age = extension_max_age
         self._spool = spool
         self._sender = sender
         self._ledger = ledger
@@ -82,7 +84,7 @@ class Worker:
     async def _run_once(self) -> None:
         self._work.clear()
         entries = await self._spool.claim_due(
-            limit=self._settings.noojee_max_connections, lease=self._sender.lease
+            limit=self._sender.connections.max_connections, lease=self._sender.lease
         )
         if not entries:
             if not self._stopping:
@@ -111,13 +113,13 @@ class Worker:
         wait (its longest Retry-After, 0 without one, at most ``retry_max_delay``); None when
         none did."""
         failed = [result.retry_after or 0.0 for result in results if result.transient]
-        return min(max(failed), self._settings.retry_max_delay) if failed else None
+        return min(max(failed), self._retry.max_delay) if failed else None
 
     async def _send_entry(self, entry: SpoolEntry) -> NoojeeResult | None:
         request = entry.request
         if (
             request.kind == "extension"
-            and self._wall_clock() - entry.created >= self._settings.extension_max_age
+            and self._wall_clock() - entry.created >= self._extension_max_age
         ):
             # Checked as it is claimed, not only on a failure: after a backoff, the extension
             # may be on another customer's call by now.
@@ -163,18 +165,16 @@ class Worker:
         log.info("noojee.available")
 
     async def _probe(self, pause: float) -> None:
-        settings = self._settings
-        log.warning(
-            "noojee.unavailable", retry_max_delay=settings.retry_max_delay, retry_after=pause
-        )
+        retry = self._retry
+        log.warning("noojee.unavailable", retry_max_delay=retry.max_delay, retry_after=pause)
         await asyncio.sleep(pause)  # a session's success or the stop ends it (_back_off)
         async for attempt in stamina.retry_context(
             on=_Unavailable,
             attempts=None,  # the spool's own limits (attempts, age) end an entry's life
             timeout=None,
-            wait_initial=settings.retry_initial_delay,
-            wait_max=settings.retry_max_delay,
-            wait_jitter=settings.retry_initial_delay,
+            wait_initial=retry.initial_delay,
+            wait_max=retry.max_delay,
+            wait_jitter=retry.initial_delay,
         ):
             with attempt:
                 if self._stopping:

@@ -56,6 +56,7 @@ from urllib.parse import quote
 
 import httpx
 
+from agi_bridge import defaults
 from agi_bridge.noojee.auth import HashAuth, HashPair
 from agi_bridge.noojee.classify import (
     MAX_RESPONSE_BYTES,
@@ -66,7 +67,7 @@ from agi_bridge.noojee.classify import (
 from agi_bridge.noojee.transport import AiohttpTransport
 from agi_bridge.redact import redact_url
 from agi_bridge.tls import client_context
-from agi_bridge.vocabulary import NoojeeResult, RecordingRequest, ResultKind
+from agi_bridge.vocabulary import ACTIONS, NoojeeResult, RecordingRequest, ResultKind
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -79,25 +80,16 @@ AuthScheme = Literal["apikey", "hash"]
 
 # --- Limits and timeouts -------------------------------------------------------------------
 
-# Connecting is a TCP plus TLS handshake to a server on the same site or a nearby data centre:
-# 2 s is many round trips; longer only keeps an Asterisk channel waiting on a dead host.
-DEFAULT_CONNECT_TIMEOUT: Final = 2.0
-# Per read/write/pool wait. NoojeeContact answers recording calls in milliseconds; 5 s covers
-# a loaded server while still telling the dialplan something before a caller notices.
-DEFAULT_REQUEST_TIMEOUT: Final = 5.0
-# Keep-alive pool size: far more than the concurrent recording changes one PBX produces, small
-# enough that a flood cannot exhaust the server's connector threads (Tomcat's default is 200).
-DEFAULT_MAX_CONNECTIONS: Final = 100
+# The settings' defaults (one source, agi_bridge/defaults.py, where each value is explained).
+DEFAULT_CONNECT_TIMEOUT: Final = defaults.NOOJEE_CONNECT_TIMEOUT
+DEFAULT_REQUEST_TIMEOUT: Final = defaults.NOOJEE_TIMEOUT
+DEFAULT_MAX_CONNECTIONS: Final = defaults.NOOJEE_MAX_CONNECTIONS
 # Close idle pooled connections before the server does, so a request is not sent on a socket
 # the server is closing at that moment. Apache httpd's default KeepAliveTimeout is 5 s and
 # Tomcat's connectionTimeout 20 s; 4 s stays under both.
 KEEPALIVE_EXPIRY: Final = 4.0
 
 
-_PATHS: Final[dict[str, str]] = {
-    "stop": "CallManagementAPI/stop",
-    "start": "CallManagementAPI/start",
-}
 # Answers whose Retry-After header we honour (RFC 9110: 503 and 429 carry it that way).
 RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
 # Longest Retry-After taken from a header (a day): the worker bounds it further by
@@ -175,7 +167,9 @@ class NoojeeClient:
 
         base = str(url).rstrip("/") + "/"
         self.base_url: Final = base
-        self._urls: Final = {action: f"{base}{path}?" for action, path in _PATHS.items()}
+        self._urls: Final = {
+            action: f"{base}{rules.api_path}?" for action, rules in ACTIONS.items()
+        }
         self._time_url: Final = base + _TIME_PATH
         self._key: Final = api_key
         self._apikey_query: Final = "&apiKey=" + quote(api_key, safe="")
@@ -205,8 +199,7 @@ class NoojeeClient:
             )
         # The transport is called directly, without an httpx.AsyncClient around it: the
         # client's layers (URL merging, auth and redirect flows, cookies) do nothing for us
-        # and cost about 0.1 ms of CPU per request (bench/http_client.py: 644 against 533 us;
-        # 0.25 ms over the httpx-aiohttp transport this client used before).
+        # and cost about 0.1 ms of CPU per request (measured in bench/README.md).
         self._transport: Final = transport
         self._headers: Final = httpx.Headers(_HEADERS)
         self._extensions: Final = {"timeout": self._timeout.as_dict()}
@@ -261,11 +254,11 @@ class NoojeeClient:
         parts = [
             self._urls[request.action],
             "extenOrUniqueId=",
-            quote(request.exten_or_uniqueid, safe="", errors="surrogateescape"),
+            quote(request.target, safe="", errors="surrogateescape"),
         ]
         if request.agent is not None:
             parts += ("&agentLoginName=", quote(request.agent, safe="", errors="surrogateescape"))
-        if request.tag is not None and request.action == "start":
+        if request.tag is not None and ACTIONS[request.action].takes_tag:
             parts += ("&tag=", quote(request.tag, safe="", errors="surrogateescape"))
         parts.append(auth)
         status, body, failure, retry_after = await self._exchange("".join(parts))

@@ -8,8 +8,9 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from agi_bridge.app import Bridge, run_until_signal
+from agi_bridge.loading import load_settings
 from agi_bridge.logs import configure_logging, get_logger
-from agi_bridge.settings import Settings, load_settings
+from agi_bridge.settings import Settings
 from agi_bridge.testing.defaults import DEMO_DATA_DIR, DEMO_KEY, DEMO_PORT
 from agi_bridge.testing.simulator import NoojeeSimulator, ReceivedRequest, SimulatorConfig
 
