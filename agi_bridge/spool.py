@@ -102,6 +102,9 @@ _MIGRATE_FROM_0: Final = (
     "ALTER TABLE dead ADD COLUMN reason TEXT NOT NULL DEFAULT 'failed'",
     "UPDATE pending SET attempted = 1 "
     "WHERE action = 'start' AND (attempts > 0 OR next_at > created)",
+    # The previous release resent starts after timeouts before giving up on them: any of its
+    # dead starts may have been applied, so `spool retry` treats them as unconfirmed.
+    "UPDATE dead SET reason = 'unconfirmed' WHERE action = 'start'",
 )
 # An Asterisk uniqueid or linkedid: epoch seconds, a dot, a counter ("1733100000.42"), after
 # the system name and a dash when asterisk.conf sets systemname ("pbx1-1733100000.42").
@@ -793,8 +796,9 @@ class SpoolAdmin:
         """Move dead letters (all, or ``ids``) back to pending with a fresh attempt count and
         a fresh age, and return their ids. They keep their ids, so a following ``purge`` by id
         finds them. Without ``force``, an unconfirmed start (resending it may add a recording
-        leg) or an expired or cancelled request by extension (it would act on whatever call
-        the extension is on now) is refused: :class:`SpoolError` naming them and why."""
+        leg) or any request by extension (whatever made it a dead letter, it would act on
+        whatever call the extension is on now) is refused: :class:`SpoolError` naming them and
+        why."""
         now = self._clock()
         selected = None if ids is None else list(ids)
 
@@ -804,8 +808,7 @@ class SpoolAdmin:
             if not force:
                 risky = db.execute(
                     f"SELECT id, reason FROM dead{where}{' AND' if where else ' WHERE'} "  # noqa: S608
-                    "(reason = 'unconfirmed' OR (reason IN ('expired', 'cancelled') "
-                    "AND kind = 'extension')) ORDER BY id",
+                    "(reason = 'unconfirmed' OR kind = 'extension') ORDER BY id",
                     params,
                 ).fetchall()
                 if risky:
@@ -901,6 +904,8 @@ _WHY_NOT_RETRIED: Final[dict[str, str]] = {
     "extension is on now, perhaps another customer's)",
     "cancelled": "cancelled request by extension (its call had ended; sent now, it acts on "
     "whatever call that extension is on now)",
+    "failed": "request by extension refused by NoojeeContact (sent now, it acts on whatever "
+    "call that extension is on now, not the one it was made in)",
 }
 
 

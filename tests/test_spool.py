@@ -516,6 +516,40 @@ async def test_retry_refuses_unconfirmed_and_expired_by_extension_without_force(
     assert {e.created for e in spool.admin.list("pending")} >= {clock.now}
 
 
+async def test_retry_refuses_any_request_by_extension_without_force(spool: Spool) -> None:
+    """A request by extension NoojeeContact refused (a bad certificate, a permission) is not
+    sent again by a plain retry either: hours later it would act on the extension's next call."""
+    refused = await spool.add(EXT_STOP, call_uniqueid="1.2")
+    await spool.dead_letter(refused, "Permission denied")
+    with pytest.raises(SpoolError) as caught:
+        await asyncio.to_thread(spool.admin.retry_dead)
+    assert f"{refused}: request by extension refused by NoojeeContact" in str(caught.value)
+    assert [e.id for e in spool.admin.list("dead")] == [refused]
+    assert await asyncio.to_thread(spool.admin.retry_dead, force=True) == (refused,)
+
+
+async def test_a_dead_start_of_the_previous_release_is_unconfirmed(tmp_path: Path) -> None:
+    """The previous release resent starts after timeouts before dead-lettering them: migrated,
+    its dead starts are unconfirmed, and a plain retry refuses them."""
+    path = tmp_path / SPOOL_FILE
+    path.write_bytes((FIXTURES / "spool-v0.sqlite3").read_bytes())
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(dead)") if row[1] != "id"]
+        copied = ", ".join(c if c != "action" else "'start'" for c in columns)
+        db.execute(
+            f"INSERT INTO dead ({', '.join(columns)}) SELECT {copied} FROM dead WHERE id = 6"  # noqa: S608 (the fixture's own column names)
+        )
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    try:
+        [start] = [e for e in spool.admin.list("dead") if e.request.action == "start"]
+        assert start.reason == "unconfirmed"
+        with pytest.raises(SpoolError, match=f"{start.id}: unconfirmed start"):
+            spool.admin.retry_dead([start.id])
+    finally:
+        spool.close()
+
+
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     """A spool written by a newer release is not touched: a clear error."""
     spool = Spool(tmp_path, fsync=False)
