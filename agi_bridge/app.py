@@ -158,8 +158,11 @@ class Bridge:
                 await self.health.stop()
         finally:
             await self.client.aclose()
-            self.spool.close(timeout=SPOOL_FLUSH_TIMEOUT)
-            self.lock.release()
+            # Held on while the spool's thread may still write (a frozen disk): a new bridge
+            # must not claim entries under a commit this process has yet to land. The lock then
+            # goes with the process.
+            if self.spool.close(timeout=SPOOL_FLUSH_TIMEOUT):
+                self.lock.release()
         log.info("agi.server.stopped")
 
     @property

@@ -299,16 +299,20 @@ class Spool:
         )
         self._thread.start()
 
-    def close(self, timeout: float | None = None) -> None:
+    def close(self, timeout: float | None = None) -> bool:
         """Finish every queued write, then close the database; give up waiting for that
         after ``timeout`` seconds (the thread goes on, and dies with the process), naming at
-        ERROR every request not known to be on disk then (a frozen or dead disk)."""
+        ERROR every request not known to be on disk then (a frozen or dead disk). False when
+        it gave up: the thread may still write once the disk is back."""
+        closed = True
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(timeout)
             if self._thread.is_alive():
                 self._report_unwritten()
+                closed = False
             self._thread = None
+        return closed
 
     def _report_unwritten(self) -> None:
         unwritten = [job.what for job in self._in_hand if job.what is not None]

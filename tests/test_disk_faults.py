@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from agi_bridge.app import Bridge
+from agi_bridge.lock import LOCK_FILE
 from agi_bridge.spool import Spool
 from agi_bridge.testing.fake_asterisk import Call, run_call
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
@@ -250,6 +252,9 @@ async def test_a_frozen_disk_fails_requests_fast_and_the_stop_names_what_it_coul
         assert event["level"] == "error"
         assert any("call=2000.2" in request for request in event["requests"]), event
         await asyncio.wait_for(_line_with(process, b"agi.server.stopped"), timeout=5)
+        # The spool's thread may still land its commit at the thaw: the data_dir stays locked
+        # until the process is gone, so a new bridge cannot interleave with it.
+        assert not _lockable(data_dir / LOCK_FILE)
         await asyncio.to_thread(subprocess.run, ["fsfreeze", "-u", str(freezable_disk)], check=True)
         assert await asyncio.wait_for(process.wait(), timeout=10) == 0
     finally:
@@ -259,6 +264,19 @@ async def test_a_frozen_disk_fails_requests_fast_and_the_stop_names_what_it_coul
             )
             process.kill()
             await process.wait()
+
+
+def _lockable(path: Path) -> bool:
+    """Whether another process could take the bridge's data_dir lock now (flock writes
+    nothing: safe on a frozen disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 async def _async_stop(port: int, uniqueid: str) -> str:
