@@ -17,6 +17,7 @@ import pytest
 
 import agi_bridge.delivery
 from agi_bridge.delivery.config import Connections, DeliveryConfig, Retry
+from agi_bridge.delivery.ended import RecentCalls
 from agi_bridge.delivery.ledger import Ledger
 from agi_bridge.delivery.repeats import RepeatCache
 from agi_bridge.delivery.sender import Sender
@@ -98,6 +99,7 @@ def _parts(
     *,
     retry: Retry | None = None,
     write_ahead_after: float = DeliveryConfig().write_ahead_after,
+    ended: RecentCalls | None = None,
 ) -> Parts:
     clock = clock or FakeClock(1000.0)
     metrics = Metrics()
@@ -121,6 +123,7 @@ def _parts(
         ledger=ledger,
         metrics=metrics,
         wall_clock=clock,
+        ended=ended or RecentCalls(max_age=max_age, wall_clock=clock),
     )
     sync = SyncPath(
         write_ahead_after=write_ahead_after,
@@ -357,6 +360,31 @@ async def test_the_worker_delivers_what_is_due_and_records_it(spool: Spool) -> N
     answer = await parts.repeats.answer(STOP, _done(Outcome(Status.QUEUED, "down", entry)))
     assert answer is not None
     assert answer.status is Status.STOPPED
+
+
+async def test_the_worker_never_sends_a_request_by_extension_of_an_ended_call(
+    spool: Spool,
+) -> None:
+    """A request by extension due after its call's own stop came (an attempt that failed
+    without reaching NoojeeContact, a write-ahead after the stop) is settled cancelled, never
+    sent: its extension may be on its next call. Other entries go on."""
+    clock = FakeClock(1000.0)
+    ended = RecentCalls(max_age=DeliveryConfig().extension_max_age, wall_clock=clock)
+    client = FakeClient(OK, gate=asyncio.Event())
+    parts = _parts(spool, client, clock, ended=ended)
+    star8 = RecordingRequest("start", "410", agent="Fred", kind="extension")
+    late = await spool.add(star8, call_uniqueid="1.1")
+    await spool.add(STOP, call_uniqueid="1.2")
+    ended.add("1.1")
+    run = asyncio.create_task(parts.worker.run())
+    await client.called.wait()
+    parts.worker.stop()
+    assert client.gate is not None
+    client.gate.set()
+    await asyncio.wait_for(run, timeout=5)
+    assert client.sent == [STOP]
+    assert [(e.id, e.reason) for e in spool.admin.list("dead")] == [(late, "cancelled")]
+    assert spool.admin.list("pending") == []  # the other call's stop delivered
 
 
 def _spy_claims(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:

@@ -153,6 +153,25 @@ async def test_the_end_stop_on_the_customers_channel_cancels_a_members_stop_code
     assert "410" not in targets
 
 
+async def test_a_code_pressed_after_its_calls_end_stop_is_never_sent(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """The stop code races the customer's hangup and arrives after the call's end stop: it is
+    EXPIRED, not queued: by extension it would reach extension 410's next call."""
+    linkedid, member_leg = "1764633600.40", "1764633600.43"
+    simulator.set_failure(FailureMode.REFUSE)
+    async with running_bridge(_settings(simulator, ca_file, tmp_path)) as bridge:
+        await call(
+            bridge, "Fred", f"id={linkedid}", "mode=async", f"call={linkedid}", uniqueid=linkedid
+        )
+        late = await call(bridge, "Fred", "by=extension", f"call={linkedid}", uniqueid=member_leg)
+        assert late.variables["NOOJEE_STATUS"] == "EXPIRED"
+        simulator.set_failure(FailureMode.NONE)
+        await _marker(bridge, simulator, "1764633600.90")
+    targets = [r.params["extenOrUniqueId"] for r in simulator.received]
+    assert "410" not in targets
+
+
 async def test_the_calls_own_stop_cancels_it_after_a_restart_too(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:

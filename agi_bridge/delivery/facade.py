@@ -17,10 +17,10 @@ puts them together behind the few calls the server and the app make.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
 from agi_bridge.delivery.config import DeliveryConfig
+from agi_bridge.delivery.ended import RecentCalls
 from agi_bridge.delivery.ledger import Ledger
 from agi_bridge.delivery.repeats import RepeatCache
 from agi_bridge.delivery.sender import Client, Sender
@@ -28,7 +28,7 @@ from agi_bridge.delivery.sync import SyncPath, queued
 from agi_bridge.delivery.worker import Worker
 from agi_bridge.metrics import Metrics
 from agi_bridge.spool import Spool
-from agi_bridge.vocabulary import ACTIONS, Mode, Outcome, RecordingRequest
+from agi_bridge.vocabulary import ACTIONS, Mode, Outcome, RecordingRequest, Status
 
 
 class Delivery:
@@ -47,10 +47,10 @@ class Delivery:
         self._spool = spool
         self._metrics = metrics
         self._wall_clock = wall_clock
-        self._extension_max_age = config.extension_max_age
-        # Calls with a request by extension made within extension_max_age, oldest first: the
-        # time it was made (wall clock, as the spool's, so that recover() can fill it).
-        self._extension_calls: OrderedDict[str, float] = OrderedDict()
+        # Calls with a request by extension made within extension_max_age (recover() fills it
+        # from the spool), and calls whose own stop has come.
+        self._extension_calls = RecentCalls(max_age=config.extension_max_age, wall_clock=wall_clock)
+        self._ended = RecentCalls(max_age=config.extension_max_age, wall_clock=wall_clock)
         self._sender = Sender(
             connections=config.connections, client=client, metrics=metrics, clock=clock
         )
@@ -76,6 +76,7 @@ class Delivery:
             ledger=ledger,
             metrics=metrics,
             wall_clock=wall_clock,
+            ended=self._ended,
         )
         self._sync = SyncPath(
             write_ahead_after=config.write_ahead_after,
@@ -99,6 +100,9 @@ class Delivery:
         self, request: RecordingRequest, *, call_uniqueid: str, mode: Mode, budget: float
     ) -> Outcome:
         """Deliver or queue ``request``; returns within ``budget`` plus a spool commit."""
+        if request.kind == "extension" and call_uniqueid in self._ended:
+            # The code raced the call's end: sent now, it would reach the extension's next call.
+            return Outcome(Status.EXPIRED, "by extension after its call ended: not sent")
         self._cancel_by_extension(request, call_uniqueid)
 
         async def send() -> Outcome:
@@ -117,17 +121,12 @@ class Delivery:
         """The call's own stop (its hangup, by uniqueid or linkedid) cancels what the call still
         has queued by extension: that could only reach the extension's NEXT call. Only calls
         known to have made a request by extension (recently) cost a spool query."""
-        calls = self._extension_calls
-        now = self._wall_clock()
-        while calls and next(iter(calls.values())) < now - self._extension_max_age:
-            calls.popitem(last=False)  # past its validity, never sent anyway
         if request.kind == "extension":
-            calls.pop(call_uniqueid, None)
-            calls[call_uniqueid] = now
-        elif (
-            ACTIONS[request.action].supersedes_by_extension
-            and calls.pop(call_uniqueid, None) is not None
-        ):
+            self._extension_calls.add(call_uniqueid)
+        elif ACTIONS[request.action].supersedes_by_extension:
+            self._ended.add(call_uniqueid)
+            if not self._extension_calls.discard(call_uniqueid):
+                return
             cancelling = self._spool.cancel_by_extension(
                 call_uniqueid, "cancelled: the call's own stop (by its id) superseded it"
             )
@@ -141,7 +140,7 @@ class Delivery:
         for entry in await self._spool.settle_interrupted(why):
             self._ledger.note("unconfirmed", entry.id, entry.request, why)
         for entry in await self._spool.by_extension():
-            self._extension_calls[entry.call_uniqueid] = entry.created
+            self._extension_calls.add(entry.call_uniqueid, at=entry.created)
 
     def write_ahead_in_flight(self) -> None:
         """Shutdown begins: spool every sync request not on disk yet, now and from now on."""

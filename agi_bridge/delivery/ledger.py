@@ -141,6 +141,13 @@ class Ledger:
         self.note("expired", entry_id, request, message)
         return self._spool.dead_letter(entry_id, message, attempted=attempted, reason="expired")
 
+    def cancelled_late(self, entry_id: int, request: RecordingRequest) -> asyncio.Future[None]:
+        """A request by extension due again (or written ahead) after its call's own stop came:
+        settled as cancelled, never sent."""
+        why = "cancelled: the call's own stop (by its id) superseded it"
+        self.note("cancelled", entry_id, request, why)
+        return self._spool.dead_letter(entry_id, why, attempted=False, reason="cancelled")
+
     def cancelled(self, entries: asyncio.Future[list[int]], call_uniqueid: str) -> None:
         """Count and log the requests by extension that a call's own stop cancelled."""
         if entries.cancelled():

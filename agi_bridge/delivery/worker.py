@@ -16,6 +16,7 @@ from typing import Final
 import stamina
 
 from agi_bridge.delivery.config import Retry
+from agi_bridge.delivery.ended import RecentCalls
 from agi_bridge.delivery.ledger import Ledger
 from agi_bridge.delivery.sender import Sender
 from agi_bridge.logs import get_logger
@@ -50,8 +51,10 @@ class Worker:
         ledger: Ledger,
         metrics: Metrics,
         wall_clock: Callable[[], float],
+        ended: RecentCalls,
     ) -> None:
         self._retry = retry
+        self._ended = ended
         self._extension_max_age = extension_max_age
         self._spool = spool
         self._sender = sender
@@ -126,6 +129,11 @@ class Worker:
             why = self._ledger.too_late
             why = f"{entry.last_error}; {why}" if entry.last_error else why
             await self._ledger.expired(entry.id, request, why, attempted=False)
+            return None
+        if request.kind == "extension" and entry.call_uniqueid in self._ended:
+            # Its call's own stop came after the spool's cancellation had looked (the request
+            # was on its way then, or written ahead later): its extension may be on its next call.
+            await self._ledger.cancelled_late(entry.id, request)
             return None
         result = await self._sender.attempt(entry.request, from_session=False)
         if result.ok:
