@@ -305,6 +305,29 @@ async def test_a_late_answer_settles_the_queued_entry_and_drain_waits_for_it(spo
     assert answer.status is Status.STOPPED
 
 
+async def test_a_start_that_cannot_be_queued_while_on_its_way_is_unconfirmed(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync start past its budget whose write-ahead fails (a full disk) while its attempt is
+    still on its way: UNCONFIRMED, not FAILED, so that pressing again sends no second start."""
+    gate = asyncio.Event()
+    client = FakeClient(OK, gate=gate)
+    parts = _parts(spool, client, write_ahead_after=0.0)
+
+    def disk_full(*args: Any, **kwargs: Any) -> asyncio.Future[int]:
+        failed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        failed.set_exception(OSError("database or disk is full"))
+        return failed
+
+    monkeypatch.setattr(spool, "add", disk_full)
+    outcome = await parts.sync.send_within(START, "1795811871.1", budget=0.01)
+    assert outcome.status is Status.UNCONFIRMED
+    assert "may be applied" in outcome.message
+    gate.set()
+    await parts.sync.drain(5)
+    assert client.sent == [START]
+
+
 async def test_drain_cancels_an_attempt_at_its_deadline_and_keeps_the_entry(spool: Spool) -> None:
     """An attempt still hanging at the drain's deadline is cancelled; its entry stays pending
     for the next start."""

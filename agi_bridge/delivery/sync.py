@@ -106,7 +106,10 @@ class SyncPath:
         if not done:
             # Not cancelled: a late answer still settles the spool entry (sent once).
             why = f"NoojeeContact did not answer within {budget:g}s"
-            return await queued(store, why, wake=self._wake)
+            outcome = await queued(store, why, wake=self._wake)
+            if outcome.status is Status.FAILED and ACTIONS[request.action].at_most_once:
+                return _start_not_stored(outcome, answer)
+            return outcome
         result = answer.result()
         if result.ok:
             return Outcome(ACTIONS[request.action].confirmed, result.message)
@@ -179,6 +182,22 @@ class SyncPath:
         what became of them; cancel those still running at the deadline (their entries stay
         pending and are sent after the restart)."""
         await finish_within(tuple(self._in_flight), grace)
+
+
+def _start_not_stored(failed: Outcome, answer: asyncio.Future[NoojeeResult]) -> Outcome:
+    """A start that could not be queued (a full or stalled disk) while its attempt was on its
+    way: FAILED ("nothing changed, press again") would invite a second start, a second leg."""
+    if not answer.done():
+        return Outcome(
+            Status.UNCONFIRMED,
+            f"{failed.message}; its attempt is still on its way: it may be applied, not sent again",
+        )
+    result = answer.result()
+    if result.ok:
+        return Outcome(Status.STARTED, result.message)
+    if result.uncertain:
+        return Outcome(Status.UNCONFIRMED, unconfirmed_message(result))
+    return failed  # it never reached NoojeeContact: pressing again is a fresh attempt
 
 
 async def queued(store: asyncio.Future[int], why: str, *, wake: Callable[[], None]) -> Outcome:
