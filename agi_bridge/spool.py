@@ -716,6 +716,28 @@ class Spool:
         )
         return self._unless_full(write, entry_id, settled=False)
 
+    def expire_if_idle(self, entry_id: int, error: str) -> asyncio.Future[bool]:
+        """Settle pending entry ``entry_id`` as expired unless it is on its way (leased to an
+        attempt, or a start marked attempted): True when it did. In one job, so that the worker
+        cannot claim it between the look and the move."""
+        now = self._clock()
+        on_its_way = self._held.get(entry_id, 0.0) > now or entry_id in self._settled
+        if on_its_way:  # a full disk's claims and deliveries are held in memory
+            settled: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            settled.set_result(False)
+            return settled
+
+        def work(db: sqlite3.Connection) -> bool:
+            idle = db.execute(
+                "SELECT 1 FROM pending WHERE id = ? AND attempted = 0 AND next_at <= ?",
+                (entry_id, now),
+            ).fetchone()
+            if idle is not None:
+                _move_to_dead(db, entry_id, error, "expired", 0, now)
+            return idle is not None
+
+        return self._acall(work)
+
     def dead_letter(
         self,
         entry_id: int,

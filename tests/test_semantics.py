@@ -209,6 +209,31 @@ async def test_a_request_by_extension_expires_and_a_repeat_hears_it(
     assert [r.params["extenOrUniqueId"] for r in simulator.received] == ["1764633600.90", "410"]
 
 
+async def test_a_repeat_never_hears_expired_while_the_start_is_on_its_way(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """*8 by extension, NoojeeContact slow: pressed again past extension_max_age while the
+    first start is still on its way, the agent hears QUEUED, not EXPIRED ("press again"):
+    that start may yet be applied. One start reaches NoojeeContact."""
+    max_age = 0.3
+    settings = _settings(simulator, ca_file, tmp_path, extension_max_age=max_age, noojee_timeout=5)
+    simulator.set_failure(FailureMode.SLOW, delay=1.5)
+    async with running_bridge(settings) as bridge:
+        pressed = time.monotonic()
+        first = await call(bridge, "Fred", "by=extension", script="recording/start", uniqueid=CALL)
+        assert first.variables["NOOJEE_STATUS"] == "QUEUED"
+        await _until("past its validity", lambda: time.monotonic() > pressed + max_age)
+        again = await call(bridge, "Fred", "by=extension", script="recording/start", uniqueid=CALL)
+        assert again.variables["NOOJEE_STATUS"] == "QUEUED", again.variables
+        assert "being sent" in again.variables["NOOJEE_MESSAGE"]
+        await _until(
+            "the start answered", lambda: any(r.answered_code == 0 for r in simulator.received)
+        )
+        simulator.set_failure(FailureMode.NONE)
+        await _marker(bridge, simulator, "1764633600.90")
+    assert _starts(simulator) == 1
+
+
 async def test_stops_by_uniqueid_keep_their_retry_horizon(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:

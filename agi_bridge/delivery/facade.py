@@ -59,6 +59,7 @@ class Delivery:
             spool=spool,
             clock=clock,
             extension_max_age=config.extension_max_age,
+            on_expired=lambda *settled: self._ledger.note("expired", *settled),
         )
         self._ledger = ledger = Ledger(
             retry=config.retry,

@@ -69,8 +69,10 @@ class RepeatCache:
         spool: Spool,
         clock: Callable[[], float],
         extension_max_age: float | None = None,
+        on_expired: Callable[[int, RecordingRequest, str], None] | None = None,
     ) -> None:
         self._window = window
+        self._on_expired = on_expired  # counts and logs an entry this cache settled expired
         # A queued request by extension older than this is never sent (the worker settles it
         # when it gets to it): a repeat hears that at once, not "still queued".
         self._extension_max_age = extension_max_age
@@ -187,9 +189,21 @@ class RepeatCache:
                 and first_at is not None
                 and self._clock() - first_at >= max_age
             ):
-                return Outcome(
-                    Status.EXPIRED, f"by extension and not delivered within {max_age:g}s: not sent"
-                )
+                # Settled here, and told EXPIRED ("press again") only if it is not on its way:
+                # a request being sent may still be applied, and a second start adds a leg.
+                why = f"by extension and not delivered within {max_age:g}s: not sent"
+                try:
+                    expired = await self._spool.expire_if_idle(entry_id, why)
+                except SpoolError as exc:
+                    log.exception(
+                        "spool.write.failed", error=str(exc), error_type=type(exc).__name__
+                    )
+                    return queued
+                if expired:
+                    if self._on_expired is not None:
+                        self._on_expired(entry_id, request, why)
+                    return Outcome(Status.EXPIRED, why)
+                return Outcome(Status.QUEUED, "being sent now: not confirmed yet", entry_id)
             return Outcome(Status.QUEUED, f"still queued: {error or 'not confirmed yet'}", entry_id)
         _expire(self._settled, self._clock() - self._window)
         settled = self._settled.get(entry_id)
