@@ -171,20 +171,20 @@ def _entry(row: tuple[object, ...]) -> SpoolEntry:
     )
 
 
-def _upgrade(db: sqlite3.Connection, path: Path) -> None:
-    """Create the tables, or migrate an older spool to :data:`SCHEMA_VERSION`, in one
-    transaction (another process opening the spool at the same time waits, then sees it
-    done)."""
+def _upgrade(db: sqlite3.Connection, path: Path, *, migrate: bool) -> None:
+    """Create the tables, or migrate an older spool to :data:`SCHEMA_VERSION` (unless not
+    ``migrate``: then an older spool is an error), in one transaction (another process opening
+    the spool at the same time waits, then sees it done)."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        _migrate(db, path)
+        _migrate(db, path, migrate=migrate)
     except BaseException:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
 
 
-def _migrate(db: sqlite3.Connection, path: Path) -> None:
+def _migrate(db: sqlite3.Connection, path: Path, *, migrate: bool) -> None:
     (version,) = db.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
         raise SpoolError(
@@ -195,6 +195,12 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
     if version == SCHEMA_VERSION:
         return
     legacy = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'pending'").fetchone()
+    if legacy and not migrate:
+        raise SpoolError(
+            f"the spool at {path} was written by the previous release: start this one's "
+            "bridge once (restart the service): it migrates the spool under its data_dir "
+            "lock, while the previous release may still be writing it now"
+        )
     for statement in _MIGRATE_FROM_0 if legacy else _SCHEMA:
         db.execute(statement)
     if legacy:
@@ -285,7 +291,10 @@ class Spool:
             # FULL fsyncs the WAL at every commit: a stop survives a power cut, not only a
             # crash. NORMAL survives kill -9 but may lose the last commits on power loss.
             connection.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
-            _upgrade(connection, self.path)
+            # Only the bridge migrates, under its data_dir lock: an operator's command run while
+            # the previous release (no lock, no "attempted" marks) still serves would let it
+            # go on writing a spool whose starts the new one then trusts.
+            _upgrade(connection, self.path, migrate=create)
         except (OSError, sqlite3.Error, SpoolError) as exc:
             # Close what was opened: a connection left to the garbage collector is a leaked
             # file descriptor (a ResourceWarning on Python 3.13+).

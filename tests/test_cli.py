@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import re
 import socket
+import sqlite3
 import ssl
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agi_bridge import __version__
-from agi_bridge.spool import Spool
+from agi_bridge.spool import SPOOL_FILE, Spool
 from agi_bridge.testing.simulator import NoojeeSimulator, SimulatorConfig
 from agi_bridge.vocabulary import RecordingRequest
 from tests.bridge_helpers import make_settings, running_bridge
@@ -548,6 +550,30 @@ async def test_spool_commands_need_only_the_data_dir(
         prepared_spool["pending_stop"],
         prepared_spool["pending_start"],
     }
+
+
+def _previous_release_spool(data: Path) -> Path:
+    """tests/fixtures/spool-v0.sqlite3 (made by the release before schema versions) as
+    ``data``'s spool."""
+    data.mkdir(parents=True, exist_ok=True)
+    spool_file = data / SPOOL_FILE
+    spool_file.write_bytes((Path(__file__).parent / "fixtures" / "spool-v0.sqlite3").read_bytes())
+    return spool_file
+
+
+async def test_spool_commands_leave_a_previous_release_spool_to_the_bridge(
+    tmp_path: Path, base_env: dict[str, str]
+) -> None:
+    """A spool of the previous release (which may still be serving: it takes no lock) is not
+    migrated by `spool list`: the command says to start the new bridge, which migrates it
+    under its lock, and the file keeps schema 0."""
+    spool_file = _previous_release_spool(Path(base_env["AGI_BRIDGE_DATA_DIR"]))
+    ran = await agi_bridge("spool", "list", env=base_env, cwd=tmp_path)
+    assert ran.returncode == 1
+    assert "written by the previous release: start this one's bridge once" in ran.stderr
+    assert_no_traceback(ran)
+    with contextlib.closing(sqlite3.connect(spool_file)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (0,)
 
 
 async def test_spool_purge(
