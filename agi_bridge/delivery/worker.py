@@ -170,7 +170,8 @@ class Worker:
             await asyncio.gather(probe, waiter, return_exceptions=True)
         if not probe.cancelled() and probe.exception() is not None:
             raise probe.exception()  # type: ignore[misc]  # e.g. the spool failing: run() logs it
-        log.info("noojee.available")
+        if not self._stopping:  # stop() ends the backoff too: that says nothing of NoojeeContact
+            log.info("noojee.available")
 
     async def _probe(self, pause: float) -> None:
         retry = self._retry
