@@ -365,18 +365,23 @@ async def test_shutdown_writes_ahead_an_attempt_in_its_first_wait(spool: Spool) 
 # --- the worker ------------------------------------------------------------------------------
 
 
-async def test_the_worker_delivers_what_is_due_and_records_it(spool: Spool) -> None:
-    """A queued entry is sent, removed from the spool, counted, and its fate remembered; a
-    stopped worker ends after the batch in hand."""
-    client = FakeClient(OK, gate=asyncio.Event())
-    parts = _parts(spool, client)
-    entry = await _queued_entry(spool)
+async def _one_batch(parts: Parts, client: FakeClient) -> None:
+    """Run the worker until its first send, stop it, and let the batch in hand finish."""
     run = asyncio.create_task(parts.worker.run())
     await client.called.wait()
     parts.worker.stop()
     assert client.gate is not None
     client.gate.set()
     await asyncio.wait_for(run, timeout=5)
+
+
+async def test_the_worker_delivers_what_is_due_and_records_it(spool: Spool) -> None:
+    """A queued entry is sent, removed from the spool, counted, and its fate remembered; a
+    stopped worker ends after the batch in hand."""
+    client = FakeClient(OK, gate=asyncio.Event())
+    parts = _parts(spool, client)
+    entry = await _queued_entry(spool)
+    await _one_batch(parts, client)
     assert client.sent == [STOP]
     assert spool.admin.list("pending") == []
     assert parts.metrics.registry.get_sample_value("agi_bridge_spool_delivered_total") == 1
@@ -399,12 +404,7 @@ async def test_the_worker_never_sends_a_request_by_extension_of_an_ended_call(
     late = await spool.add(star8, call_uniqueid="1.1")
     await spool.add(STOP, call_uniqueid="1.2")
     ended.add("1.1")
-    run = asyncio.create_task(parts.worker.run())
-    await client.called.wait()
-    parts.worker.stop()
-    assert client.gate is not None
-    client.gate.set()
-    await asyncio.wait_for(run, timeout=5)
+    await _one_batch(parts, client)
     assert client.sent == [STOP]
     assert [(e.id, e.reason) for e in spool.admin.list("dead")] == [(late, "cancelled")]
     assert spool.admin.list("pending") == []  # the other call's stop delivered
