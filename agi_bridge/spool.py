@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import queue
 import re
@@ -39,6 +40,12 @@ T = TypeVar("T")
 log = get_logger("agi_bridge.spool")
 
 SPOOL_FILE: Final = "spool.sqlite3"
+# Room kept on the spool's disk for opening the spool when the disk has filled up: SQLite
+# must size the WAL's shared-memory file (32 KiB) and replay the WAL, and a bridge that cannot
+# open its spool cannot start or deliver what is queued. Released only then; 512 KiB also
+# leaves the first few dozen commits room to land.
+RESERVE_FILE: Final = "spool.reserve"
+RESERVE_BYTES: Final = 512 * 1024
 # How long another process (``agi-bridge spool ...`` next to a running server) waits for the
 # write lock. Our transactions last milliseconds.
 BUSY_TIMEOUT_MS: Final = 5000
@@ -282,6 +289,20 @@ class Spool:
                 f"no spool at {self.path}: check data_dir (the bridge creates the spool when it "
                 "first starts)"
             )
+        try:
+            connection = self._connect(migrate=create)
+        except SpoolError as exc:
+            if not (create and _no_room(exc) and self._release_reserve()):
+                raise
+            connection = self._connect(migrate=create)
+        if create:
+            self._keep_reserve()
+        self._thread = threading.Thread(
+            target=self._run, args=(connection,), name="agi-bridge-spool", daemon=True
+        )
+        self._thread.start()
+
+    def _connect(self, *, migrate: bool) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +315,7 @@ class Spool:
             # Only the bridge migrates, under its data_dir lock: an operator's command run while
             # the previous release (no lock, no "attempted" marks) still serves would let it
             # go on writing a spool whose starts the new one then trusts.
-            _upgrade(connection, self.path, migrate=create)
+            _upgrade(connection, self.path, migrate=migrate)
         except (OSError, sqlite3.Error, SpoolError) as exc:
             # Close what was opened: a connection left to the garbage collector is a leaked
             # file descriptor (a ResourceWarning on Python 3.13+).
@@ -303,10 +324,32 @@ class Spool:
             if isinstance(exc, SpoolError):
                 raise
             raise SpoolError(f"cannot open the spool at {self.path}: {exc}") from exc
-        self._thread = threading.Thread(
-            target=self._run, args=(connection,), name="agi-bridge-spool", daemon=True
+        return connection
+
+    def _keep_reserve(self) -> None:
+        """Set RESERVE_BYTES aside on the spool's disk, if there is room (else next time)."""
+        reserve = self.path.with_name(RESERVE_FILE)
+        if reserve.is_file():
+            return
+        try:
+            with reserve.open("wb") as handle:
+                handle.write(bytes(RESERVE_BYTES))
+        except OSError:
+            reserve.unlink(missing_ok=True)  # a partial reserve only takes room
+
+    def _release_reserve(self) -> bool:
+        """Give the reserve back to the disk; whether there was one."""
+        reserve = self.path.with_name(RESERVE_FILE)
+        if not reserve.is_file():
+            return False
+        reserve.unlink()
+        log.warning(
+            "spool.reserve.released",
+            path=str(reserve),
+            help="the spool's disk is full: free space on it (the reserve is set aside again "
+            "at the next start)",
         )
-        self._thread.start()
+        return True
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish every queued write, then close the database; give up waiting for that
@@ -898,6 +941,14 @@ def _damage(connection: sqlite3.Connection) -> str | None:
     findings = [line for line in lines if not line.startswith("***")]
     more = f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""
     return f"{findings[0] if findings else lines[0]}{more}"
+
+
+def _no_room(error: BaseException) -> bool:
+    """Opening failed for want of room on the disk (SQLite's own or the WAL index's)."""
+    cause = error.__cause__
+    if isinstance(cause, sqlite3.Error):
+        return cause.sqlite_errorcode in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE)
+    return isinstance(cause, OSError) and cause.errno == errno.ENOSPC
 
 
 def _full(error: BaseException) -> bool:

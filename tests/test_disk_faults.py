@@ -114,6 +114,30 @@ async def test_queued_stops_are_delivered_while_the_disk_stays_full(
     assert any("not writable" in p for p in problems), problems
 
 
+async def test_a_bridge_restarted_on_a_full_disk_starts_and_delivers(
+    small_disk: Path, simulator: NoojeeSimulator, ca_file: Path
+) -> None:
+    """Stops queued, the bridge stopped, the disk filled up, the bridge started again (systemd
+    after a crash, an operator's restart): it opens its spool with the room it set aside and
+    delivers every queued stop, instead of failing to start and failing every call."""
+    queued = 5
+    settings = make_settings(simulator, ca_file, small_disk, spool_fsync=True)
+    simulator.set_failure(FailureMode.HTTP_503)
+    async with running_bridge(settings) as bridge:
+        for i in range(queued):
+            result = await call(bridge, "Fred", "by=uniqueid", "mode=async", uniqueid=f"1810.{i}")
+            assert result.variables["NOOJEE_STATUS"] == "QUEUED"
+    fill(small_disk)
+    simulator.clear()
+    simulator.set_failure(FailureMode.NONE)
+    async with running_bridge(settings):
+        delivered = await simulator.wait_for(
+            queued, timeout=30, predicate=lambda r: r.path == STOP_PATH and r.answered_code == 0
+        )
+    targets = [r.params["extenOrUniqueId"] for r in delivered]
+    assert sorted(targets) == sorted(f"1810.{i}" for i in range(queued))
+
+
 async def _readiness(bridge: Bridge) -> list[str]:
     return await bridge.readiness()
 
