@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from agi_bridge.delivery.config import DeliveryConfig
 from agi_bridge.delivery.ended import RecentCalls
-from agi_bridge.delivery.ledger import Ledger
+from agi_bridge.delivery.ledger import CANCELLED_BY_ITS_CALL, Ledger
 from agi_bridge.delivery.repeats import RepeatCache
 from agi_bridge.delivery.sender import Client, Sender
 from agi_bridge.delivery.sync import SyncPath, queued
@@ -128,9 +128,7 @@ class Delivery:
             self._ended.add(call_uniqueid)
             if not self._extension_calls.discard(call_uniqueid):
                 return
-            cancelling = self._spool.cancel_by_extension(
-                call_uniqueid, "cancelled: the call's own stop (by its id) superseded it"
-            )
+            cancelling = self._spool.cancel_by_extension(call_uniqueid, CANCELLED_BY_ITS_CALL)
             cancelling.add_done_callback(lambda done: self._ledger.cancelled(done, call_uniqueid))
 
     async def recover(self) -> None:

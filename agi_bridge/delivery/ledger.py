@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from agi_bridge.delivery.config import Retry
 from agi_bridge.delivery.repeats import Fate, RepeatCache
@@ -29,6 +29,9 @@ from agi_bridge.vocabulary import (
 )
 
 log = get_logger("agi_bridge.delivery")
+
+# Why a request by extension was settled once its call's own stop came.
+CANCELLED_BY_ITS_CALL: Final = "cancelled: the call's own stop (by its id) superseded it"
 
 
 class Ledger:
@@ -73,9 +76,10 @@ class Ledger:
         age = self._wall_clock() - created
         rules = ACTIONS[request.action]
         if rules.at_most_once and result.uncertain:
-            return self.unconfirmed(entry_id, request, unconfirmed_message(result))
+            return self.dismiss("unconfirmed", entry_id, request, unconfirmed_message(result))
         if result.transient and request.kind == "extension" and age >= self._extension_max_age:
-            return self.expired(entry_id, request, f"{result.message}; {self.too_late}")
+            why = f"{result.message}; {self.too_late}"
+            return self.dismiss("expired", entry_id, request, why)
         exhausted = attempts + 1 >= retry.max_attempts or age >= retry.max_age
         if result.transient and not exhausted:
             self._metrics.retries.inc()
@@ -112,13 +116,20 @@ class Ledger:
         max_age = self._extension_max_age
         return f"expired: by extension and not delivered within {max_age:g}s, not sent"
 
-    def unconfirmed(
-        self, entry_id: int, request: RecordingRequest, message: str
+    def dismiss(
+        self,
+        reason: SettleReason,
+        entry_id: int,
+        request: RecordingRequest,
+        message: str,
+        *,
+        attempted: bool = True,
     ) -> asyncio.Future[None]:
-        """A start that may have reached NoojeeContact without a confirmation: settled, never
-        sent again (a second start adds a recording leg)."""
-        self.note("unconfirmed", entry_id, request, message)
-        return self._spool.dead_letter(entry_id, message, reason="unconfirmed")
+        """Settle a request without delivery, never to be sent again: an unconfirmed start
+        (a second one adds a recording leg), or a request by extension expired or cancelled
+        (it would reach the extension's next call). ``attempted`` counts this try."""
+        self.note(reason, entry_id, request, message)
+        return self._spool.dead_letter(entry_id, message, attempted=attempted, reason=reason)
 
     def note(
         self, reason: SettleReason, entry_id: int, request: RecordingRequest, message: str
@@ -133,20 +144,6 @@ class Ledger:
             kind=request.kind,
             error=message,
         )
-
-    def expired(
-        self, entry_id: int, request: RecordingRequest, message: str, *, attempted: bool = True
-    ) -> asyncio.Future[None]:
-        """A request by extension past its validity: settled, never sent again."""
-        self.note("expired", entry_id, request, message)
-        return self._spool.dead_letter(entry_id, message, attempted=attempted, reason="expired")
-
-    def cancelled_late(self, entry_id: int, request: RecordingRequest) -> asyncio.Future[None]:
-        """A request by extension due again (or written ahead) after its call's own stop came:
-        settled as cancelled, never sent."""
-        why = "cancelled: the call's own stop (by its id) superseded it"
-        self.note("cancelled", entry_id, request, why)
-        return self._spool.dead_letter(entry_id, why, attempted=False, reason="cancelled")
 
     def cancelled(self, entries: asyncio.Future[list[int]], call_uniqueid: str) -> None:
         """Count and log the requests by extension that a call's own stop cancelled."""

@@ -17,7 +17,7 @@ import stamina
 
 from agi_bridge.delivery.config import Retry
 from agi_bridge.delivery.ended import RecentCalls
-from agi_bridge.delivery.ledger import Ledger
+from agi_bridge.delivery.ledger import CANCELLED_BY_ITS_CALL, Ledger
 from agi_bridge.delivery.sender import Sender
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics
@@ -128,12 +128,14 @@ class Worker:
             # may be on another customer's call by now.
             why = self._ledger.too_late
             why = f"{entry.last_error}; {why}" if entry.last_error else why
-            await self._ledger.expired(entry.id, request, why, attempted=False)
+            await self._ledger.dismiss("expired", entry.id, request, why, attempted=False)
             return None
         if request.kind == "extension" and entry.call_uniqueid in self._ended:
             # Its call's own stop came after the spool's cancellation had looked (the request
             # was on its way then, or written ahead later): its extension may be on its next call.
-            await self._ledger.cancelled_late(entry.id, request)
+            await self._ledger.dismiss(
+                "cancelled", entry.id, request, CANCELLED_BY_ITS_CALL, attempted=False
+            )
             return None
         result = await self._sender.attempt(entry.request, from_session=False)
         if result.ok:
