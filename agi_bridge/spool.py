@@ -944,11 +944,14 @@ def _damage(connection: sqlite3.Connection) -> str | None:
 
 
 def _no_room(error: BaseException) -> bool:
-    """Opening failed for want of room on the disk (SQLite's own or the WAL index's)."""
+    """Opening failed for want of room on the disk: what :func:`_full` says, or no room for
+    the WAL's index (SQLite) or for the file itself (the OS)."""
     cause = error.__cause__
-    if isinstance(cause, sqlite3.Error):
-        return cause.sqlite_errorcode in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE)
-    return isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+    if isinstance(cause, OSError):
+        return cause.errno == errno.ENOSPC
+    return _full(error) or (
+        isinstance(cause, sqlite3.Error) and cause.sqlite_errorcode == sqlite3.SQLITE_IOERR_SHMSIZE
+    )
 
 
 def _full(error: BaseException) -> bool:
