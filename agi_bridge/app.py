@@ -44,8 +44,19 @@ FORCED_EXIT = 130
 SPOOL_FLUSH_TIMEOUT = 2.0
 
 
+def connections(settings: Settings) -> Connections:
+    """How many requests may be in flight to NoojeeContact, and how long one may take: read
+    by the client and by delivery alike."""
+    return Connections(
+        max_connections=settings.noojee_max_connections,
+        connect_timeout=settings.noojee_connect_timeout,
+        request_timeout=settings.noojee_timeout,
+    )
+
+
 def noojee_client(settings: Settings, *, max_connections: int | None = None) -> NoojeeClient:
     """The NoojeeContact client the settings describe (``max_connections`` to override)."""
+    limits = connections(settings)
     return NoojeeClient(
         base_url=settings.noojee_url,
         auth=settings.noojee_auth,
@@ -53,20 +64,16 @@ def noojee_client(settings: Settings, *, max_connections: int | None = None) -> 
         ca_file=settings.noojee_ca_file,
         verify=settings.noojee_verify_tls,
         tls_strict=settings.noojee_tls_strict,
-        connect_timeout=settings.noojee_connect_timeout,
-        request_timeout=settings.noojee_timeout,
-        max_connections=max_connections or settings.noojee_max_connections,
+        connect_timeout=limits.connect_timeout,
+        request_timeout=limits.request_timeout,
+        max_connections=max_connections or limits.max_connections,
     )
 
 
 def delivery_config(settings: Settings) -> DeliveryConfig:
     """Delivery's share of the settings, read once at start-up."""
     return DeliveryConfig(
-        connections=Connections(
-            max_connections=settings.noojee_max_connections,
-            connect_timeout=settings.noojee_connect_timeout,
-            request_timeout=settings.noojee_timeout,
-        ),
+        connections=connections(settings),
         retry=Retry(
             max_attempts=settings.retry_max_attempts,
             max_age=settings.retry_max_age,
