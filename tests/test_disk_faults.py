@@ -97,9 +97,7 @@ async def test_queued_stops_are_delivered_while_the_disk_stays_full(
     settings = make_settings(simulator, ca_file, small_disk, spool_fsync=True)
     simulator.set_failure(FailureMode.HTTP_503)
     async with running_bridge(settings) as bridge:
-        for i in range(queued):
-            result = await call(bridge, "Fred", "by=uniqueid", "mode=async", uniqueid=f"1800.{i}")
-            assert result.variables["NOOJEE_STATUS"] == "QUEUED"
+        await _queue_stops(bridge, [f"1800.{i}" for i in range(queued)])
         fill(small_disk)
         refused = await call(bridge, "Fred", "by=uniqueid", "mode=async", uniqueid="1800.99")
         assert refused.variables["NOOJEE_STATUS"] == "FAILED"
@@ -124,9 +122,7 @@ async def test_a_bridge_restarted_on_a_full_disk_starts_and_delivers(
     settings = make_settings(simulator, ca_file, small_disk, spool_fsync=True)
     simulator.set_failure(FailureMode.HTTP_503)
     async with running_bridge(settings) as bridge:
-        for i in range(queued):
-            result = await call(bridge, "Fred", "by=uniqueid", "mode=async", uniqueid=f"1810.{i}")
-            assert result.variables["NOOJEE_STATUS"] == "QUEUED"
+        await _queue_stops(bridge, [f"1810.{i}" for i in range(queued)])
     fill(small_disk)
     simulator.clear()
     simulator.set_failure(FailureMode.NONE)
@@ -136,6 +132,13 @@ async def test_a_bridge_restarted_on_a_full_disk_starts_and_delivers(
         )
     targets = [r.params["extenOrUniqueId"] for r in delivered]
     assert sorted(targets) == sorted(f"1810.{i}" for i in range(queued))
+
+
+async def _queue_stops(bridge: Bridge, uniqueids: list[str]) -> None:
+    """One async stop per uniqueid, each QUEUED (NoojeeContact is down)."""
+    for uniqueid in uniqueids:
+        result = await call(bridge, "Fred", "by=uniqueid", "mode=async", uniqueid=uniqueid)
+        assert result.variables["NOOJEE_STATUS"] == "QUEUED"
 
 
 async def _readiness(bridge: Bridge) -> list[str]:
