@@ -94,7 +94,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def _send_request(args: argparse.Namespace, settings: Settings) -> RecordingRequest:
     """The checks and the agent lookup of a call from the dialplan: what send tries is what
     the bridge would send. The identifier goes out as given, which is what id= means."""
-    from agi_bridge.calls import CallDefaults, Rejected, parameters_from, request_for
+    from agi_bridge.calls import Rejected, parameters_from, request_for
 
     given = (("id", args.uniqueid or args.extension), ("agent", args.agent), ("tag", args.tag))
     parameters = parameters_from(
@@ -103,12 +103,9 @@ def _send_request(args: argparse.Namespace, settings: Settings) -> RecordingRequ
     if parameters.id is None:
         raise Rejected("the extension or uniqueid is empty")
     kind = target_kind("extension" if args.extension else "id")
-    call_defaults = CallDefaults(
-        default_by=settings.default_by,
-        default_agent=settings.default_agent,
-        agents=settings.agents,
+    return request_for(
+        args.action, parameters.id, args.extension, parameters, settings.call_defaults, kind
     )
-    return request_for(args.action, parameters.id, args.extension, parameters, call_defaults, kind)
 
 
 def _tls_warnings(settings: Settings) -> list[str]:

@@ -26,7 +26,7 @@ from typing import Final, cast
 
 import structlog
 
-from agi_bridge.calls import CallDefaults, Rejected, build_request, parse_parameters
+from agi_bridge.calls import Rejected, build_request, parse_parameters
 from agi_bridge.delivery import Delivery
 from agi_bridge.logs import get_logger
 from agi_bridge.metrics import Metrics, Refusal
@@ -213,11 +213,7 @@ class AgiServer:
         self.metrics = metrics
         self.delivery = delivery
         self._networks = settings.allow_clients
-        self._call_defaults = CallDefaults(
-            default_by=settings.default_by,
-            default_agent=settings.default_agent,
-            agents=settings.agents,
-        )
+        self._call_defaults = settings.call_defaults
         # Each action's default mode and sync budget, as the action table names them.
         self._policies: dict[Action, tuple[Mode, float]] = {
             action: (getattr(settings, rules.mode_setting), getattr(settings, rules.budget_setting))

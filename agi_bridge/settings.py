@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from agi_bridge import defaults
+from agi_bridge.calls import CallDefaults
 from agi_bridge.defaults import ENV_PREFIX, env_name
 from agi_bridge.redact import MASK
 from agi_bridge.vocabulary import By, Mode
@@ -338,6 +339,14 @@ class Settings(BaseSettings):
     @functools.cached_property
     def metrics_address(self) -> Address | None:
         return Address.parse(self.metrics_listen) if self.metrics_listen else None
+
+    @functools.cached_property
+    def call_defaults(self) -> CallDefaults:
+        """What a request falls back to when its call names no identifier kind or agent (the
+        server's calls and ``agi-bridge send`` alike)."""
+        return CallDefaults(
+            default_by=self.default_by, default_agent=self.default_agent, agents=self.agents
+        )
 
     @property
     def api_key(self) -> str:
