@@ -106,3 +106,40 @@ def test_per_action_rules_come_from_the_table(action: vocabulary.Action) -> None
     fields = Settings.model_fields
     assert fields[rules.mode_setting].default in get_args(vocabulary.Mode)
     assert fields[rules.budget_setting].default > 0
+
+
+# --- the status contract: described once ----------------------------------------------------
+
+REPO = PACKAGE.parent
+STATUS_TABLE_HEAD = "| `NOOJEE_STATUS` | meaning | agent hears | what to do |"
+
+
+def _status_table_rows() -> list[str]:
+    """The first cell of each row of dialplan/README.md's status table."""
+    lines = (REPO / "dialplan" / "README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index(STATUS_TABLE_HEAD) + 2  # past the head and its |---| line
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.split("|")[1])
+    return rows
+
+
+def test_the_status_table_describes_every_status_once() -> None:
+    """dialplan/README.md's status table names each NOOJEE_STATUS value of the code exactly
+    once: a status added to the code without its description (or a stale one) fails here."""
+    named = [word.strip("` ") for row in _status_table_rows() for word in row.split("/")]
+    assert sorted(named) == sorted(vocabulary.Status)
+
+
+@pytest.mark.parametrize("document", ["README.md", "dialplan/extensions.conf"])
+def test_the_other_documents_name_the_statuses_and_point_to_the_table(document: str) -> None:
+    """README.md and extensions.conf list every status and point to the one table instead of
+    describing them again (a meaning written three times drifts apart)."""
+    text = (REPO / document).read_text(encoding="utf-8")
+    for status in vocabulary.Status:
+        assert status.value in text, status
+    assert "dialplan/README.md" in text
+    # The meanings are not repeated: the table's wording of a status appears only there.
+    assert "a start that may have reached NoojeeContact without a confirmation" not in text
