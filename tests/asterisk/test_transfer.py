@@ -92,6 +92,18 @@ async def _keys_reach(ami: Ami, phone: str, member: str) -> None:
     raise AssertionError(f"no digit pressed on {phone} reached {member} whole")
 
 
+async def _phone_of(ami: Ami, customer: str, extension: str) -> str:
+    """The uniqueid of the phone of ``extension`` on the customer's call (the ``;2`` half of
+    its Local member): where its agent's key presses come from."""
+    phone = await ami.wait_event(
+        lambda e: e.event == "Newchannel" and e.get("Linkedid") == customer
+        and str(e.get("Channel", "")).startswith(f"Local/{extension}@test-member-")
+        and str(e["Channel"]).endswith(";2"),
+        what=f"{extension}'s phone",
+    )  # fmt: skip
+    return str(phone["Uniqueid"])
+
+
 async def _bridged_with(ami: Ami, customer: str, target: str) -> None:
     """The customer's channel (``;2``, the half in the call) and the target's leg are in one
     bridge: the hand-on happened."""
@@ -203,13 +215,7 @@ async def test_attended_transfer_cancelled_leaves_the_agent_armed(
     since = len(ami.events)
     await ami.hangup(target)
     await _answered(ami, member, since)  # back in a bridge with the customer
-    phone = await ami.wait_event(
-        lambda e: e.event == "Newchannel" and e.get("Linkedid") == customer
-        and str(e.get("Channel", "")).startswith("Local/410@test-member-")
-        and str(e["Channel"]).endswith(";2"),
-        what="410's phone",
-    )  # fmt: skip
-    await _press(ami, str(phone["Uniqueid"]), STOP)
+    await _press(ami, await _phone_of(ami, customer, "410"), STOP)
     await ami.wait_var("NOOJEE_STATUS", "STOPPED", uniqueid=member)
     await _feature_done(ami, member)
     await ami.hangup(member)
@@ -217,6 +223,34 @@ async def test_attended_transfer_cancelled_leaves_the_agent_armed(
     await ami.wait_hangup(customer)
     await bridge.wait_drained()
     assert _requests(simulator) == [(STOP_PATH, "410", "Fred")]
+    assert bridge.sessions(target) == []
+
+
+# Asterisk's default atxferabort (features.conf [general]): 410 ends its consultation.
+ABORT = "*1"
+
+
+@pytest.mark.parametrize("cancelled_by", ["consulted", "agent"])
+async def test_attended_transfer_cancelled_then_the_call_ends_names_the_agent_who_kept_it(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, cancelled_by: str
+) -> None:
+    """410 consults 411, who answers; then 411 hangs up, or 410 presses the abort code: the
+    call is back with 410, so the one stop at the end names 410's login, not 411's (who
+    answered last, but no longer has the call)."""
+    customer, member = await _call(
+        ami, QUEUE, TEST_DTMF="#8", TEST_DTMF2="411", TEST_DTMF2_AFTER="2", TEST_AGENT_STAY="30"
+    )
+    target = await _member(ami, customer, TARGET)
+    await _answered(ami, target)
+    since = len(ami.events)
+    if cancelled_by == "consulted":
+        await ami.hangup(target)
+    else:
+        await _press(ami, await _phone_of(ami, customer, "410"), ABORT)
+        await ami.wait_hangup(target)
+    await _answered(ami, member, since)  # back in a bridge with the customer
+    await _end(ami, bridge, customer, member)
+    assert _requests(simulator) == [(STOP_PATH, customer, "Fred")]
     assert bridge.sessions(target) == []
 
 
