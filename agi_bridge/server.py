@@ -21,6 +21,7 @@ import socket
 import sys
 import termios
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -40,7 +41,7 @@ from agi_bridge.protocol import (
     ProtocolError,
     Reply,
 )
-from agi_bridge.settings import Settings
+from agi_bridge.settings import IPNetwork, Settings
 from agi_bridge.tasks import finish_within
 from agi_bridge.vocabulary import (
     ACTIONS,
@@ -63,6 +64,9 @@ BACKLOG: Final = 1024
 # Sent instead of a command when we refuse a session: Asterisk ends the AGI with
 # AGISTATUS=FAILURE, which the sample dialplan handles like an unreachable bridge.
 FAILURE_LINE: Final = b"failure\n"
+# Peer addresses whose allow_clients verdict is remembered: Asterisk connects from one or a few
+# addresses; past this many (a scan from a network that can reach us) the memory starts over.
+MAX_REMEMBERED_PEERS: Final = 1024
 
 
 class _Closed(Exception):
@@ -213,6 +217,8 @@ class AgiServer:
         self.metrics = metrics
         self.delivery = delivery
         self._networks = settings.allow_clients
+        # Each peer address's verdict, decided once: parsing the address cost every session.
+        self._verdicts: dict[str, bool] = {}
         self._call_defaults = settings.call_defaults
         # Each action's default mode and sync budget, as the action table names them.
         self._policies: dict[Action, tuple[Mode, float]] = {
@@ -274,13 +280,12 @@ class AgiServer:
     def _allowed(self, peer: _Peer) -> bool:
         if not self._networks:
             return True
-        try:
-            address = ipaddress.ip_address(peer.host)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._networks)
+        allowed = self._verdicts.get(peer.host)
+        if allowed is None:
+            if len(self._verdicts) >= MAX_REMEMBERED_PEERS:
+                self._verdicts.clear()
+            allowed = self._verdicts[peer.host] = _in_networks(peer.host, self._networks)
+        return allowed
 
     def accepted(self, session: _Session) -> None:
         """A connection came in: its session runs in a task of its own."""
@@ -416,6 +421,16 @@ class AgiServer:
             mode=parameters.mode or mode,
             budget=budget,
         )
+
+
+def _in_networks(host: str, networks: Sequence[IPNetwork]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 def _message(text: str) -> str:
