@@ -737,6 +737,19 @@ def test_redact_url_hides_any_key(key: str) -> None:
     assert httpx.URL(redact_url(url)).params["apiKey"] == "***"
 
 
+def test_a_repeated_answer_is_classified_for_its_own_secret() -> None:
+    """Answers classified once and looked up again still scrub the secret they are given, and
+    a large answer (not remembered) is classified like a small one."""
+    body = b'{"Message":"bad key sesame","Code":-1}'
+    assert classify_response(200, body, secret="sesame").message == "bad key ***"
+    assert classify_response(200, body, secret="other").message == "bad key sesame"
+    assert classify_response(200, body, secret="sesame").message == "bad key ***"
+    padded = body[:-1] + b" " * 1000 + b"}"
+    assert classify_response(200, padded, secret="sesame") == classify_response(
+        200, body, secret="sesame"
+    )
+
+
 @settings(max_examples=300, deadline=None)
 @given(status=st.integers(100, 599), body=st.binary(max_size=600))
 def test_classify_response_never_raises_and_messages_stay_clean(status: int, body: bytes) -> None:
