@@ -282,7 +282,6 @@ class NoojeeClient:
             request = httpx.Request(
                 "POST", url, headers=self._headers, stream=_EMPTY, extensions=self._extensions
             )
-            request.read()  # the body (none) as httpx.Request(content=b"") would hold it
             response = await self._transport.handle_async_request(request)
             if response.is_closed:
                 # Read whole by the transport already (ours reads it, bounded).

@@ -134,12 +134,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         headers = [
             (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw
         ]
+        # A body in memory (our client's requests: an empty one) is taken from its stream:
+        # request.content needs Request.read(), which tests whether it ran by catching an
+        # AttributeError, a cost per request.
+        stream = request.stream
+        content = b"".join(stream) if isinstance(stream, httpx.ByteStream) else request.content
         try:
             async with session.request(
                 request.method,
                 str(request.url),
                 headers=headers,
-                data=request.content or None,
+                data=content or None,
                 allow_redirects=False,
                 timeout=self._timeout(request),
             ) as response:
