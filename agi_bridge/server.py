@@ -96,6 +96,7 @@ class _Session(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._error: OSError | None = None  # the connection failed (reset): raised on next read
         self._paused = False
+        self._late = False  # the current phase's deadline has passed (see _deadline)
         self.silent = True  # nothing received yet
         self.evicted = False  # closed while silent, to make room for a newer connection
 
@@ -143,9 +144,12 @@ class _Session(asyncio.Protocol):
                 return event  # type: ignore[return-value]  # NeedData handled above
 
     async def _data(self) -> None:
-        """Wait until the transport has given the core more bytes (or the end)."""
+        """Wait until the transport has given the core more bytes (or the end); TimeoutError
+        once the deadline of the session's current phase has passed."""
         if self._error is not None:
             raise self._error
+        if self._late:
+            raise TimeoutError
         if self._paused:
             self._paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -156,14 +160,31 @@ class _Session(asyncio.Protocol):
             self._waiter = None
         if self._error is not None:
             raise self._error
+        if self._late:
+            raise TimeoutError
+
+    def _deadline(self, seconds: float) -> asyncio.TimerHandle:
+        """Bound what the session reads next to ``seconds``: a timer that wakes the read,
+        which then raises TimeoutError. The session awaits nothing but its reads here, so a
+        plain timer does what asyncio.timeout would, without a Timeout object and the task's
+        cancellation per phase. Cancel it when the phase is over."""
+        self._late = False
+        return asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._late = True
+        self._wake()
 
     async def environment(self) -> Environment:
         # Asterisk sends the environment as it connects: under load it is usually all read by
         # the time this task runs, and then no timer is started (one less per session).
         event = self.connection.next_event()
         if event is NEED_DATA:
-            async with asyncio.timeout(self.settings.environment_timeout):
+            deadline = self._deadline(self.settings.environment_timeout)
+            try:
                 event = await self._event()
+            finally:
+                deadline.cancel()
         assert isinstance(event, Environment)  # the protocol core yields it first, or raises
         return event
 
@@ -180,10 +201,13 @@ class _Session(asyncio.Protocol):
     async def set_variables(self, outcome: Outcome) -> None:
         """NOOJEE_STATUS and NOOJEE_MESSAGE; one deadline (``command_timeout`` per reply)
         for both, which saves a timer per session."""
-        async with asyncio.timeout(2 * self.settings.command_timeout):
+        deadline = self._deadline(2 * self.settings.command_timeout)
+        try:
             connection = self.connection
             await self.command(connection.set_variable("NOOJEE_STATUS", outcome.status.value))
             await self.command(connection.set_variable("NOOJEE_MESSAGE", _message(outcome.message)))
+        finally:
+            deadline.cancel()
 
     def write(self, data: bytes) -> None:
         transport = self.transport
