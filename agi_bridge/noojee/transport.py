@@ -162,9 +162,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
         limit = self._max_body_bytes
-        chunks: list[bytes] = []
-        size = 0
-        while size < limit and (chunk := await response.content.read(limit - size)):
+        content = response.content
+        # A short answer has usually arrived whole with its headers: taken as it is, without
+        # awaiting a read that would find it there (and a second one that would find the end).
+        chunks = [content.read_nowait(limit)]
+        size = len(chunks[0])
+        while size < limit and not content.at_eof() and (chunk := await content.read(limit - size)):
             chunks.append(chunk)
             size += len(chunk)
         return b"".join(chunks)
