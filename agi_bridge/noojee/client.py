@@ -34,8 +34,10 @@ Design:
   filter to the ``httpx`` logger that redacts those values (it costs nothing while INFO is
   disabled, the default).
 * Per-request work is kept small because the benchmark runs this thousands of times per second:
-  URLs prefixes, the auth suffix and the headers are precomputed; the common answer (a short
-  JSON object) takes the fast path through the classifier.
+  the action URLs are parsed once (a request only sets its query string, see _with_query), the
+  auth suffix and the headers are precomputed, requests carry their empty body as a stream and
+  responses come back read; the common answer (a short JSON object) is classified once, then
+  looked up.
 """
 
 from __future__ import annotations
