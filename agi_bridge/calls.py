@@ -9,6 +9,7 @@ with a reason the admin can act on, never guessed at.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, get_args
@@ -32,6 +33,8 @@ KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode", "channel", "c
 MAX_IDENTIFIER_LENGTH: Final = 149
 # agentLoginName and tag are short NoojeeContact fields; a longer value is a dialplan bug.
 MAX_VALUE_LENGTH: Final = 255
+# C0 control characters and DEL: a dialplan value with one is a bug (or an injection).
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,7 +99,7 @@ def _check_text(name: str, value: str, limit: int) -> str:
         raise Rejected(f"{name} is empty")
     if len(value) > limit:
         raise Rejected(f"{name} is longer than {limit} characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+    if _CONTROL_RE.search(value) is not None:
         raise Rejected(f"{name} contains control characters")
     return value
 

@@ -624,6 +624,16 @@ class AgiConnection:
         one on the earliest line however the bytes were chunked.
         """
         buffer = self._buffer
+        if not self._environment_bytes and self._cutting is None:
+            # The usual case: the whole block in one read, smaller than one line may be, so no
+            # line in it can break a limit. Parsed straight from the buffer.
+            end = buffer.find(b"\n\n", 0, self._max_line_bytes)
+            if 0 < end <= self._max_environment_bytes - 2 and buffer.find(b"\r", 0, end) < 0:
+                self._store_variables_text(buffer[:end].decode("utf-8", "replace"))
+                self._environment_bytes = end + 2
+                del buffer[: end + 2]
+                self._scan_from = 0
+                return self._finish_environment()
         if self._cutting is not None:
             newline = buffer.find(b"\n")
             if newline < 0:
@@ -713,9 +723,12 @@ class AgiConnection:
         # Asterisk declares no charset: see _decode(). The block is decoded at once, which
         # gives the same text as line by line: "\n" is ASCII, and UTF-8 replacement never
         # swallows an ASCII byte into a bad sequence.
-        texts = b"\n".join(lines).decode("utf-8", "replace").split("\n")
+        self._store_variables_text(b"\n".join(lines).decode("utf-8", "replace"))
+
+    def _store_variables_text(self, text: str) -> None:
+        """Add the ``name: value`` lines of ``text`` (decoded, joined by "\n")."""
         variables = self._variables
-        for line in texts:
+        for line in text.split("\n"):
             # Split on the FIRST ": " only: values contain colons (agi_request is a URL,
             # IAX2 channels are IAX2/10.0.0.1:4569-1). setup_env() always writes
             # "name: value", so "agi_accountcode: " is an empty value; a bare "name:" (a

@@ -21,6 +21,7 @@ import socket
 import sys
 import termios
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -40,7 +41,7 @@ from agi_bridge.protocol import (
     ProtocolError,
     Reply,
 )
-from agi_bridge.settings import Settings
+from agi_bridge.settings import IPNetwork, Settings
 from agi_bridge.tasks import finish_within
 from agi_bridge.vocabulary import (
     ACTIONS,
@@ -63,6 +64,9 @@ BACKLOG: Final = 1024
 # Sent instead of a command when we refuse a session: Asterisk ends the AGI with
 # AGISTATUS=FAILURE, which the sample dialplan handles like an unreachable bridge.
 FAILURE_LINE: Final = b"failure\n"
+# Peer addresses whose allow_clients verdict is remembered: Asterisk connects from one or a few
+# addresses; past this many (a scan from a network that can reach us) the memory starts over.
+MAX_REMEMBERED_PEERS: Final = 1024
 
 
 class _Closed(Exception):
@@ -92,6 +96,7 @@ class _Session(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._error: OSError | None = None  # the connection failed (reset): raised on next read
         self._paused = False
+        self._late = False  # the current phase's deadline has passed (see _deadline)
         self.silent = True  # nothing received yet
         self.evicted = False  # closed while silent, to make room for a newer connection
 
@@ -139,9 +144,12 @@ class _Session(asyncio.Protocol):
                 return event  # type: ignore[return-value]  # NeedData handled above
 
     async def _data(self) -> None:
-        """Wait until the transport has given the core more bytes (or the end)."""
+        """Wait until the transport has given the core more bytes (or the end); TimeoutError
+        once the deadline of the session's current phase has passed."""
         if self._error is not None:
             raise self._error
+        if self._late:
+            raise TimeoutError
         if self._paused:
             self._paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -152,14 +160,31 @@ class _Session(asyncio.Protocol):
             self._waiter = None
         if self._error is not None:
             raise self._error
+        if self._late:
+            raise TimeoutError
+
+    def _deadline(self, seconds: float) -> asyncio.TimerHandle:
+        """Bound what the session reads next to ``seconds``: a timer that wakes the read,
+        which then raises TimeoutError. The session awaits nothing but its reads here, so a
+        plain timer does what asyncio.timeout would, without a Timeout object and the task's
+        cancellation per phase. Cancel it when the phase is over."""
+        self._late = False
+        return asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._late = True
+        self._wake()
 
     async def environment(self) -> Environment:
         # Asterisk sends the environment as it connects: under load it is usually all read by
         # the time this task runs, and then no timer is started (one less per session).
         event = self.connection.next_event()
         if event is NEED_DATA:
-            async with asyncio.timeout(self.settings.environment_timeout):
+            deadline = self._deadline(self.settings.environment_timeout)
+            try:
                 event = await self._event()
+            finally:
+                deadline.cancel()
         assert isinstance(event, Environment)  # the protocol core yields it first, or raises
         return event
 
@@ -176,10 +201,13 @@ class _Session(asyncio.Protocol):
     async def set_variables(self, outcome: Outcome) -> None:
         """NOOJEE_STATUS and NOOJEE_MESSAGE; one deadline (``command_timeout`` per reply)
         for both, which saves a timer per session."""
-        async with asyncio.timeout(2 * self.settings.command_timeout):
+        deadline = self._deadline(2 * self.settings.command_timeout)
+        try:
             connection = self.connection
             await self.command(connection.set_variable("NOOJEE_STATUS", outcome.status.value))
             await self.command(connection.set_variable("NOOJEE_MESSAGE", _message(outcome.message)))
+        finally:
+            deadline.cancel()
 
     def write(self, data: bytes) -> None:
         transport = self.transport
@@ -213,6 +241,8 @@ class AgiServer:
         self.metrics = metrics
         self.delivery = delivery
         self._networks = settings.allow_clients
+        # Each peer address's verdict, decided once: parsing the address cost every session.
+        self._verdicts: dict[str, bool] = {}
         self._call_defaults = settings.call_defaults
         # Each action's default mode and sync budget, as the action table names them.
         self._policies: dict[Action, tuple[Mode, float]] = {
@@ -274,13 +304,12 @@ class AgiServer:
     def _allowed(self, peer: _Peer) -> bool:
         if not self._networks:
             return True
-        try:
-            address = ipaddress.ip_address(peer.host)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._networks)
+        allowed = self._verdicts.get(peer.host)
+        if allowed is None:
+            if len(self._verdicts) >= MAX_REMEMBERED_PEERS:
+                self._verdicts.clear()
+            allowed = self._verdicts[peer.host] = _in_networks(peer.host, self._networks)
+        return allowed
 
     def accepted(self, session: _Session) -> None:
         """A connection came in: its session runs in a task of its own."""
@@ -416,6 +445,16 @@ class AgiServer:
             mode=parameters.mode or mode,
             budget=budget,
         )
+
+
+def _in_networks(host: str, networks: Sequence[IPNetwork]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 def _message(text: str) -> str:

@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 
 import agi_bridge.delivery
+from agi_bridge.delivery import sync
 from agi_bridge.delivery.config import Connections, DeliveryConfig, Retry
 from agi_bridge.delivery.ended import RecentCalls
 from agi_bridge.delivery.ledger import Ledger
 from agi_bridge.delivery.repeats import RepeatCache
 from agi_bridge.delivery.sender import Sender
-from agi_bridge.delivery.sync import SyncPath
+from agi_bridge.delivery.sync import SyncPath, queued
 from agi_bridge.delivery.worker import Worker
 from agi_bridge.metrics import Metrics
 from agi_bridge.spool import Spool, SpoolEntry
@@ -507,3 +508,23 @@ def test_delivery_never_imports_the_settings() -> None:
                 names = [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
             imported += [f"{path.name}: {name}" for name in names if "settings" in name]
     assert imported == []
+
+
+async def test_a_spool_write_that_never_commits_is_failed_in_time_and_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write that never commits: the session hears FAILED once STORE_TIMEOUT has passed, the
+    write itself is not cancelled (other waiters settle on it) and the worker is not woken;
+    one already committed is QUEUED at once."""
+    monkeypatch.setattr(sync, "STORE_TIMEOUT", 0.05)
+    loop = asyncio.get_running_loop()
+    stalled: asyncio.Future[int] = loop.create_future()
+    woken: list[bool] = []
+    outcome = await queued(stalled, "NoojeeContact down", wake=lambda: woken.append(True))
+    assert outcome.status is Status.FAILED
+    assert outcome.message == "NoojeeContact down; could not queue: spool too slow"
+    assert not stalled.done()
+    assert woken == []
+    stalled.set_result(7)
+    outcome = await queued(stalled, "NoojeeContact down", wake=lambda: woken.append(True))
+    assert (outcome.status, outcome.entry, woken) == (Status.QUEUED, 7, [True])

@@ -689,12 +689,65 @@ def test_redact_url_hides_key_and_hash() -> None:
     assert redact_url("https://user:secret@h/x") == "https://user:***@h/x"
 
 
+_VALUES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(target=_VALUES, agent=_VALUES, tag=_VALUES)
+def test_request_url_is_the_one_httpx_parses_from_its_text(
+    target: str, agent: str, tag: str
+) -> None:
+    """The URL the client builds without parsing it again (the query set in httpx.URL's parsed
+    form) is the one httpx.URL makes of the same text, and carries every value intact."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"Message": "ok", "Code": 0})
+
+    async def start() -> NoojeeResult:
+        async with NoojeeClient(
+            base_url="https://noojee.example:8443/servicemanager/rest/",
+            auth="apikey",
+            api_key=KEY,
+            transport=httpx.MockTransport(handler),
+        ) as client:
+            return await client.send(RecordingRequest("start", target, agent=agent, tag=tag))
+
+    assert asyncio.run(start()).ok
+    [request] = seen
+    parsed = httpx.URL(str(request.url))
+    assert request.url == parsed
+    assert (request.url.raw_path, request.url.query) == (parsed.raw_path, parsed.query)
+    assert request.url.path == START_PATH
+    assert dict(request.url.params) == {
+        "extenOrUniqueId": target,
+        "agentLoginName": agent,
+        "tag": tag,
+        "apiKey": KEY,
+    }
+    assert request.headers["host"] == "noojee.example:8443"
+
+
 @settings(max_examples=200, deadline=None)
 @given(key=st.text(min_size=1, max_size=40))
 def test_redact_url_hides_any_key(key: str) -> None:
     """Whatever the key, the redacted URL carries *** as the apiKey value."""
     url = httpx.URL("https://h/CallManagementAPI/stop", params={"x": "1", "apiKey": key})
     assert httpx.URL(redact_url(url)).params["apiKey"] == "***"
+
+
+def test_a_repeated_answer_is_classified_for_its_own_secret() -> None:
+    """Answers classified once and looked up again still scrub the secret they are given, and
+    a large answer (not remembered) is classified like a small one."""
+    body = b'{"Message":"bad key sesame","Code":-1}'
+    assert classify_response(200, body, secret="sesame").message == "bad key ***"
+    assert classify_response(200, body, secret="other").message == "bad key sesame"
+    assert classify_response(200, body, secret="sesame").message == "bad key ***"
+    padded = body[:-1] + b" " * 1000 + b"}"
+    assert classify_response(200, padded, secret="sesame") == classify_response(
+        200, body, secret="sesame"
+    )
 
 
 @settings(max_examples=300, deadline=None)

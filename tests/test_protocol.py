@@ -515,6 +515,17 @@ def test_environment_over_limit_is_refused() -> None:
     assert remote_error(conn) == f"environment exceeds {MAX_ENVIRONMENT_BYTES} bytes"
 
 
+def test_small_environment_over_a_lower_limit_in_one_read_is_refused() -> None:
+    """A whole block in one read, shorter than a line may be, still obeys a lower environment
+    limit (the one-read parse checks it too), and one of exactly that size passes."""
+    conn = AgiConnection(max_environment_bytes=200)
+    conn.receive_data(_environment_of_size(201))
+    assert remote_error(conn) == "environment exceeds 200 bytes"
+    conn = AgiConnection(max_environment_bytes=200)
+    conn.receive_data(_environment_of_size(200))
+    assert isinstance(conn.next_event(), Environment)
+
+
 def test_environment_over_limit_fails_inside_a_partial_line() -> None:
     """The environment limit trips on a partial line, without waiting for its newline."""
     conn = AgiConnection(max_environment_bytes=100)

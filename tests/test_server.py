@@ -23,6 +23,7 @@ from agi_bridge.logs import configure_logging
 from agi_bridge.metrics import Metrics
 from agi_bridge.noojee import NoojeeClient
 from agi_bridge.spool import SPOOL_FILE, Spool
+from agi_bridge.testing.fake_asterisk import Call, environment_block
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 from agi_bridge.vocabulary import RecordingRequest
 from tests.bridge_helpers import API_KEY, call, make_settings, running_bridge, running_simulator
@@ -338,6 +339,25 @@ async def test_concurrent_repeats_on_one_call_are_sent_once(
     assert statuses == {"STOPPED"}
     messages = [first.variables["NOOJEE_MESSAGE"], second.variables["NOOJEE_MESSAGE"]]
     assert sum("sent once" in m for m in messages) == 1
+    assert len(_api(simulator)) == 1
+
+
+async def test_an_asterisk_that_stops_answering_is_let_go_at_the_command_deadline(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A peer that takes the first SET VARIABLE and never answers it: the session gives up
+    after 2 x command_timeout and closes the connection; the stop itself was sent."""
+    settings = make_settings(simulator, ca_file, tmp_path, command_timeout=0.2)
+    async with running_bridge(settings) as bridge:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.server.port)
+        writer.write(environment_block(Call(arguments=("Fred",), port=bridge.server.port)))
+        first = await reader.readline()
+        # Generous margin over the 0.4 s deadline: only a deadline that never fires fails.
+        async with asyncio.timeout(10):
+            rest = await reader.read()
+        writer.close()
+    assert first == b'SET VARIABLE "NOOJEE_STATUS" "STOPPED"\n'
+    assert rest == b""  # closed without the second command
     assert len(_api(simulator)) == 1
 
 

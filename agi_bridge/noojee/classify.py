@@ -12,6 +12,7 @@ The common answer (a short JSON object) takes the fast path: this runs for every
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import os
@@ -115,6 +116,17 @@ def _json_envelope(body: bytes) -> tuple[int | None, str | None] | None:
 
 
 def classify_response(status: int, body: bytes, *, secret: str | None = None) -> NoojeeResult:
+    """Turn one HTTP answer into a result, exactly as the API reference says (see _classify).
+
+    A result depends on nothing but its arguments and is immutable, and answers repeat
+    ("Recording stopped" all day): a small answer is classified once, then looked up (JSON
+    parsing and message hygiene cost about a twentieth of the HTTP leg)."""
+    if len(body) <= CACHED_BODY_BYTES:
+        return _classify_small(status, body, secret)
+    return _classify(status, body, secret)
+
+
+def _classify(status: int, body: bytes, secret: str | None) -> NoojeeResult:
     """Turn one HTTP answer into a result, exactly as the API reference says.
 
     2xx with Code 0, or with an empty body (the docs' "HTTP 200 on success"): OK. Code > 0 with
@@ -152,6 +164,14 @@ def classify_response(status: int, body: bytes, *, secret: str | None = None) ->
         excerpt = body_excerpt(body, secret)
     text = f"HTTP {status}: {excerpt}" if excerpt else f"HTTP {status} (empty body)"
     return NoojeeResult(ResultKind.HTTP_ERROR, text, envelope[0] if envelope else None, status)
+
+
+# Distinct small answers remembered: NoojeeContact's few messages, with room to spare; an answer
+# echoing a per-call value only cycles through them. Bodies up to CACHED_BODY_BYTES (a JSON
+# envelope is ~50) keep that memory small whatever the server sends.
+CACHED_ANSWERS: Final = 64
+CACHED_BODY_BYTES: Final = 512
+_classify_small: Final = functools.lru_cache(maxsize=CACHED_ANSWERS)(_classify)
 
 
 def is_expired(result: NoojeeResult) -> bool:
