@@ -4,7 +4,8 @@ process and taken before anything else (ports, spool).
 Two bridges sharing a spool each release the other's leases and send its entries: every stop
 in flight goes out twice. The lock is advisory and per open file, so it dies with the process
 (even ``kill -9``), never needs cleaning up, and the ``spool`` commands, which are meant to run
-beside a bridge, simply do not take it.
+beside a bridge, simply do not take it. The spool's writer process inherits it: the folder stays
+locked until the last process that may still write the spool is gone.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ class DataDirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def fileno(self) -> int:
+        """The lock's file descriptor, for a child that must hold the lock as long as it lives
+        (the spool's writer process); ValueError when not held."""
+        if self._fd is None:
+            raise ValueError(f"the lock {self.path} is not held")
+        return self._fd
 
     def release(self) -> None:
         """Give the lock up (idempotent). Nothing is written: on a frozen or dead disk a
