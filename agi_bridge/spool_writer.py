@@ -162,6 +162,18 @@ class SpoolEntry:
     last_error: str | None = None
     reason: SettleReason | None = None  # dead letters only
 
+    def __reduce__(self) -> tuple[type[SpoolEntry], tuple[object, ...]]:
+        # Pickled as its fields (claims answer hundreds): see RecordingRequest.__reduce__.
+        return SpoolEntry, (
+            self.id,
+            self.request,
+            self.call_uniqueid,
+            self.created,
+            self.attempts,
+            self.last_error,
+            self.reason,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class SpoolStats:
