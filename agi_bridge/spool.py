@@ -108,9 +108,9 @@ class _Job:
 
 
 class _Writer:
-    """The writer process and the bridge's end of its socket. Jobs go out at once (what the
-    socket does not take waits in ``_out``, sent when the loop says it can), answers come
-    back one per batch, in the order of the jobs: the oldest unanswered job is the head of
+    """The writer process and the bridge's end of its socket. Jobs go out at the end of the
+    event loop's turn, in one write (what the socket does not take waits in ``_out``), answers
+    come back one per batch, in the order of the jobs: the oldest unanswered job is the head of
     ``_waiting``."""
 
     def __init__(self, path: Path, *, fsync: bool, inherit: Sequence[int]) -> None:
@@ -134,6 +134,7 @@ class _Writer:
         self._out = bytearray()
         self._waiting: deque[_Job] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._writing = False  # the loop watches the socket for room (it was full)
         # What the writer reported (its file deleted or replaced; SQLite found it damaged),
         # and why it is gone if it ended while the bridge still needed it.
         self.lost: str | None = None
@@ -174,44 +175,45 @@ class _Writer:
         if self._loop is not loop:
             self._attach(loop)
         self._waiting.append(_Job(future, time.monotonic(), what))
-        data = frame((name, args))
-        if not self._out:
-            try:
-                sent = self._sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                return future  # the writer is gone: its end of file fails every waiter
-            if sent == len(data):
-                return future
-            data = data[sent:]
-            loop.add_writer(self._sock.fileno(), self._writable)
-        self._out += data
+        if not self._out and not self._writing:
+            loop.call_soon(self._send)
+        self._out += frame((name, args))
         return future
 
     def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._detach()
         loop.add_reader(self._sock.fileno(), self._readable)
-        if self._out:
-            loop.add_writer(self._sock.fileno(), self._writable)
         self._loop = loop
+        if self._out:
+            loop.add_writer(self._sock.fileno(), self._send)
+            self._writing = True
 
     def _detach(self) -> None:
         loop, self._loop = self._loop, None
+        self._writing = False
         if loop is not None and not loop.is_closed():
             loop.remove_reader(self._sock.fileno())
             loop.remove_writer(self._sock.fileno())
 
-    def _writable(self) -> None:
+    def _send(self) -> None:
+        """Send what is waiting in one write: the jobs of one turn of the event loop wake the
+        writer once, and make one batch. What the socket does not take now goes when the loop
+        says it can (the writer stuck on a frozen disk: it waits here, in memory)."""
+        if self._loop is None:
+            return  # closed meanwhile: close() sent it
         try:
             sent = self._sock.send(self._out)
         except (BlockingIOError, InterruptedError):
-            return
+            sent = 0
         except OSError:
             sent = len(self._out)  # the writer is gone: its end of file fails every waiter
         del self._out[:sent]
-        if not self._out and self._loop is not None:
-            self._loop.remove_writer(self._sock.fileno())
+        if bool(self._out) != self._writing:
+            self._writing = not self._writing
+            if self._writing:
+                self._loop.add_writer(self._sock.fileno(), self._send)
+            else:
+                self._loop.remove_writer(self._sock.fileno())
 
     def _readable(self) -> None:
         try:

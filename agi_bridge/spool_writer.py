@@ -786,7 +786,9 @@ def _receive(
         if not data:
             return False
         buffer += data
-        jobs.extend(cast("list[tuple[str, tuple[object, ...]]]", unframe(buffer)))
+        jobs.extend(unframe(buffer))  # type: ignore[arg-type]  # (name, args): the bridge's
+        if jobs and len(data) < RECEIVE_BYTES:
+            return True  # a short read took all that was waiting: no second call to say so
         if jobs:
             flags = socket.MSG_DONTWAIT
 
