@@ -202,7 +202,7 @@ class _Writer:
         if self._loop is None:
             return  # closed meanwhile: close() sent it
         try:
-            sent = self._sock.send(self._out)
+            sent = self._sock.send(self._out) if self._out else 0  # settle() may have sent it
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
@@ -315,17 +315,52 @@ class _Writer:
         """Send what is left, close the sending side, take answers until the writer's end
         of file (it closes its end only when it exits)."""
         with contextlib.suppress(ConnectionError):  # gone: the wait for its exit reaps it
-            self._sock.settimeout(_left(deadline))
-            self._sock.sendall(self._out)
-            self._out.clear()
+            self._send_all(deadline)
             self._sock.shutdown(socket.SHUT_WR)
-            while True:
-                self._sock.settimeout(_left(deadline))
-                data = self._sock.recv(RECEIVE_BYTES)
-                if not data:
-                    return
-                self._in += data
-                self._answered()
+            while self._receive(deadline):
+                pass
+
+    def _send_all(self, deadline: float | None) -> None:
+        """Send everything waiting, blocking (until ``deadline``)."""
+        self._sock.settimeout(_left(deadline))
+        self._sock.sendall(self._out)
+        self._out.clear()
+
+    def _receive(self, deadline: float | None) -> bool:
+        """Read answers once, blocking (until ``deadline``), and hand them out; False at the
+        writer's end of file."""
+        self._sock.settimeout(_left(deadline))
+        data = self._sock.recv(RECEIVE_BYTES)
+        self._in += data
+        self._answered()
+        return bool(data)
+
+    def settle(self) -> None:
+        """Return once every job sent so far is answered: an operator's call (in this
+        process, on a connection of its own) sees every write the bridge asked for before it,
+        as when both went through one queue."""
+        loop = self._loop
+        if loop is not None and loop.is_running() and not _running(loop):
+            asyncio.run_coroutine_threadsafe(self._all_answered(), loop).result()
+            return
+        if self.ended is not None:
+            return
+        # The loop's own thread (or no loop running): nothing else reads the socket while
+        # this blocks, so it takes the answers itself.
+        try:
+            self._send_all(None)
+            while self._waiting:
+                if not self._receive(None):
+                    self._gone()
+        except ConnectionError:
+            self._gone()
+        finally:
+            self._sock.setblocking(False)
+
+    async def _all_answered(self) -> None:
+        waiting = [job.future for job in self._waiting]
+        if waiting:
+            await asyncio.wait(waiting)
 
     def _report_unwritten(self) -> None:
         unwritten = [job.what for job in self._waiting if job.what is not None]
@@ -342,6 +377,14 @@ class _Writer:
             f"writer process (pid {self.pid}) is killed: it ends only then, and holds the "
             "data_dir lock until it does",
         )
+
+
+def _running(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this thread is running ``loop``."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _left(deadline: float | None) -> float | None:
@@ -463,10 +506,13 @@ class Spool:
         return self._writer.submit(loop, op.__name__, tuple(args), what)
 
     def _scall(self, op: Callable[[sqlite3.Connection, *Args], T], *args: *Args) -> T:
-        """Run ``op(db, *args)`` in this process and commit (the operator's blocking calls)."""
+        """Run ``op(db, *args)`` in this process and commit (the operator's blocking calls),
+        after every write sent to the writer before it."""
+        if not self._opened:
+            raise SpoolError("the spool is not open")
+        if self._writer is not None:
+            self._writer.settle()
         with self._db_lock:
-            if not self._opened:
-                raise SpoolError("the spool is not open")
             if self._db is None:
                 self._db = ops.connect(self.path, fsync=self._fsync, migrate=False)
             [(value, error)] = ops.execute(self._db, [(op, tuple(args))])
