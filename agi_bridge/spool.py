@@ -45,7 +45,6 @@ from typing import Any, Final, Literal, TypeVar, TypeVarTuple, cast
 from agi_bridge import spool_writer as ops
 from agi_bridge.logs import get_logger
 from agi_bridge.spool_writer import (
-    MAX_BATCH,
     RECEIVE_BYTES,
     SCHEMA_VERSION,
     SPOOL_FILE,
@@ -61,7 +60,6 @@ from agi_bridge.spool_writer import (
 from agi_bridge.vocabulary import RecordingRequest
 
 __all__ = [
-    "MAX_BATCH",
     "MIN_FREE_BYTES",
     "SALVAGE",
     "SCHEMA_VERSION",
