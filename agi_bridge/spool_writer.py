@@ -686,7 +686,9 @@ def execute(connection: sqlite3.Connection, jobs: Sequence[Job]) -> list[Outcome
         # The commit itself failed (disk full, I/O error): nothing of the batch is durable.
         with contextlib.suppress(sqlite3.Error):
             connection.execute("ROLLBACK")
-        return [(None, failure(exc))] * len(jobs)
+        # One error each: a raised exception collects its traceback, and a shared one would
+        # collect all of its waiters'.
+        return [(None, failure(exc)) for _ in jobs]
     return outcomes
 
 
@@ -806,7 +808,7 @@ def _run_batch(
             "what was pending in the old file went with it"
         )
     if state.lost is not None:
-        return [(None, SpoolError(state.lost))] * len(batch)
+        return [(None, SpoolError(state.lost)) for _ in batch]  # one each: see execute()
     outcomes = execute(connection, [(OPS[name], args) for name, args in batch])
     for _, error in outcomes:
         if state.damaged is None and error is not None and error.sqlite_code in DAMAGE_CODES:
