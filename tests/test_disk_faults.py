@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from agi_bridge.app import Bridge
-from agi_bridge.lock import LOCK_FILE
+from agi_bridge.lock import LOCK_FILE, DataDirInUse, DataDirLock
 from agi_bridge.spool import Spool
 from agi_bridge.testing.fake_asterisk import Call, run_call
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
@@ -291,15 +291,23 @@ async def test_a_frozen_disk_fails_requests_fast_and_the_stop_names_what_it_coul
         # commit it may still land.
         writer_exit = os.pidfd_open(event["writer"])
         assert not _lockable(data_dir / LOCK_FILE)
+        # A bridge started now refuses at once, saying who holds the folder: it creates and
+        # writes nothing before it has the lock (the frozen disk would hold it). In a thread:
+        # were it held, the thaw below still runs.
+        writer_holds = f"still locked by the spool writer process of agi-bridge pid {process.pid}"
+        with pytest.raises(DataDirInUse, match=f"{writer_holds}, which has exited"):
+            await asyncio.wait_for(asyncio.to_thread(DataDirLock(data_dir).acquire), timeout=10)
         await asyncio.to_thread(subprocess.run, ["fsfreeze", "-u", str(freezable_disk)], check=True)
         await asyncio.wait_for(_exited(writer_exit), timeout=10)
         assert _lockable(data_dir / LOCK_FILE)
         assert await asyncio.wait_for(process.wait(), timeout=10) == 1
     finally:
+        # Thawed whatever happened (a no-op once thawed): a thread or process held by the
+        # frozen disk must not outlive the test.
+        await asyncio.to_thread(
+            subprocess.run, ["fsfreeze", "-u", str(freezable_disk)], capture_output=True
+        )
         if process.returncode is None:
-            await asyncio.to_thread(
-                subprocess.run, ["fsfreeze", "-u", str(freezable_disk)], check=False
-            )
             process.kill()
             await process.wait()
         for pidfd in (bridge_exit, writer_exit):
