@@ -46,6 +46,9 @@ SPOOL_FLUSH_TIMEOUT = 2.0
 # Allocations between two collections of the youngest generation (CPython's default is 700):
 # a few hundred sessions' worth, see serve().
 YOUNG_COLLECTION_AFTER = 10_000
+# Exit status of a stop whose spool flush gave up (a frozen disk): requests may be missing
+# from the spool (``spool.unwritten`` names them), so the service manager shows a failed stop.
+UNFLUSHED_EXIT = 1
 
 
 def connections(settings: Settings) -> Connections:
@@ -116,6 +119,8 @@ class Bridge:
         # The stop's deadline (loop time) once stop() began; hurry() brings it forward.
         self._deadline: float | None = None
         self._hurried = False
+        # False once the stop gave up on the spool's last flush (see UNFLUSHED_EXIT).
+        self.flushed = True
 
     async def start(self) -> None:
         """Lock the data folder, bind the FastAGI port, open the spool, start the worker and
@@ -124,7 +129,7 @@ class Bridge:
         self.lock.acquire()
         try:
             await self.server.bind()
-            self.spool.open()
+            self.spool.open(inherit=(self.lock.fileno(),))
             try:
                 await self.delivery.recover()
                 released = await self.spool.release_leases()
@@ -169,11 +174,11 @@ class Bridge:
                 await self.health.stop()
         finally:
             await self.client.aclose()
-            # Held on while the spool's thread may still write (a frozen disk): a new bridge
-            # must not claim entries under a commit this process has yet to land. The lock then
-            # goes with the process.
-            if self.spool.close(timeout=SPOOL_FLUSH_TIMEOUT):
-                self.lock.release()
+            # The writer process holds the lock too: a writer given up on (a frozen disk) keeps
+            # the folder locked until it is gone, so a new bridge cannot claim entries under a
+            # commit it may still land at the thaw.
+            self.flushed = self.spool.close(timeout=SPOOL_FLUSH_TIMEOUT)
+            self.lock.release()
         log.info("agi.server.stopped")
 
     @property
@@ -266,4 +271,6 @@ async def run_until_signal(bridge: Bridge) -> int:
         await stopping.wait()
     finally:
         await bridge.stop()
-    return FORCED_EXIT if len(signals) > 1 else 0
+    if len(signals) > 1:
+        return FORCED_EXIT
+    return 0 if bridge.flushed else UNFLUSHED_EXIT

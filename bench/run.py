@@ -9,7 +9,8 @@ Processes: the load generator (``loadgen.py``, Asterisk 22's side of FastAGI), t
 simulator (``sim.py``, HTTPS with keep-alive, trustme certificates generated into a temporary
 directory, configurable added latency) and, for each scenario, a fresh target process. The
 target's CPU is read from ``/proc/<pid>/stat`` (utime+stime, plus cutime+cstime of reaped
-children for process-per-call) before and after the measured window; its peak RSS is VmHWM
+children for process-per-call) before and after the measured window, plus that of its live
+children from ``/proc/<child>/stat`` (the bridge's spool writer process); its peak RSS is VmHWM
 from ``/proc/<pid>/status``. Every scenario is bounded in sessions and in seconds.
 
 See bench/README.md for what each number means.
@@ -214,6 +215,21 @@ def thread_cpu(pid: int) -> dict[int, float]:
             stat = (task / "stat").read_text()
             fields = stat[stat.rindex(")") + 2 :].split()
             found[int(task.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return found
+
+
+def children_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds per live child process of ``pid`` (the bridge's spool writer), found by the
+    parent pid in every ``/proc/<n>/stat``."""
+    found: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[1]) == pid:  # ppid
+                found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
     return found
 
 
@@ -456,6 +472,7 @@ def run_scenario(
             sim_cpu0 = float(sim.ask("cpu"))
             cpu0 = proc_cpu(target.pid, children=children)
             threads0 = thread_cpu(target.pid)
+            kids0 = children_cpu(target.pid)
             busy0 = machine_busy()
             started = time.monotonic()
             result = run_loadgen(base | {"mode": scenario.mode, "n": n}, on_held)
@@ -466,6 +483,7 @@ def run_scenario(
             time.sleep(0.2)
             cpu1 = proc_cpu(target.pid, children=children)
             threads1 = thread_cpu(target.pid)
+            kids1 = children_cpu(target.pid)
             busy1 = machine_busy()
             window = time.monotonic() - started
             sim_cpu1 = float(sim.ask("cpu"))
@@ -476,8 +494,12 @@ def run_scenario(
         finally:
             stop_process(target)
     completed = result["completed"]
-    cpu = cpu1 - cpu0
-    # The event loop's thread vs the others (the bridge's SQLite spool thread).
+    # Live children at either end (a child seen at the start and reaped since is in cutime at
+    # the end, whole: its share before the window is taken off here).
+    kids_cpu = sum(kids1.values()) - sum(kids0.values())
+    cpu = cpu1 - cpu0 + kids_cpu
+    # The event loop's thread vs the process's other threads vs its children (the bridge's
+    # spool writer process).
     main_cpu = threads1.get(target.pid, 0.0) - threads0.get(target.pid, 0.0)
     other_cpu = sum(v - threads0.get(t, 0.0) for t, v in threads1.items() if t != target.pid)
     per_1k = cpu / completed * 1000 if completed else float("nan")
@@ -502,6 +524,7 @@ def run_scenario(
         "cpu_s_per_1k": per_1k,
         "main_thread_cpu_s_per_1k": main_cpu / completed * 1000 if completed else None,
         "other_threads_cpu_s_per_1k": other_cpu / completed * 1000 if completed else None,
+        "children_cpu_s_per_1k": kids_cpu / completed * 1000 if completed else None,
         "sim_cpu_s_per_1k": (sim_cpu1 - sim_cpu0) / completed * 1000 if completed else None,
         "generator_cpu_s_per_1k": result["generator_cpu_seconds"] / completed * 1000
         if completed

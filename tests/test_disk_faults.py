@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from agi_bridge.app import Bridge
-from agi_bridge.lock import LOCK_FILE
+from agi_bridge.lock import LOCK_FILE, DataDirInUse, DataDirLock
 from agi_bridge.spool import Spool
 from agi_bridge.testing.fake_asterisk import Call, run_call
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
@@ -250,9 +250,11 @@ def freezable_disk(tmp_path: Path) -> Iterator[Path]:
 async def test_a_frozen_disk_fails_requests_fast_and_the_stop_names_what_it_could_not_write(
     freezable_disk: Path, simulator: NoojeeSimulator, ca_file: Path
 ) -> None:
-    """fsfreeze under a running bridge: a stop is FAILED (5 s, the spool's commit timeout)
-    and the next one at once; SIGTERM ends the stop within its deadline with an ERROR naming
-    the request the disk never took; once thawed, the process exits 0."""
+    """fsfreeze under a running bridge: a stop is FAILED (5 s, the spool's commit timeout) and
+    the next one at once; SIGTERM ends the process within its stop deadline WHILE the disk is
+    still frozen (exit 1: a stop that could not flush), with an ERROR naming the request the
+    disk never took; its writer process keeps the data_dir locked until the thaw ends it; a new
+    bridge then finds what was committed and nothing else."""
     data_dir = freezable_disk / "data"
     env = _bridge_env(simulator, ca_file, data_dir) | {"AGI_BRIDGE_SHUTDOWN_GRACE": "1"}
     process = await asyncio.create_subprocess_exec(
@@ -264,6 +266,10 @@ async def test_a_frozen_disk_fails_requests_fast_and_the_stop_names_what_it_coul
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+    # The bridge's exit, seen as it happens: process.wait() also waits for its stderr to
+    # close, and the writer process (stuck on the frozen disk) still holds it.
+    bridge_exit = os.pidfd_open(process.pid)
+    writer_exit: int | None = None
     try:
         line = await asyncio.wait_for(_line_with(process, b"agi.server.listening"), timeout=30)
         port = int(json.loads(line)["listen"].rsplit(":", 1)[1])
@@ -274,23 +280,58 @@ async def test_a_frozen_disk_fails_requests_fast_and_the_stop_names_what_it_coul
         assert (await _async_stop(port, "2000.3")) == "FAILED"  # at once: the disk is stalled
         process.send_signal(signal.SIGTERM)
         # shutdown_grace 1 s + the spool's last flush 2 s, with a margin for a loaded box.
-        unwritten = await asyncio.wait_for(_line_with(process, b"spool.unwritten"), timeout=10)
+        async with asyncio.timeout(10):
+            unwritten = await _line_with(process, b"spool.unwritten")
+            await _exited(bridge_exit)
         event = json.loads(unwritten)
         assert event["level"] == "error"
         assert any("call=2000.2" in request for request in event["requests"]), event
-        await asyncio.wait_for(_line_with(process, b"agi.server.stopped"), timeout=5)
-        # The spool's thread may still land its commit at the thaw: the data_dir stays locked
-        # until the process is gone, so a new bridge cannot interleave with it.
+        # The disk is still frozen: the writer cannot end (its SIGKILL waits for the thaw),
+        # and the data_dir stays locked until it does, so no new bridge interleaves with a
+        # commit it may still land.
+        writer_exit = os.pidfd_open(event["writer"])
         assert not _lockable(data_dir / LOCK_FILE)
+        # A bridge started now refuses at once, saying who holds the folder: it creates and
+        # writes nothing before it has the lock (the frozen disk would hold it). In a thread:
+        # were it held, the thaw below still runs.
+        writer_holds = f"still locked by the spool writer process of agi-bridge pid {process.pid}"
+        with pytest.raises(DataDirInUse, match=f"{writer_holds}, which has exited"):
+            await asyncio.wait_for(asyncio.to_thread(DataDirLock(data_dir).acquire), timeout=10)
         await asyncio.to_thread(subprocess.run, ["fsfreeze", "-u", str(freezable_disk)], check=True)
-        assert await asyncio.wait_for(process.wait(), timeout=10) == 0
+        await asyncio.wait_for(_exited(writer_exit), timeout=10)
+        assert _lockable(data_dir / LOCK_FILE)
+        assert await asyncio.wait_for(process.wait(), timeout=10) == 1
     finally:
+        # Thawed whatever happened (a no-op once thawed): a thread or process held by the
+        # frozen disk must not outlive the test.
+        await asyncio.to_thread(
+            subprocess.run, ["fsfreeze", "-u", str(freezable_disk)], capture_output=True
+        )
         if process.returncode is None:
-            await asyncio.to_thread(
-                subprocess.run, ["fsfreeze", "-u", str(freezable_disk)], check=False
-            )
             process.kill()
             await process.wait()
+        for pidfd in (bridge_exit, writer_exit):
+            if pidfd is not None:
+                os.close(pidfd)
+    # 2000.1 was committed before the freeze; 2000.2 only if the killed writer's commit landed
+    # at the thaw (it was named unwritten either way); 2000.3 never reached the writer.
+    async with running_bridge(make_settings(simulator, ca_file, data_dir)) as bridge:
+        pending = {entry.call_uniqueid for entry in bridge.spool.admin.list("pending")}
+        problems = await bridge.readiness()
+    assert "2000.1" in pending
+    assert pending <= {"2000.1", "2000.2"}, pending
+    assert not any("spool" in problem for problem in problems), problems
+
+
+async def _exited(pidfd: int) -> None:
+    """Wait until the process behind ``pidfd`` has exited (its pidfd turns readable)."""
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    try:
+        await exited
+    finally:
+        loop.remove_reader(pidfd)
 
 
 def _lockable(path: Path) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import sqlite3
 import subprocess
@@ -281,6 +282,65 @@ def test_survives_sigkill_right_after_add(tmp_path: Path) -> None:
         spool.close()
     assert sorted(int(e.request.target) for e in entries) == list(range(count))
     assert all(e.request.agent == "Fred" for e in entries)
+
+
+async def test_an_operators_call_sees_every_write_asked_for_before_it(spool: Spool) -> None:
+    """spool.admin, on the event loop's thread or another, sees the writes sent before it even
+    when nobody waited for them (a stop written ahead at shutdown, then listed)."""
+    spool.add(STOP, call_uniqueid="1.1")  # not awaited
+    assert [e.call_uniqueid for e in spool.admin.list("pending")] == ["1.1"]
+    spool.add(STOP, call_uniqueid="1.2")
+    pending = await asyncio.to_thread(spool.admin.list, "pending")
+    assert [e.call_uniqueid for e in pending] == ["1.1", "1.2"]
+
+
+def test_the_writer_ends_when_the_bridge_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the bridge: its writer process reads end of file, commits what it was sent
+    and exits, leaving no orphan behind."""
+    result = run_python(
+        """
+        import asyncio, os, signal, sys
+        from pathlib import Path
+        from agi_bridge.spool import Spool
+        from agi_bridge.vocabulary import RecordingRequest
+
+        async def main() -> None:
+            spool = Spool(Path(sys.argv[1]))
+            spool.open()
+            await spool.add(RecordingRequest("stop", "1", agent="Fred"), call_uniqueid="1.1")
+            print(spool.writer_pid, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        asyncio.run(main())
+        """,
+        str(tmp_path),
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    writer = int(result.stdout)
+    try:
+        pidfd = os.pidfd_open(writer)
+    except ProcessLookupError:
+        return  # gone and reaped already
+    try:
+        assert select.select([pidfd], [], [], 10)[0] == [pidfd], f"writer {writer} still runs"
+    finally:
+        os.close(pidfd)
+
+
+async def test_a_writer_that_dies_fails_its_waiters_and_every_later_call(spool: Spool) -> None:
+    """The writer process killed under a running bridge: what waits for it and every later
+    call fail with SpoolError saying so, and problems() reports it (/readyz not ready)."""
+    await spool.add(STOP, call_uniqueid="1.1")
+    assert spool.writer_pid is not None
+    os.kill(spool.writer_pid, signal.SIGKILL)
+    # Sent to a writer that will never read it (a SIGKILLed process runs no more code).
+    with pytest.raises(SpoolError, match=r"writer process \(pid \d+\) ended unexpectedly"):
+        await asyncio.wait_for(spool.add(STOP, call_uniqueid="1.2"), timeout=10)
+    with pytest.raises(SpoolError, match="ended unexpectedly"):
+        await spool.stats()
+    [problem] = await spool.problems()
+    assert problem.startswith(f"spool {spool.path} is not writable: ")
+    assert "ended unexpectedly" in problem
 
 
 async def test_second_process_reads_while_open(tmp_path: Path, clock: FakeClock) -> None:
