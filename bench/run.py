@@ -11,7 +11,8 @@ directory, configurable added latency) and, for each scenario, a fresh target pr
 target's CPU is read from ``/proc/<pid>/stat`` (utime+stime, plus cutime+cstime of reaped
 children for process-per-call) before and after the measured window, plus that of its live
 children from ``/proc/<child>/stat`` (the bridge's spool writer process); its peak RSS is VmHWM
-from ``/proc/<pid>/status``. Every scenario is bounded in sessions and in seconds.
+from ``/proc/<pid>/status``, plus that of its live children. Every scenario is bounded in
+sessions and in seconds.
 
 See bench/README.md for what each number means.
 """
@@ -488,6 +489,12 @@ def run_scenario(
             window = time.monotonic() - started
             sim_cpu1 = float(sim.ask("cpu"))
             memory = proc_memory(target.pid)
+            # The spool writer's memory is the bridge's too: each one's peak, added (an upper
+            # bound of their peak together).
+            kids_peak = 0.0
+            for kid in kids1:
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    kids_peak += proc_memory(kid).get("VmHWM", 0.0)
             requests = sim.count()
             if options.profile_dir is not None:
                 profile_window(scenario, sim, target.pid, base, n, options)
@@ -538,7 +545,8 @@ def run_scenario(
         ),
         "rss_idle_mb": idle.get("VmRSS"),
         "rss_held_mb": held_rss.get("VmRSS"),
-        "peak_rss_mb": memory.get("VmHWM"),
+        "peak_rss_mb": memory.get("VmHWM", 0.0) + kids_peak if memory else None,
+        "children_peak_rss_mb": kids_peak,
         "late_starts": result.get("late_starts", 0),
         "max_start_lag_ms": result.get("max_start_lag_ms", 0.0),
     }
