@@ -558,11 +558,12 @@ class Spool:
         and not on its way (a start being sent is settled by its attempt); return their ids."""
         return self._acall(ops.cancel_by_extension, call_uniqueid, error, self._clock())
 
-    def delivered(self, entry_id: int) -> asyncio.Future[None]:
-        """Forget a delivered entry. Callers need not wait for the future: a crash before the
-        commit only means one harmless redelivery. On a disk that takes no write the entry is
-        forgotten in memory (never claimed again by this process) and deleted once it can."""
-        return self._unless_full(self._acall(ops.delivered, entry_id), entry_id, settled=True)
+    def remove(self, entry_id: int) -> asyncio.Future[None]:
+        """Delete an entry that left (delivered, or a stop NoojeeContact no longer knows).
+        Callers need not wait for the future: a crash before the commit only means one harmless
+        redelivery. On a disk that takes no write the entry is forgotten in memory (never
+        claimed again by this process) and deleted once it can."""
+        return self._unless_full(self._acall(ops.remove, entry_id), entry_id, settled=True)
 
     def _unless_full(
         self, write: asyncio.Future[Any], entry_id: int, *, settled: bool
@@ -629,11 +630,11 @@ class Spool:
         settled; None when neither does (delivered, or purged by the operator)."""
         return await self._acall(ops.where, entry_id)
 
-    def failed(self, entry_id: int, error: str, *, retry_at: float) -> asyncio.Future[None]:
+    def reschedule(self, entry_id: int, error: str, *, retry_at: float) -> asyncio.Future[None]:
         """Count a failed attempt and set when to try again (for a start: one that certainly
         never reached NoojeeContact, so it may be sent again). On a full disk: uncounted,
         tried again when its lease ends (a start stays marked attempted: never resent)."""
-        write = self._acall(ops.failed, entry_id, error, retry_at)
+        write = self._acall(ops.reschedule, entry_id, error, retry_at)
         return self._unless_full(write, entry_id, settled=False)
 
     def expire_if_idle(self, entry_id: int, error: str) -> asyncio.Future[bool]:

@@ -536,7 +536,7 @@ def cancel_by_extension(
 
 
 @op
-def delivered(db: sqlite3.Connection, entry_id: int) -> None:
+def remove(db: sqlite3.Connection, entry_id: int) -> None:
     db.execute("DELETE FROM pending WHERE id = ?", (entry_id,))
     # Cancelled while its attempt was on its way (cancel_by_extension): it was delivered
     # after all, and a repeat must hear that, not "cancelled".
@@ -595,7 +595,7 @@ def where(
 
 
 @op
-def failed(db: sqlite3.Connection, entry_id: int, error: str, retry_at: float) -> None:
+def reschedule(db: sqlite3.Connection, entry_id: int, error: str, retry_at: float) -> None:
     db.execute(
         "UPDATE pending SET attempts = attempts + 1, last_error = ?, next_at = ?, "
         "attempted = 0 WHERE id = ?",

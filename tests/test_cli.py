@@ -447,7 +447,7 @@ async def prepared_spool(tmp_path: Path) -> dict[str, int]:
                 RecordingRequest("stop", "412", agent="Barney"), call_uniqueid="1.4"
             ),
         }
-        await spool.failed(ids["pending_stop"], "HTTP 503", retry_at=0)
+        await spool.reschedule(ids["pending_stop"], "HTTP 503", retry_at=0)
         await spool.dead_letter(ids["dead_a"], "Permission denied")
         await spool.dead_letter(ids["dead_b"], "Unknown agent")
     finally:

@@ -275,7 +275,7 @@ async def test_a_delivery_is_recorded_even_when_the_worker_batch_is_cut_short(
     )
     delivery = Delivery(config=DeliveryConfig(), client=client, spool=spool, metrics=Metrics())
     deleted = asyncio.Event()
-    record = spool.delivered
+    record = spool.remove
 
     def spy(entry_id: int) -> asyncio.Future[None]:
         write = record(entry_id)
@@ -286,7 +286,7 @@ async def test_a_delivery_is_recorded_even_when_the_worker_batch_is_cut_short(
         for agent in ("Fred", "Barney"):
             request = RecordingRequest(action="stop", target="410", agent=agent)
             await spool.add(request, call_uniqueid=f"4.{agent}")
-        spool.delivered = spy  # type: ignore[method-assign]
+        spool.remove = spy  # type: ignore[method-assign]
         worker = asyncio.create_task(delivery.run())
         await asyncio.wait_for(deleted.wait(), timeout=5)
         worker.cancel()

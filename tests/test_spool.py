@@ -105,7 +105,7 @@ async def test_delivered_removes(spool: Spool, clock: FakeClock) -> None:
     entry_id = await spool.add(STOP, call_uniqueid="1.1")
     kept = await spool.add(STOP, call_uniqueid="1.2")  # a stop: its lease runs out, it comes back
     await spool.claim_due(limit=10, lease=1)
-    await spool.delivered(entry_id)
+    await spool.remove(entry_id)
     clock.now += 10
     assert [e.id for e in await spool.claim_due(limit=10, lease=1)] == [kept]
     assert (await spool.stats()).pending == 1
@@ -115,11 +115,11 @@ async def test_failed_counts_attempt_and_sets_retry_time(spool: Spool, clock: Fa
     """failed() increments attempts, keeps the error and makes the entry due at retry_at."""
     entry_id = await spool.add(STOP, call_uniqueid="1.1")
     await spool.claim_due(limit=10, lease=30)
-    await spool.failed(entry_id, "HTTP 503", retry_at=clock.now + 2)
+    await spool.reschedule(entry_id, "HTTP 503", retry_at=clock.now + 2)
     assert await spool.next_due() == clock.now + 2
     assert await spool.claim_due(limit=10, lease=30) == []
     clock.now += 2
-    await spool.failed(entry_id, "timeout", retry_at=clock.now)
+    await spool.reschedule(entry_id, "timeout", retry_at=clock.now)
     (entry,) = await spool.claim_due(limit=10, lease=30)
     assert (entry.id, entry.attempts, entry.last_error) == (entry_id, 2, "timeout")
 
@@ -128,7 +128,7 @@ async def test_dead_letter_moves_with_error_and_attempts(spool: Spool, clock: Fa
     """dead_letter moves the entry to the dead table with its last error and attempt count."""
     entry_id = await spool.add(STOP, call_uniqueid="1.1")
     other = await spool.add(START, call_uniqueid="1.2")
-    await spool.failed(entry_id, "HTTP 503", retry_at=clock.now)
+    await spool.reschedule(entry_id, "HTTP 503", retry_at=clock.now)
     await spool.dead_letter(entry_id, "Permission denied")
     await spool.dead_letter(other, "too old", attempted=False)
     assert spool.admin.list("pending") == []
@@ -146,7 +146,7 @@ async def test_retry_dead_moves_back(spool: Spool, clock: FakeClock) -> None:
     """retry_dead puts dead letters back as fresh pending entries, due now, under their ids."""
     ids = [await spool.add(STOP, call_uniqueid=f"1.{n}") for n in range(3)]
     for entry_id in ids:
-        await spool.failed(entry_id, "HTTP 500", retry_at=clock.now)
+        await spool.reschedule(entry_id, "HTTP 500", retry_at=clock.now)
         await spool.dead_letter(entry_id, "HTTP 500")
     clock.now += 100
     assert spool.admin.retry_dead([ids[1]]) == (ids[1],)
@@ -201,7 +201,7 @@ async def test_stats(spool: Spool, clock: FakeClock) -> None:
     await spool.dead_letter(dead, "x")
     stats = await spool.stats()
     assert (stats.pending, stats.dead, stats.oldest_pending) == (2, 1, first_created)
-    await spool.delivered(first)
+    await spool.remove(first)
     assert (await spool.stats()).oldest_pending == first_created + 60
     assert spool.admin.stats() == await spool.stats()
 
@@ -224,7 +224,7 @@ async def test_persists_across_close_and_reopen(tmp_path: Path, clock: FakeClock
     first.open()
     kept = await first.add(START, call_uniqueid="1.1")
     dead = await first.add(STOP, call_uniqueid="1.2")
-    await first.failed(kept, "HTTP 503", retry_at=clock.now)
+    await first.reschedule(kept, "HTTP 503", retry_at=clock.now)
     await first.dead_letter(dead, "Permission denied")
     first.close()
 
@@ -501,7 +501,7 @@ async def test_a_start_that_certainly_never_left_may_be_claimed_again(
     """failed() is for a failure before sending: it clears the attempted mark."""
     start = await spool.add(START, call_uniqueid="1.1")
     await spool.claim_due(limit=10, lease=30)
-    await spool.failed(start, "cannot connect: Connection refused", retry_at=clock.now)
+    await spool.reschedule(start, "cannot connect: Connection refused", retry_at=clock.now)
     assert [e.id for e in await spool.claim_due(limit=10, lease=30)] == [start]
 
 

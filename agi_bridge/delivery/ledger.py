@@ -57,8 +57,8 @@ class Ledger:
     def delivered(self, entry_id: int, message: str) -> asyncio.Future[None]:
         """NoojeeContact did what entry ``entry_id`` asked: it leaves the spool."""
         # Told before the write is queued: a repeat that finds the entry gone knows why.
-        self._repeats.settled(entry_id, Fate.DELIVERED, message)
-        return self._spool.delivered(entry_id)
+        self._repeats.entry_left(entry_id, Fate.DELIVERED, message)
+        return self._spool.remove(entry_id)
 
     def failed(
         self,
@@ -83,7 +83,7 @@ class Ledger:
         exhausted = attempts + 1 >= retry.max_attempts or age >= retry.max_age
         if result.transient and not exhausted:
             self._metrics.retries.inc()
-            return self._spool.failed(entry_id, result.message, retry_at=self._wall_clock())
+            return self._spool.reschedule(entry_id, result.message, retry_at=self._wall_clock())
         if result.kind is ResultKind.NOT_FOUND and rules.not_found_settles:
             # No such call: a stop that reached NoojeeContact after the call (and its recording)
             # ended. Nobody can fix or retry that, so it pages nobody as a dead letter; it is
@@ -96,8 +96,8 @@ class Ledger:
                 attempts=attempts + 1,
                 error=result.message,
             )
-            self._repeats.settled(entry_id, Fate.NOT_FOUND, result.message)
-            return self._spool.delivered(entry_id)
+            self._repeats.entry_left(entry_id, Fate.NOT_FOUND, result.message)
+            return self._spool.remove(entry_id)
         self._metrics.dead_letters.inc()
         log.error(
             "spool.entry.dead",
@@ -157,7 +157,7 @@ class Ledger:
             self._metrics.settle("cancelled")
             log.warning("spool.entry.cancelled", id=entry_id, call_uniqueid=call_uniqueid)
 
-    def settle(
+    def record(
         self, entry_id: int, request: RecordingRequest, result: NoojeeResult
     ) -> asyncio.Future[Any]:
         """A session's own attempt on the entry it wrote ahead (its first attempt)."""

@@ -133,7 +133,7 @@ class RepeatCache:
         if seen is not None and seen.outcome is outcome:
             del self._recent[key]
 
-    def settled(self, entry_id: int, fate: Fate, message: str) -> None:
+    def entry_left(self, entry_id: int, fate: Fate, message: str) -> None:
         """Spool entry ``entry_id`` is leaving the spool without a dead letter."""
         if self._window <= 0:
             return  # no repeat will ever ask

@@ -159,7 +159,7 @@ class SyncPath:
             await asyncio.wait((store,))
             if store.exception() is not None:
                 return  # the session reports it (queued), or it no longer matters
-            write = self._ledger.settle(store.result(), request, result)
+            write = self._ledger.record(store.result(), request, result)
             if not result.ok:
                 self._wake()
             await write
