@@ -134,6 +134,10 @@ def op(function: T) -> T:
     return function
 
 
+# The operations that put something new in the spool (a request, the readiness probe's
+# write): refused once the file is no longer the one at its path, see _run_batch.
+_NEW_ENTRIES: Final = frozenset({"add", "probe"})
+
 # SQLite's answers that mean the file itself is damaged.
 DAMAGE_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
@@ -798,17 +802,26 @@ def _receive(
 def _run_batch(
     connection: sqlite3.Connection, batch: list[tuple[str, tuple[object, ...]]], state: _State
 ) -> list[Outcome]:
-    # The spool file deleted or replaced under the bridge: writes would go to a file nobody
-    # will read again, so every operation fails from then on. One stat per batch
-    # (microseconds); the delivery worker's idle poll makes it one at least every second.
+    # The spool file deleted or replaced under the bridge: a new entry would go to a file
+    # nobody will read again, so nothing more is put in it (nor does the readiness probe
+    # pass); what it holds already is still delivered from the open file, the one place it
+    # is left. One stat per batch (microseconds); the delivery worker's idle poll makes it
+    # one at least every second.
     if state.lost is None and _identity(state.path) != state.opened:
         state.lost = (
             f"the spool file {state.path} was deleted or replaced while the bridge ran: "
-            "nothing more is queued into it. Restart the bridge (it starts a new spool); "
-            "what was pending in the old file went with it"
+            "nothing more is queued into it, and what it held is still delivered from the "
+            "open file. Restart the bridge (it starts a new spool) once "
+            "agi_bridge_spool_pending is 0: what is still pending then is lost with the file"
         )
     if state.lost is not None:
-        return [(None, SpoolError(state.lost)) for _ in batch]  # one each: see execute()
+        kept = [(OPS[name], args) for name, args in batch if name not in _NEW_ENTRIES]
+        answers = iter(execute(connection, kept))
+        # One SpoolError each: see execute().
+        return [
+            (None, SpoolError(state.lost)) if name in _NEW_ENTRIES else next(answers)
+            for name, _ in batch
+        ]
     outcomes = execute(connection, [(OPS[name], args) for name, args in batch])
     for _, error in outcomes:
         if state.damaged is None and error is not None and error.sqlite_code in DAMAGE_CODES:

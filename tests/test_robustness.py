@@ -471,6 +471,26 @@ async def test_after_the_spool_is_deleted_nothing_is_acknowledged_into_it(
     assert (await call(bridge, "Fred", uniqueid="3.3")).variables["NOOJEE_STATUS"] == "STOPPED"
 
 
+async def test_stops_queued_before_the_spool_was_deleted_are_still_delivered(
+    bridge: Bridge, simulator: NoojeeSimulator, tmp_path: Path
+) -> None:
+    """Stops QUEUED while NoojeeContact was down, then the spool file deleted: nothing new is
+    queued into it (FAILED), but the stops it already held are delivered from the open file
+    once NoojeeContact is back, the one copy of them left."""
+    simulator.set_failure(FailureMode.HTTP_503)
+    for uniqueid in ("1.1", "1.2"):
+        result = await call(bridge, "Fred", "mode=async", "by=uniqueid", uniqueid=uniqueid)
+        assert result.variables["NOOJEE_STATUS"] == "QUEUED"
+    _delete_spool(tmp_path)
+    after = await call(bridge, "Fred", "mode=async", "by=uniqueid", uniqueid="2.2")
+    assert after.variables["NOOJEE_STATUS"] == "FAILED"
+    assert bridge.spool.lost is not None
+    simulator.clear()
+    simulator.set_failure(FailureMode.NONE)
+    await simulator.wait_for(2)
+    assert sorted(r.params["extenOrUniqueId"] for r in simulator.received) == ["1.1", "1.2"]
+
+
 async def test_sigterm_lets_the_session_in_flight_finish_then_exits_0(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
