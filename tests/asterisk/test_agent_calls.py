@@ -57,13 +57,18 @@ async def _press(ami: Ami, agent: Phone, leg: str, code: str, state: str) -> Non
 
 
 async def _blind_to_411(
-    ami: Ami, simulator: NoojeeSimulator, phones: StartPhone, agent: Phone, leg: str, callee: str
-) -> str:
-    """410's phone transfers the call to 411 (REFER), who answers and talks with the customer,
-    nothing sent meanwhile: 411's channel."""
+    ami: Ami, simulator: NoojeeSimulator, phones: StartPhone, agent: Phone, leg: str, callee: str,
+    how: str = "REFER",
+) -> str:  # fmt: skip
+    """410's phone (REFER), or CTI software (AMI BlindTransfer of 410's channel), transfers the
+    call to 411, who answers and talks with the customer, nothing sent meanwhile: 411's channel."""
     await phones("411")
     since = len(ami.events)
-    await agent.send("xfer", call="c1", to=agent.uri("411"))
+    if how == "REFER":
+        await agent.send("xfer", call="c1", to=agent.uri("411"))
+    else:
+        channel = ami.channel_name(leg)
+        await ami.action("BlindTransfer", Channel=channel, Context="test-phones", Exten="411")
     await ami.wait_hangup(leg)
     return await _handed_on(ami, simulator, callee, "411", since)
 
@@ -86,14 +91,15 @@ async def test_no_transfer_one_stop_when_either_side_hangs_up(
     assert _requests(simulator) == [(STOP_PATH, leg, "Fred")]
 
 
-async def test_blind_transfer_by_the_phone_one_stop_at_the_end(
-    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
+@pytest.mark.parametrize("how", ["REFER", "AMI"])
+async def test_blind_transfer_one_stop_at_the_end(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone, how: str
 ) -> None:
-    """410 transfers its call to 411 (REFER): nothing when 410 leaves nor while the customer
-    talks to 411; one stop by 410's uniqueid (the linkedid) when the customer hangs up, with
-    411's login."""
+    """410's call is transferred to 411 (the phone's REFER, AMI BlindTransfer): nothing when 410
+    leaves nor while the customer talks to 411; one stop by 410's uniqueid (the linkedid) when
+    the customer hangs up, with 411's login."""
     agent, customer, leg, callee = await _agent_call(ami, phones)
-    target = await _blind_to_411(ami, simulator, phones, agent, leg, callee)
+    target = await _blind_to_411(ami, simulator, phones, agent, leg, callee, how)
     await _ends(ami, bridge, simulator, customer, callee, target, call="in1")
     assert _requests(simulator) == [(STOP_PATH, leg, "Wilma")]
 
