@@ -154,3 +154,21 @@ async def test_stop_then_start_code_then_blind_transfer_the_end_stops(
         (START_PATH, "410", "Fred"),
         (STOP_PATH, leg, "Wilma"),
     ]
+
+
+async def test_nobody_answers_no_stop(
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
+) -> None:
+    """410 calls the customer, whose phone rings and is never answered; 410 gives up: no stop."""
+    agent = await phones("410")
+    customer = await phones("customer", ring=True)
+    since = len(ami.events)
+    await agent.send("call", call="c1", to=agent.uri("200"))
+    leg = await _channel(ami, "PJSIP/410-", since)
+    callee = await _channel(ami, "PJSIP/customer-", since)
+    await customer.ringing()
+    await agent.send("hangup", call="c1")
+    await ami.wait_hangup(leg)
+    await ami.wait_hangup(callee)
+    await bridge.wait_drained()
+    assert simulator.received == []
