@@ -110,10 +110,11 @@ async def _queue_call(
 
 
 async def _ends(
-    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, customer: Phone, *legs: str
-) -> None:
-    """The customer hangs up; the legs end; what the call sent is delivered."""
-    await customer.send("hangup", call="c1")
+    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, customer: Phone, *legs: str,
+    call: str = "c1",
+) -> None:  # fmt: skip
+    """The customer hangs up (its call ``call``); the legs end; what the call sent is delivered."""
+    await customer.send("hangup", call=call)
     for leg in legs:
         await ami.wait_hangup(leg)
     await bridge.wait_drained()
@@ -130,14 +131,15 @@ async def _handed_on(ami: Ami, simulator: NoojeeSimulator, cust: str, to: str, s
     return target
 
 
-async def _attended_by_the_phone(agent: Phone, consulted: Phone) -> None:
-    """410's phone holds the customer, calls 411, talks, completes with REFER + Replaces."""
-    await agent.send("hold", call="in1")
+async def _attended_by_the_phone(agent: Phone, consulted: Phone, call: str = "in1") -> None:
+    """410's phone holds the customer (its call ``call``), calls 411, talks, completes with
+    REFER + Replaces."""
+    await agent.send("hold", call=call)
     await agent.send("call", call="c2", to=agent.uri(consulted.user))
     await consulted.answered()
     await agent.wait(event="state", call="c2", state="CONFIRMED")
     await asyncio.sleep(TALK)  # 410 tells 411 about the customer
-    await agent.send("xfer_replaces", call="in1", other="c2")
+    await agent.send("xfer_replaces", call=call, other="c2")
 
 
 async def test_local_chain_member_agent_hangs_up_one_stop_with_the_member_name(

@@ -70,11 +70,13 @@ async def _logged(ami: Ami, uniqueid: str, text: str) -> None:
     )  # fmt: skip
 
 
-async def _feature_done(ami: Ami, uniqueid: str) -> None:
-    """The feature code's subroutine returned (its sound played): the agent may go on."""
+async def _feature_done(ami: Ami, uniqueid: str, since: int = 0) -> None:
+    """The feature code's subroutine returned (its sound played), after event ``since``: the
+    agent may go on."""
     await ami.wait_event(
         lambda e: e.event == "Newexten" and e.get("Uniqueid") == uniqueid
-        and e.get("Context") == "agi-bridge-feature" and e.get("Application") == "Return",
+        and e.get("Context") == "agi-bridge-feature" and e.get("Application") == "Return"
+        and any(seen is e for seen in ami.events[since:]),
         what=f"the end of the feature code on {uniqueid}",
     )  # fmt: skip
 
