@@ -2,7 +2,7 @@
 there until NoojeeContact has taken it or it is dead-lettered with its last error.
 
 SQLite in WAL mode, written by a process of its own (:mod:`agi_bridge.spool_writer`, seen in
-``ps`` as ``python -I -S .../agi_bridge/spool_writer.py``). Why a process: on a disk that
+``ps`` as ``python -I -S -c ... agi_bridge.spool_writer ...``). Why a process: on a disk that
 takes no write (``fsfreeze``, a snapshot, a dying disk) whatever writes sleeps in the kernel,
 uninterruptibly, until the disk is back, and a process holding such a thread cannot end, not
 even on SIGKILL. The bridge itself never touches the spool file, so its stop stays bounded:
@@ -81,11 +81,22 @@ MIN_FREE_BYTES: Final = 1024 * 1024
 # A batch commits in milliseconds, a busy disk's fsync takes well under a second: a job still
 # unanswered after this is held by the disk (frozen by fsfreeze or a snapshot, or dying).
 STALLED_AFTER: Final = 2.0
-# The writer, as ``ps`` shows it; its arguments follow (socket fd, spool file, fsync). Run
-# by its file, isolated (-I: no environment variables, no user site) and without the site
-# module (-S): it imports only the standard library, so it needs no site-packages, and finds
-# its own file in every install (editable, a venv, the image) as the bridge found it.
-WRITER_COMMAND: Final = (sys.executable, "-I", "-S", ops.__file__)
+# The writer, as ``ps`` shows it; its arguments follow (socket fd, spool file, fsync).
+# Isolated (-I: no environment variables, no user site) and without the site module (-S):
+# it imports only the standard library and its own module, which it finds where the bridge
+# found it, in every install (editable, a venv, the image), with nothing else of that
+# directory's (no .pth file run, the standard library first). Its module is imported, not run
+# as a script: the script would be compiled at every start, and the compiler's memory stays
+# with the process (1 MB, against the cached bytecode's).
+_PACKAGES: Final = os.path.dirname(os.path.dirname(ops.__file__))
+WRITER_COMMAND: Final = (
+    sys.executable,
+    "-I",
+    "-S",
+    "-c",
+    f"import sys; sys.path.append({_PACKAGES!r}); from agi_bridge.spool_writer import main; "
+    "sys.exit(main(sys.argv))",
+)
 
 # What the operator does about a damaged spool (the README's "Salvaging a damaged spool").
 SALVAGE: Final = (

@@ -1,7 +1,7 @@
 """The spool's SQLite side, and the process that writes it: the schema, every operation on
 the spool (one module-level function each, ``op(db, *args)``, answering plain values: rows,
-tuples, numbers), and the loop of the writer process the bridge starts (``python -I -S
-.../agi_bridge/spool_writer.py``).
+tuples, numbers), and the loop of the writer process the bridge starts (``python -I -S -c
+... agi_bridge.spool_writer ...``: :data:`agi_bridge.spool.WRITER_COMMAND`).
 
 Why a process of its own: on a disk that takes no write (``fsfreeze``, a dying disk, a
 snapshot) the thread inside SQLite's write sleeps in the kernel, uninterruptibly, until the
@@ -32,12 +32,11 @@ import signal
 import socket
 import sqlite3
 import struct
-import sys
 from collections import deque
 
 # The writer imports nothing else at run time (no typing, no dataclasses, no pathlib, nothing
-# of ours): it runs as ``python -I -S`` on this file, so a Python with sqlite3 is all its
-# memory. Its types exist for mypy only.
+# else of ours): it runs as ``python -I -S``, so a Python with sqlite3 is all its memory. Its
+# types exist for mypy only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -800,8 +799,9 @@ def _run_batch(
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -I -S spool_writer.py FD PATH FSYNC``: FD is the writer's end of the socket
-    pair. Answers ``("ready", reserve released)`` or ``("failed", SpoolError.wire())`` first."""
+    """``main([..., FD, PATH, FSYNC])`` (spool.WRITER_COMMAND): FD is the writer's end of the
+    socket pair. Answers ``("ready", reserve released)`` or ``("failed", SpoolError.wire())``
+    first."""
     # Ctrl-C in a terminal reaches the whole process group: the bridge stops, and tells the
     # writer when (by closing its end); the writer must not die first with its batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -815,7 +815,3 @@ def main(argv: Sequence[str]) -> int:
         sock.sendall(frame(("ready", released)))
         serve(sock, connection, path)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
