@@ -28,8 +28,8 @@ import contextlib
 import errno as os_errno
 import marshal
 import os
+import select
 import signal
-import socket
 import sqlite3
 import struct
 from collections import deque
@@ -717,16 +717,19 @@ class _State:
         self.damaged = damaged
 
 
-def serve(sock: socket.socket, connection: sqlite3.Connection, path: str) -> None:
-    """Run every job the bridge sends, in batches, until it closes its end; then finish
-    what is left and close the database."""
+def serve(sock: int, connection: sqlite3.Connection, path: str) -> None:
+    """Run every job the bridge sends on the socket ``sock`` (a file descriptor: the socket
+    module would cost the writer half a megabyte), in batches, until it closes its end; then
+    finish what is left and close the database."""
     state = _State(path, damaged=quick_check(connection))
+    readable = select.poll()
+    readable.register(sock, select.POLLIN)
     buffer = bytearray()
     jobs: deque[tuple[str, tuple[object, ...]]] = deque()
     reading = True
     while True:
         if reading:
-            reading = _receive(sock, buffer, jobs, wait=not jobs)
+            reading = _receive(sock, readable, buffer, jobs, wait=not jobs)
         if not jobs:
             break  # the bridge closed its end, and everything it sent is answered
         batch = [jobs.popleft() for _ in range(min(len(jobs), MAX_BATCH))]
@@ -736,26 +739,26 @@ def serve(sock: socket.socket, connection: sqlite3.Connection, path: str) -> Non
         ]
         # The bridge gone (killed): what it sent is still committed, nobody to tell.
         with contextlib.suppress(OSError):
-            sock.sendall(frame((outcomes, state.lost, state.damaged)))
+            _send(sock, frame((outcomes, state.lost, state.damaged)))
     connection.close()
 
 
 def _receive(
-    sock: socket.socket,
+    sock: int,
+    readable: select.poll,
     buffer: bytearray,
     jobs: deque[tuple[str, tuple[object, ...]]],
     *,
     wait: bool,
 ) -> bool:
     """Add to ``jobs`` what the bridge sent: with ``wait``, block until there is one, then
-    take whatever else is there already (the group commit's batch). False once the bridge
-    closed its end."""
-    flags = 0 if wait else socket.MSG_DONTWAIT
+    take whatever else is there already (the group commit's batch; ``readable`` polls
+    ``sock``). False once the bridge closed its end."""
     while True:
-        try:
-            data = sock.recv(RECEIVE_BYTES, flags)
-        except BlockingIOError:
+        if not wait and not readable.poll(0):
             return True
+        try:
+            data = os.read(sock, RECEIVE_BYTES)
         except ConnectionError:
             return False
         if not data:
@@ -765,7 +768,14 @@ def _receive(
         if jobs and len(data) < RECEIVE_BYTES:
             return True  # a short read took all that was waiting: no second call to say so
         if jobs:
-            flags = socket.MSG_DONTWAIT
+            wait = False
+
+
+def _send(sock: int, data: bytes) -> None:
+    """Write all of ``data`` to ``sock`` (a write may take only part of it)."""
+    left = memoryview(data)
+    while left:
+        left = left[os.write(sock, left) :]
 
 
 def _run_batch(
@@ -806,12 +816,11 @@ def main(argv: Sequence[str]) -> int:
     # writer when (by closing its end); the writer must not die first with its batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd, path, fsync = int(argv[1]), argv[2], argv[3] == "1"
-    with socket.socket(fileno=fd) as sock:
-        try:
-            connection, released = open_for_writing(path, fsync=fsync)
-        except SpoolError as exc:
-            sock.sendall(frame(("failed", exc.wire())))
-            return 1
-        sock.sendall(frame(("ready", released)))
-        serve(sock, connection, path)
+    try:
+        connection, released = open_for_writing(path, fsync=fsync)
+    except SpoolError as exc:
+        _send(fd, frame(("failed", exc.wire())))
+        return 1
+    _send(fd, frame(("ready", released)))
+    serve(fd, connection, path)
     return 0

@@ -332,7 +332,8 @@ def test_the_writer_ends_when_the_bridge_is_killed(tmp_path: Path) -> None:
 
 def test_the_writer_imports_only_the_standard_library(tmp_path: Path) -> None:
     """The writer process, run as the bridge runs it, loads nothing of ours but its module and
-    none of typing, dataclasses, pathlib or pickle: its memory is a bare Python's with sqlite3."""
+    none of typing, dataclasses, pathlib, pickle or socket: its memory is a bare Python's with
+    sqlite3."""
     ours, theirs = socket.socketpair()
     arguments = (str(theirs.fileno()), str(tmp_path / SPOOL_FILE), "0")
     with ours, theirs:
@@ -353,7 +354,7 @@ def test_the_writer_imports_only_the_standard_library(tmp_path: Path) -> None:
         if line.startswith("import time:") and "|" in line
     }
     assert "sqlite3" in imported  # the trace is there: the check below can fail
-    heavy = {"typing", "dataclasses", "pathlib", "pickle", "inspect", "re"}
+    heavy = {"typing", "dataclasses", "pathlib", "pickle", "inspect", "re", "socket"}
     ours = {"agi_bridge", "agi_bridge.spool_writer"}
     assert {m for m in imported if m in heavy or m.startswith("agi_bridge")} == ours
 
