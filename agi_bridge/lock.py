@@ -64,7 +64,7 @@ class DataDirLock:
                 f"data_dir {self.path.parent} is still locked by the spool writer process of "
                 f"agi-bridge pid {holder}, which has exited (lock {self.path}): the writer ends "
                 "once its last commit is done, which a frozen or failing disk holds until it "
-                "takes writes again (`ps` shows it as agi_bridge/spool_writer.py). Thaw or fix "
+                "takes writes again (`ps` shows it as agi_bridge.spool_writer). Thaw or fix "
                 "the disk, then start the bridge"
             )
         who = f"pid {holder}" if holder.isdigit() else "another process"
