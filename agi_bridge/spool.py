@@ -2,7 +2,7 @@
 there until NoojeeContact has taken it or it is dead-lettered with its last error.
 
 SQLite in WAL mode, written by a process of its own (:mod:`agi_bridge.spool_writer`, seen in
-``ps`` as ``python -m agi_bridge.spool_writer <spool file>``). Why a process: on a disk that
+``ps`` as ``python -I -S -c ... agi_bridge.spool_writer ...``). Why a process: on a disk that
 takes no write (``fsfreeze``, a snapshot, a dying disk) whatever writes sleeps in the kernel,
 uninterruptibly, until the disk is back, and a process holding such a thread cannot end, not
 even on SIGKILL. The bridge itself never touches the spool file, so its stop stays bounded:
@@ -48,16 +48,12 @@ from agi_bridge.spool_writer import (
     RECEIVE_BYTES,
     SCHEMA_VERSION,
     SPOOL_FILE,
-    SettleReason,
-    SpoolEntry,
     SpoolError,
-    SpoolStats,
-    damage,
     frame,
     full,
     unframe,
 )
-from agi_bridge.vocabulary import RecordingRequest
+from agi_bridge.vocabulary import Action, RecordingRequest, TargetKind
 
 __all__ = [
     "MIN_FREE_BYTES",
@@ -86,13 +82,96 @@ MIN_FREE_BYTES: Final = 1024 * 1024
 # unanswered after this is held by the disk (frozen by fsfreeze or a snapshot, or dying).
 STALLED_AFTER: Final = 2.0
 # The writer, as ``ps`` shows it; its arguments follow (socket fd, spool file, fsync).
-WRITER_COMMAND: Final = (sys.executable, "-m", "agi_bridge.spool_writer")
+# Isolated (-I: no environment variables, no user site) and without the site module (-S):
+# it imports only the standard library and its own module, which it finds where the bridge
+# found it, in every install (editable, a venv, the image), with nothing else of that
+# directory's (no .pth file run, the standard library first). Its module is imported, not run
+# as a script: the script would be compiled at every start, and the compiler's memory stays
+# with the process (1 MB, against the cached bytecode's).
+_PACKAGES: Final = os.path.dirname(os.path.dirname(ops.__file__))
+WRITER_COMMAND: Final = (
+    sys.executable,
+    "-I",
+    "-S",
+    "-c",
+    f"import sys; sys.path.append({_PACKAGES!r}); from agi_bridge.spool_writer import main; "
+    "sys.exit(main(sys.argv))",
+)
 
 # What the operator does about a damaged spool (the README's "Salvaging a damaged spool").
 SALVAGE: Final = (
     "stop the bridge, move the file aside and copy what SQLite can still read into a new one "
     "with `sqlite3 spool.damaged .dump`, as the README says (salvaging a damaged spool)"
 )
+
+
+# Why an entry is in the dead letters.
+# failed: NoojeeContact refused it, or it used up its attempts or its age;
+# unconfirmed: a start that may have reached NoojeeContact without a confirmation;
+# expired: a request by extension not delivered within its validity;
+# cancelled: a request by extension superseded by its call's own stop (the call ended).
+SettleReason = Literal["failed", "unconfirmed", "expired", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolEntry:
+    id: int
+    request: RecordingRequest
+    call_uniqueid: str
+    created: float
+    attempts: int
+    last_error: str | None = None
+    reason: SettleReason | None = None  # dead letters only
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStats:
+    pending: int
+    dead: int  # dead letters that need an operator: refused for good, or unconfirmed starts
+    oldest_pending: float | None  # creation time (epoch seconds) of the oldest pending entry
+
+
+def _entries(rows: list[ops.Row]) -> list[SpoolEntry]:
+    """Entries from the writer's rows: its ``_COLUMNS``, then optionally last_error and the
+    settle reason."""
+    return [_entry(*row) for row in rows]
+
+
+def _entry(
+    id_: int,
+    action: Action,
+    target: str,
+    agent: str | None,
+    tag: str | None,
+    uniqueid: str,
+    created: float,
+    attempts: int,
+    kind: TargetKind,
+    last_error: str | None = None,
+    reason: SettleReason | None = None,
+) -> SpoolEntry:
+    request = RecordingRequest(action=action, target=target, agent=agent, tag=tag, kind=kind)
+    return SpoolEntry(id_, request, uniqueid, created, attempts, last_error, reason)
+
+
+def _fields(request: RecordingRequest) -> ops.Fields:
+    """``request`` as the spool stores it (the reverse of :func:`_entry`'s request)."""
+    return request.action, request.target, request.agent, request.tag, request.kind
+
+
+def damage(path: Path) -> str | None:
+    """What SQLite's quick check finds wrong with the spool at ``path`` (read only), None when
+    nothing (or when there is no spool there)."""
+    if not path.is_file():
+        return None
+    try:
+        connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return str(exc)
+    try:
+        return ops.quick_check(connection)
+    finally:
+        connection.close()
 
 
 @dataclass(slots=True)
@@ -115,7 +194,7 @@ class _Writer:
         self.path = path
         self._sock, theirs = socket.socketpair()
         try:
-            # The writer's imports are sqlite3 and the vocabulary: it is up in milliseconds.
+            # The writer imports sqlite3 and a few standard modules: it is up in milliseconds.
             self._process = subprocess.Popen(
                 [*WRITER_COMMAND, str(theirs.fileno()), str(path), "1" if fsync else "0"],
                 pass_fds=(theirs.fileno(), *inherit),
@@ -158,7 +237,7 @@ class _Writer:
         if kind == "failed":
             self._sock.close()
             self._process.wait()
-            raise cast(SpoolError, detail)
+            raise SpoolError.unwire(detail)
         return cast(bool, detail)
 
     # --- the event loop's side --------------------------------------------------------------
@@ -230,7 +309,8 @@ class _Writer:
         """Hand every complete answer's outcomes to their waiters, in order."""
         for message in unframe(self._in):
             outcomes, lost, damaged = cast(
-                "tuple[list[ops.Outcome], str | None, str | None]", message
+                "tuple[list[tuple[object, ops.WireError | None]], str | None, str | None]",
+                message,
             )
             self._note(lost, damaged)
             for value, error in outcomes:
@@ -242,7 +322,7 @@ class _Writer:
                         if error is None:
                             future.set_result(value)
                         else:
-                            future.set_exception(error)
+                            future.set_exception(SpoolError.unwire(error))
 
     def _note(self, lost: str | None, damaged: str | None) -> None:
         """Say once (ERROR, then /readyz) what the writer found wrong with the file."""
@@ -444,13 +524,13 @@ class Spool:
                     f"no spool at {self.path}: check data_dir (the bridge creates the spool "
                     "when it first starts)"
                 )
-            self._db = ops.connect(self.path, fsync=self._fsync, migrate=False)
+            self._db = ops.connect(str(self.path), fsync=self._fsync, migrate=False)
         else:
             self._writer = _Writer(self.path, fsync=self._fsync, inherit=inherit)
             if self._writer.reserve_released:
                 log.warning(
                     "spool.reserve.released",
-                    path=str(self.path.with_name(ops.RESERVE_FILE)),
+                    path=ops.reserve_path(str(self.path)),
                     help="the spool's disk is full: free space on it (the reserve is set "
                     "aside again at the next start)",
                 )
@@ -512,7 +592,7 @@ class Spool:
             self._writer.settle()
         with self._db_lock:
             if self._db is None:
-                self._db = ops.connect(self.path, fsync=self._fsync, migrate=False)
+                self._db = ops.connect(str(self.path), fsync=self._fsync, migrate=False)
             [(value, error)] = ops.execute(self._db, [(op, tuple(args))])
         if error is not None:
             raise error
@@ -533,7 +613,7 @@ class Spool:
         ``attempted``: a start whose attempt is already under way (never claimed again)."""
         what = f"{request.action} {request.target} agent={request.agent} call={call_uniqueid}"
         return self._acall(
-            ops.add, request, call_uniqueid, self._clock(), lease, attempted, what=what
+            ops.add, _fields(request), call_uniqueid, self._clock(), lease, attempted, what=what
         )
 
     async def release_leases(self) -> int:
@@ -547,11 +627,11 @@ class Spool:
         when the bridge starts, before anything is sent: such a start was on its way when the
         last process ended (killed, or stopped before its answer came) and may have reached
         NoojeeContact, so it must not be sent again."""
-        return await self._acall(ops.settle_interrupted, error, self._clock())
+        return _entries(await self._acall(ops.settle_interrupted, error, self._clock()))
 
     async def by_extension(self) -> list[SpoolEntry]:
         """The pending requests by extension, oldest first."""
-        return await self._acall(ops.by_extension)
+        return _entries(await self._acall(ops.by_extension))
 
     def cancel_by_extension(self, call_uniqueid: str, error: str) -> asyncio.Future[list[int]]:
         """Settle as cancelled what is still queued by extension for call ``call_uniqueid``
@@ -602,7 +682,7 @@ class Spool:
                 await self._acall(ops.forget, settled)
                 self._settled.difference_update(settled)
         try:
-            entries = await self._acall(ops.claim, now, limit, lease)
+            entries = _entries(await self._acall(ops.claim, now, limit, lease))
         except SpoolError as exc:
             if not full(exc):
                 raise
@@ -613,7 +693,7 @@ class Spool:
         """Due stops, leased in memory: claiming writes nothing."""
         self._held = {i: until for i, until in self._held.items() if until > now}
         skip = self._held.keys() | self._settled
-        due = await self._acall(ops.due_stops, now, limit + len(skip))
+        due = _entries(await self._acall(ops.due_stops, now, limit + len(skip)))
         entries = [entry for entry in due if entry.id not in skip][:limit]
         for entry in entries:
             self._held[entry.id] = now + lease
@@ -662,7 +742,7 @@ class Spool:
         return self._acall(ops.move_to_dead, entry_id, error, reason, int(attempted), self._clock())
 
     async def stats(self) -> SpoolStats:
-        return await self._acall(ops.stats)
+        return SpoolStats(*await self._acall(ops.stats))
 
     async def problems(self) -> list[str]:
         """Why the spool could not keep a request now (for /readyz); empty when it can."""
@@ -708,10 +788,10 @@ class SpoolAdmin:
         self._clock = spool._clock
 
     def list(self, table: Literal["pending", "dead"]) -> list[SpoolEntry]:
-        return self._call(ops.listing, table)
+        return _entries(self._call(ops.listing, table))
 
     def stats(self) -> SpoolStats:
-        return self._call(ops.stats)
+        return SpoolStats(*self._call(ops.stats))
 
     def retry_dead(
         self, ids: Iterable[int] | None = None, *, force: bool = False

@@ -1,6 +1,7 @@
 """The spool's SQLite side, and the process that writes it: the schema, every operation on
-the spool (one module-level function each, ``op(db, *args)``), and the loop of the writer
-process the bridge starts (``python -m agi_bridge.spool_writer``).
+the spool (one module-level function each, ``op(db, *args)``, answering plain values: rows,
+tuples, numbers), and the loop of the writer process the bridge starts (``python -I -S -c
+... agi_bridge.spool_writer ...``: :data:`agi_bridge.spool.WRITER_COMMAND`).
 
 Why a process of its own: on a disk that takes no write (``fsfreeze``, a dying disk, a
 snapshot) the thread inside SQLite's write sleeps in the kernel, uninterruptibly, until the
@@ -9,36 +10,50 @@ writes here, the bridge itself never touches the spool file: its stop gives up o
 after a bounded wait, names what the disk never took, and exits; the writer ends when the disk
 thaws.
 
-Imports sqlite3 and the vocabulary only (no logging, no settings, no event loop): the writer
-starts in milliseconds, and it logs nothing: it answers the bridge, which logs. The bridge's
-side is :mod:`agi_bridge.spool`.
+Imports sqlite3 and a few of the standard library's modules only (no logging, no settings, no
+event loop, nothing of ours, not even typing): the writer starts in milliseconds, costs little
+more memory than a bare Python, and it logs nothing: it answers the bridge, which logs. The
+bridge's side is :mod:`agi_bridge.spool`, which makes entries of the rows.
 
-Wire format, both ways on a Unix socket pair: a 4-byte big-endian length, then a pickle. The
-bridge sends ``(op name, args)`` per job; the writer runs everything waiting as one group
-commit and answers once per batch: ``(outcomes, lost, damaged)``, an outcome being
-``(value, SpoolError | None)`` per job, in order. The bridge closing its end (a stop, or its
-death) tells the writer to finish what it holds and exit.
+Wire format, both ways on a Unix socket pair: a 4-byte big-endian length, then a marshal of
+plain values. The bridge sends ``(op name, args)`` per job; the writer runs everything waiting
+as one group commit and answers once per batch: ``(outcomes, lost, damaged)``, an outcome
+being ``(value, SpoolError.wire() | None)`` per job, in order. The bridge closing its end (a
+stop, or its death) tells the writer to finish what it holds and exit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno as os_errno
+import marshal
 import os
-import pickle
-import re
+import select
 import signal
-import socket
 import sqlite3
 import struct
-import sys
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Final, Literal, TypeVar, cast
 
-from agi_bridge.vocabulary import Action, RecordingRequest, TargetKind
+# The writer imports nothing else at run time (no typing, no dataclasses, no pathlib, nothing
+# else of ours): it runs as ``python -I -S``, so a Python with sqlite3 is all its memory. Its
+# types exist for mypy only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any, Final, Literal, TypeVar
+
+    from agi_bridge.spool import SettleReason
+
+    Op = Callable[..., object]
+    T = TypeVar("T", bound=Op)
+    # A row as the operations answer it (see _COLUMNS): the bridge's side makes entries of it.
+    Row = tuple[Any, ...]
+    # A request's fields as the spool stores them: action, target, agent, tag, kind.
+    Fields = tuple[str, str, str | None, str | None, str]
+    # A SpoolError as it crosses the socket: message, sqlite_code, errno.
+    WireError = tuple[str, int | None, int | None]
+    Job = tuple[Op, tuple[object, ...]]
+    Outcome = tuple[object, "SpoolError | None"]
 
 SPOOL_FILE: Final = "spool.sqlite3"
 # Room kept on the spool's disk for opening the spool when the disk has filled up: SQLite
@@ -112,25 +127,21 @@ _MIGRATE_FROM_0: Final = (
 )
 # An Asterisk uniqueid or linkedid: epoch seconds, a dot, a counter ("1733100000.42"), after
 # the system name and a dash when asterisk.conf sets systemname ("pbx1-1733100000.42").
-_UNIQUEID_RE: Final = re.compile(r"(?:.+-)?[0-9]+\.[0-9]+")
+_UNIQUEID_PATTERN: Final = r"(?:.+-)?[0-9]+\.[0-9]+"
+# The actions a request can have: vocabulary.ACTIONS' names (not imported: it would load
+# dataclasses and typing into the writer; a test pins the two equal).
+ACTIONS: Final = ("start", "stop")
+# The columns every row of an entry starts with, in this order (spool.entry() reads them),
+# then optionally last_error and the settle reason.
 _COLUMNS: Final = "id, action, target, agent, tag, call_uniqueid, created, attempts, kind"
 
-# Why an entry is in the dead letters.
-# failed: NoojeeContact refused it, or it used up its attempts or its age;
-# unconfirmed: a start that may have reached NoojeeContact without a confirmation;
-# expired: a request by extension not delivered within its validity;
-# cancelled: a request by extension superseded by its call's own stop (the call ended).
-SettleReason = Literal["failed", "unconfirmed", "expired", "cancelled"]
-
-T = TypeVar("T")
-Op = Callable[..., object]
 # The operations the writer runs, by name: a job names one (only these cross the socket).
 OPS: Final[dict[str, Op]] = {}
 
 
 def op(function: T) -> T:
     """Register ``function`` as an operation the writer runs."""
-    OPS[cast(Op, function).__name__] = cast(Op, function)
+    OPS[function.__name__] = function
     return function
 
 
@@ -145,7 +156,7 @@ DAMAGE_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 class SpoolError(Exception):
     """The spool could not be opened or written; the message says where and why.
     ``sqlite_code`` and ``errno``: SQLite's or the OS's answer underneath, if any (attributes,
-    not a ``__cause__``: they cross from the writer process in a pickle, which keeps no cause).
+    not a ``__cause__``: they cross from the writer process, see :meth:`wire`).
     """
 
     def __init__(
@@ -155,62 +166,15 @@ class SpoolError(Exception):
         self.sqlite_code = sqlite_code
         self.errno = errno
 
+    def wire(self) -> WireError:
+        """The error as it crosses the socket (plain values: see :func:`frame`)."""
+        return str(self), self.sqlite_code, self.errno
 
-@dataclass(frozen=True, slots=True)
-class SpoolEntry:
-    id: int
-    request: RecordingRequest
-    call_uniqueid: str
-    created: float
-    attempts: int
-    last_error: str | None = None
-    reason: SettleReason | None = None  # dead letters only
-
-    def __reduce__(self) -> tuple[type[SpoolEntry], tuple[object, ...]]:
-        # Pickled as its fields (claims answer hundreds): see RecordingRequest.__reduce__.
-        return SpoolEntry, (
-            self.id,
-            self.request,
-            self.call_uniqueid,
-            self.created,
-            self.attempts,
-            self.last_error,
-            self.reason,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class SpoolStats:
-    pending: int
-    dead: int  # dead letters that need an operator: refused for good, or unconfirmed starts
-    oldest_pending: float | None  # creation time (epoch seconds) of the oldest pending entry
-
-
-def _entry(row: tuple[object, ...]) -> SpoolEntry:
-    """An entry from ``_COLUMNS``, then optionally last_error and the settle reason."""
-    id_, action, target, agent, tag, uniqueid, created, attempts, kind, *rest = row
-    request = RecordingRequest(
-        action=cast(Action, action),
-        target=cast(str, target),
-        agent=cast("str | None", agent),
-        tag=cast("str | None", tag),
-        kind=cast(TargetKind, kind),
-    )
-    return SpoolEntry(
-        id=cast(int, id_),
-        request=request,
-        call_uniqueid=cast(str, uniqueid),
-        created=cast(float, created),
-        attempts=cast(int, attempts),
-        last_error=cast("str | None", rest[0]) if rest else None,
-        reason=cast("SettleReason | None", rest[1]) if len(rest) > 1 else None,
-    )
-
-
-def _entries(
-    db: sqlite3.Connection, query: str, params: tuple[object, ...] = ()
-) -> list[SpoolEntry]:
-    return [_entry(row) for row in db.execute(query, params)]
+    @classmethod
+    def unwire(cls, error: WireError) -> SpoolError:
+        """The error :meth:`wire` sent."""
+        message, sqlite_code, errno = error
+        return cls(message, sqlite_code=sqlite_code, errno=errno)
 
 
 def failure(error: Exception) -> SpoolError:
@@ -227,12 +191,12 @@ def failure(error: Exception) -> SpoolError:
 # --- opening --------------------------------------------------------------------------------
 
 
-def connect(path: Path, *, fsync: bool, migrate: bool) -> sqlite3.Connection:
+def connect(path: str, *, fsync: bool, migrate: bool) -> sqlite3.Connection:
     """Open the spool at ``path`` (creating the directory and the tables, or migrating an
     older schema when ``migrate``); SpoolError naming the path when it cannot."""
     connection: sqlite3.Connection | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(path) or os.curdir, exist_ok=True)
         connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         connection.execute("PRAGMA journal_mode = WAL")
@@ -259,7 +223,7 @@ def connect(path: Path, *, fsync: bool, migrate: bool) -> sqlite3.Connection:
     return connection
 
 
-def open_for_writing(path: Path, *, fsync: bool) -> tuple[sqlite3.Connection, bool]:
+def open_for_writing(path: str, *, fsync: bool) -> tuple[sqlite3.Connection, bool]:
     """The writer's connection, and whether the disk's reserve had to be given back for it
     (a full disk); the reserve is set aside again when there is room."""
     released = False
@@ -274,28 +238,34 @@ def open_for_writing(path: Path, *, fsync: bool) -> tuple[sqlite3.Connection, bo
     return connection, released
 
 
-def _keep_reserve(path: Path) -> None:
+def reserve_path(path: str) -> str:
+    """Where the disk's reserve for the spool at ``path`` is kept."""
+    return os.path.join(os.path.dirname(path), RESERVE_FILE)
+
+
+def _keep_reserve(path: str) -> None:
     """Set RESERVE_BYTES aside on the spool's disk, if there is room (else next time)."""
-    reserve = path.with_name(RESERVE_FILE)
-    if reserve.is_file():
+    reserve = reserve_path(path)
+    if os.path.isfile(reserve):
         return
     try:
-        with reserve.open("wb") as handle:
+        with open(reserve, "wb") as handle:
             handle.write(bytes(RESERVE_BYTES))
     except OSError:
-        reserve.unlink(missing_ok=True)  # a partial reserve only takes room
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(reserve)  # a partial reserve only takes room
 
 
-def _release_reserve(path: Path) -> bool:
+def _release_reserve(path: str) -> bool:
     """Give the reserve back to the disk; whether there was one."""
-    reserve = path.with_name(RESERVE_FILE)
-    if not reserve.is_file():
+    reserve = reserve_path(path)
+    if not os.path.isfile(reserve):
         return False
-    reserve.unlink()
+    os.unlink(reserve)
     return True
 
 
-def _upgrade(db: sqlite3.Connection, path: Path, *, migrate: bool) -> None:
+def _upgrade(db: sqlite3.Connection, path: str, *, migrate: bool) -> None:
     """Create the tables, or migrate an older spool to :data:`SCHEMA_VERSION` (unless not
     ``migrate``: then an older spool is an error), in one transaction (another process opening
     the spool at the same time waits, then sees it done)."""
@@ -308,7 +278,7 @@ def _upgrade(db: sqlite3.Connection, path: Path, *, migrate: bool) -> None:
     db.execute("COMMIT")
 
 
-def _migrate(db: sqlite3.Connection, path: Path, *, migrate: bool) -> None:
+def _migrate(db: sqlite3.Connection, path: str, *, migrate: bool) -> None:
     (version,) = db.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
         raise SpoolError(
@@ -328,36 +298,25 @@ def _migrate(db: sqlite3.Connection, path: Path, *, migrate: bool) -> None:
     for statement in _MIGRATE_FROM_0 if legacy else _SCHEMA:
         db.execute(statement)
     if legacy:
+        # Imported here: only this migration, once per old spool, needs regular expressions.
+        import re
+
+        uniqueid = re.compile(_UNIQUEID_PATTERN)
         for table in ("pending", "dead"):
             rows = db.execute(f"SELECT id, target FROM {table}").fetchall()  # noqa: S608
+            # The kind an entry gets when the spool did not record it: a call only if
+            # shaped like one.
             db.executemany(
                 f"UPDATE {table} SET kind = ? WHERE id = ?",  # noqa: S608
-                [(_legacy_kind(target), id_) for id_, target in rows],
+                [
+                    ("uniqueid" if uniqueid.fullmatch(target) else "extension", id_)
+                    for id_, target in rows
+                ],
             )
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
-def _legacy_kind(target: str) -> TargetKind:
-    """An entry's kind when the spool did not record it: a call only if shaped like one."""
-    return "uniqueid" if _UNIQUEID_RE.fullmatch(target) else "extension"
-
-
-def damage(path: Path) -> str | None:
-    """What SQLite's quick check finds wrong with the spool at ``path`` (read only), None when
-    nothing (or when there is no spool there)."""
-    if not path.is_file():
-        return None
-    try:
-        connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        return str(exc)
-    try:
-        return _damage(connection)
-    finally:
-        connection.close()
-
-
-def _damage(connection: sqlite3.Connection) -> str | None:
+def quick_check(connection: sqlite3.Connection) -> str | None:
     """SQLite's quick check (every page and row, no index contents): its first finding."""
     try:
         rows = connection.execute("PRAGMA quick_check").fetchall()
@@ -386,7 +345,7 @@ def full(error: BaseException) -> bool:
     return isinstance(error, SpoolError) and error.sqlite_code == sqlite3.SQLITE_FULL
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: str) -> tuple[int, int] | None:
     """Which file ``path`` names now (device, inode), None when there is none."""
     try:
         stat = os.stat(path)
@@ -455,14 +414,26 @@ def _existing(
 
 
 @op
-def stats(db: sqlite3.Connection) -> SpoolStats:
+def stats(db: sqlite3.Connection) -> tuple[int, int, float | None]:
+    """Pending entries, dead letters that need an operator, the oldest pending's creation."""
     pending, oldest = db.execute("SELECT count(*), min(created) FROM pending").fetchone()
     # Expired and cancelled requests by extension need nobody: what they asked for was either
     # superseded by their call's own stop or told to the agent, who may press again.
     (dead,) = db.execute(
         "SELECT count(*) FROM dead WHERE reason IN ('failed', 'unconfirmed')"
     ).fetchone()
-    return SpoolStats(pending=pending, dead=dead, oldest_pending=oldest)
+    return pending, dead, oldest
+
+
+def _rows(db: sqlite3.Connection, query: str, params: tuple[object, ...] = ()) -> list[Row]:
+    """The rows of entries ``query`` selects (:data:`_COLUMNS` first). A row whose action
+    this release does not know fails the job (its transaction rolled back: a claim leases
+    nothing), as the bridge could not make a request of it."""
+    rows = db.execute(query, params).fetchall()
+    for row in rows:
+        if row[1] not in ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(ACTIONS)}, not {row[1]!r}")
+    return rows
 
 
 def _id_filter(ids: list[int] | None) -> tuple[str, tuple[int, ...]]:
@@ -477,28 +448,19 @@ def _id_filter(ids: list[int] | None) -> tuple[str, tuple[int, ...]]:
 @op
 def add(
     db: sqlite3.Connection,
-    request: RecordingRequest,
+    request: Fields,
     call_uniqueid: str,
     now: float,
     lease: float,
     attempted: bool,
 ) -> int:
-    cursor = db.execute(
+    action, target, agent, tag, kind = request
+    (entry_id,) = db.execute(
         "INSERT INTO pending (action, target, agent, tag, call_uniqueid, created, next_at,"
-        " kind, attempted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            request.action,
-            request.target,
-            request.agent,
-            request.tag,
-            call_uniqueid,
-            now,
-            now + lease,
-            request.kind,
-            int(attempted),
-        ),
-    )
-    return cast(int, cursor.lastrowid)
+        " kind, attempted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (action, target, agent, tag, call_uniqueid, now, now + lease, kind, int(attempted)),
+    ).fetchone()
+    return int(entry_id)
 
 
 @op
@@ -507,27 +469,25 @@ def release_leases(db: sqlite3.Connection, now: float) -> int:
 
 
 @op
-def settle_interrupted(db: sqlite3.Connection, error: str, now: float) -> list[SpoolEntry]:
-    rows = db.execute(
-        f"SELECT {_COLUMNS} FROM pending WHERE attempted = 1 ORDER BY id"  # noqa: S608
-    ).fetchall()
+def settle_interrupted(db: sqlite3.Connection, error: str, now: float) -> list[Row]:
+    rows = _rows(db, f"SELECT {_COLUMNS} FROM pending WHERE attempted = 1 ORDER BY id")  # noqa: S608
     for row in rows:
-        move_to_dead(db, cast(int, row[0]), error, "unconfirmed", 0, now)
-    return [_entry(row) for row in rows]
+        move_to_dead(db, row[0], error, "unconfirmed", 0, now)
+    return rows
 
 
 @op
-def by_extension(db: sqlite3.Connection) -> list[SpoolEntry]:
+def by_extension(db: sqlite3.Connection) -> list[Row]:
     query = f"SELECT {_COLUMNS} FROM pending WHERE kind = 'extension' ORDER BY id"  # noqa: S608
-    return _entries(db, query)
+    return _rows(db, query)
 
 
 @op
 def cancel_by_extension(
     db: sqlite3.Connection, call_uniqueid: str, error: str, now: float
 ) -> list[int]:
-    ids = [
-        cast(int, row[0])
+    ids: list[int] = [
+        row[0]
         for row in db.execute(
             "SELECT id FROM pending WHERE call_uniqueid = ? AND kind = 'extension' "
             "AND attempted = 0 ORDER BY id",
@@ -554,9 +514,9 @@ def forget(db: sqlite3.Connection, ids: tuple[int, ...]) -> None:
 
 
 @op
-def due_stops(db: sqlite3.Connection, now: float, limit: int) -> list[SpoolEntry]:
+def due_stops(db: sqlite3.Connection, now: float, limit: int) -> list[Row]:
     """Due stops, claimed by nobody on disk: what a full disk's claim leases in memory."""
-    return _entries(
+    return _rows(
         db,
         f"SELECT {_COLUMNS}, last_error FROM pending "  # noqa: S608
         "WHERE next_at <= ? AND action = 'stop' AND attempted = 0 ORDER BY id LIMIT ?",
@@ -565,24 +525,25 @@ def due_stops(db: sqlite3.Connection, now: float, limit: int) -> list[SpoolEntry
 
 
 @op
-def claim(db: sqlite3.Connection, now: float, limit: int, lease: float) -> list[SpoolEntry]:
-    rows = db.execute(
+def claim(db: sqlite3.Connection, now: float, limit: int, lease: float) -> list[Row]:
+    rows = _rows(
+        db,
         f"SELECT {_COLUMNS}, last_error FROM pending "  # noqa: S608
         "WHERE next_at <= ? AND attempted = 0 ORDER BY id LIMIT ?",
         (now, limit),
-    ).fetchall()
+    )
     # A start is marked attempted in this very commit, before it is sent (at most once).
     db.executemany(
         "UPDATE pending SET next_at = ?, attempted = (action = 'start') WHERE id = ?",
         [(now + lease, r[0]) for r in rows],
     )
-    return [_entry(row) for row in rows]
+    return rows
 
 
 @op
 def next_due(db: sqlite3.Connection) -> float | None:
-    row = db.execute("SELECT min(next_at) FROM pending WHERE attempted = 0").fetchone()
-    return cast("float | None", row[0])
+    (due,) = db.execute("SELECT min(next_at) FROM pending WHERE attempted = 0").fetchone()
+    return due  # type: ignore[no-any-return]  # (a REAL or NULL)
 
 
 @op
@@ -591,10 +552,10 @@ def where(
 ) -> tuple[Literal["pending", "dead"], str | None, SettleReason | None] | None:
     row = db.execute("SELECT last_error FROM pending WHERE id = ?", (entry_id,)).fetchone()
     if row is not None:
-        return "pending", cast("str | None", row[0]), None
+        return "pending", row[0], None
     row = db.execute("SELECT last_error, reason FROM dead WHERE id = ?", (entry_id,)).fetchone()
     if row is not None:
-        return "dead", cast(str, row[0]), cast(SettleReason, row[1])
+        return "dead", row[0], row[1]
     return None
 
 
@@ -626,10 +587,10 @@ def probe(db: sqlite3.Connection, now: float) -> None:
 
 
 @op
-def listing(db: sqlite3.Connection, table: Literal["pending", "dead"]) -> list[SpoolEntry]:
+def listing(db: sqlite3.Connection, table: Literal["pending", "dead"]) -> list[Row]:
     reason = "reason" if table == "dead" else "NULL"
     query = f"SELECT {_COLUMNS}, last_error, {reason} FROM {table} ORDER BY id"  # noqa: S608
-    return _entries(db, query)
+    return _rows(db, query)
 
 
 @op
@@ -667,9 +628,6 @@ def purge(
 
 # --- group commit ---------------------------------------------------------------------------
 
-Job = tuple[Op, tuple[object, ...]]
-Outcome = tuple[object, SpoolError | None]
-
 
 def execute(connection: sqlite3.Connection, jobs: Sequence[Job]) -> list[Outcome]:
     """Run the jobs in one transaction, one commit. A job that fails is retried alone
@@ -688,8 +646,7 @@ def execute(connection: sqlite3.Connection, jobs: Sequence[Job]) -> list[Outcome
         connection.execute("COMMIT")
     except sqlite3.Error as exc:
         # The commit itself failed (disk full, I/O error): nothing of the batch is durable.
-        with contextlib.suppress(sqlite3.Error):
-            connection.execute("ROLLBACK")
+        _rollback(connection)
         # One error each: a raised exception collects its traceback, and a shared one would
         # collect all of its waiters'.
         return [(None, failure(exc)) for _ in jobs]
@@ -704,12 +661,18 @@ def _execute_one_by_one(connection: sqlite3.Connection, jobs: Sequence[Job]) -> 
             value = function(connection, *args)
             connection.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 (handed to the caller)
-            with contextlib.suppress(sqlite3.Error):
-                connection.execute("ROLLBACK")
+            _rollback(connection)
             outcomes.append((None, failure(exc)))
         else:
             outcomes.append((value, None))
     return outcomes
+
+
+def _rollback(connection: sqlite3.Connection) -> None:
+    """Roll back what a failed job or commit left, if anything: SQLite may have ended the
+    transaction itself (as after SQLITE_FULL)."""
+    with contextlib.suppress(sqlite3.Error):
+        connection.execute("ROLLBACK")
 
 
 # --- the wire -------------------------------------------------------------------------------
@@ -717,9 +680,10 @@ def _execute_one_by_one(connection: sqlite3.Connection, jobs: Sequence[Job]) -> 
 _LENGTH: Final = struct.Struct(">I")
 
 
-def frame(message: object) -> bytes:
-    """``message`` as it goes on the socket: its pickle's length, then the pickle."""
-    payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+def frame(message: Any) -> bytes:  # any value marshal takes
+    """``message`` as it goes on the socket: its marshal's length, then the marshal (plain
+    values only; both ends are the same interpreter, which is all marshal's format needs)."""
+    payload = marshal.dumps(message)
     return _LENGTH.pack(len(payload)) + payload
 
 
@@ -732,7 +696,7 @@ def unframe(buffer: bytearray) -> list[object]:
         end = start + _LENGTH.size + size
         if end > len(buffer):
             break
-        messages.append(pickle.loads(buffer[start + _LENGTH.size : end]))  # noqa: S301 (our parent's)
+        messages.append(marshal.loads(buffer[start + _LENGTH.size : end]))  # noqa: S302 (the other end's)
         start = end
     del buffer[:start]
     return messages
@@ -741,52 +705,60 @@ def unframe(buffer: bytearray) -> list[object]:
 # --- the writer process ---------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class _State:
     """What the writer found wrong, sent with every answer."""
 
-    path: Path
-    opened: tuple[int, int] | None  # the file it writes (device, inode)
-    lost: str | None = None
-    damaged: str | None = None
+    __slots__ = ("damaged", "lost", "opened", "path")
+
+    def __init__(self, path: str, damaged: str | None) -> None:
+        self.path = path
+        self.opened = _identity(path)  # the file it writes (device, inode)
+        self.lost: str | None = None
+        self.damaged = damaged
 
 
-def serve(sock: socket.socket, connection: sqlite3.Connection, path: Path) -> None:
-    """Run every job the bridge sends, in batches, until it closes its end; then finish
-    what is left and close the database."""
-    state = _State(path, _identity(path), damaged=_damage(connection))
+def serve(sock: int, connection: sqlite3.Connection, path: str) -> None:
+    """Run every job the bridge sends on the socket ``sock`` (a file descriptor: the socket
+    module would cost the writer half a megabyte), in batches, until it closes its end; then
+    finish what is left and close the database."""
+    state = _State(path, damaged=quick_check(connection))
+    readable = select.poll()
+    readable.register(sock, select.POLLIN)
     buffer = bytearray()
     jobs: deque[tuple[str, tuple[object, ...]]] = deque()
     reading = True
     while True:
         if reading:
-            reading = _receive(sock, buffer, jobs, wait=not jobs)
+            reading = _receive(sock, readable, buffer, jobs, wait=not jobs)
         if not jobs:
             break  # the bridge closed its end, and everything it sent is answered
         batch = [jobs.popleft() for _ in range(min(len(jobs), MAX_BATCH))]
-        answer = (_run_batch(connection, batch, state), state.lost, state.damaged)
+        outcomes = [
+            (value, None if error is None else error.wire())
+            for value, error in _run_batch(connection, batch, state)
+        ]
         # The bridge gone (killed): what it sent is still committed, nobody to tell.
         with contextlib.suppress(OSError):
-            sock.sendall(frame(answer))
+            _send(sock, frame((outcomes, state.lost, state.damaged)))
     connection.close()
 
 
 def _receive(
-    sock: socket.socket,
+    sock: int,
+    readable: select.poll,
     buffer: bytearray,
     jobs: deque[tuple[str, tuple[object, ...]]],
     *,
     wait: bool,
 ) -> bool:
     """Add to ``jobs`` what the bridge sent: with ``wait``, block until there is one, then
-    take whatever else is there already (the group commit's batch). False once the bridge
-    closed its end."""
-    flags = 0 if wait else socket.MSG_DONTWAIT
+    take whatever else is there already (the group commit's batch; ``readable`` polls
+    ``sock``). False once the bridge closed its end."""
     while True:
-        try:
-            data = sock.recv(RECEIVE_BYTES, flags)
-        except BlockingIOError:
+        if not wait and not readable.poll(0):
             return True
+        try:
+            data = os.read(sock, RECEIVE_BYTES)
         except ConnectionError:
             return False
         if not data:
@@ -796,7 +768,14 @@ def _receive(
         if jobs and len(data) < RECEIVE_BYTES:
             return True  # a short read took all that was waiting: no second call to say so
         if jobs:
-            flags = socket.MSG_DONTWAIT
+            wait = False
+
+
+def _send(sock: int, data: bytes) -> None:
+    """Write all of ``data`` to ``sock`` (a write may take only part of it)."""
+    left = memoryview(data)
+    while left:
+        left = left[os.write(sock, left) :]
 
 
 def _run_batch(
@@ -830,26 +809,18 @@ def _run_batch(
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m agi_bridge.spool_writer FD PATH FSYNC``: FD is the writer's end of the
-    socket pair. Answers ``("ready", reserve released)`` or ``("failed", SpoolError)`` first."""
+    """``main([..., FD, PATH, FSYNC])`` (spool.WRITER_COMMAND): FD is the writer's end of the
+    socket pair. Answers ``("ready", reserve released)`` or ``("failed", SpoolError.wire())``
+    first."""
     # Ctrl-C in a terminal reaches the whole process group: the bridge stops, and tells the
     # writer when (by closing its end); the writer must not die first with its batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    fd, path, fsync = int(argv[1]), Path(argv[2]), argv[3] == "1"
-    with socket.socket(fileno=fd) as sock:
-        try:
-            connection, released = open_for_writing(path, fsync=fsync)
-        except SpoolError as exc:
-            sock.sendall(frame(("failed", exc)))
-            return 1
-        sock.sendall(frame(("ready", released)))
-        serve(sock, connection, path)
+    fd, path, fsync = int(argv[1]), argv[2], argv[3] == "1"
+    try:
+        connection, released = open_for_writing(path, fsync=fsync)
+    except SpoolError as exc:
+        _send(fd, frame(("failed", exc.wire())))
+        return 1
+    _send(fd, frame(("ready", released)))
+    serve(fd, connection, path)
     return 0
-
-
-if __name__ == "__main__":
-    # Run as the module's real name, not as ``__main__``: the classes in the answers' pickles
-    # must be the ones the bridge unpickles (agi_bridge.spool_writer.SpoolEntry...).
-    from agi_bridge.spool_writer import main as run
-
-    sys.exit(run(sys.argv))

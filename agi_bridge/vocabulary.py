@@ -61,12 +61,6 @@ class RecordingRequest:
         if self.action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}, not {self.action!r}")
 
-    def __reduce__(self) -> tuple[type[RecordingRequest], tuple[object, ...]]:
-        # Pickled as its fields: requests cross to the spool's writer process and back, and a
-        # frozen dataclass's own pickling walks fields() for every object (several times
-        # slower).
-        return RecordingRequest, (self.action, self.target, self.agent, self.tag, self.kind)
-
 
 def target_kind(by: str) -> TargetKind:
     """The kind of target a call's ``by`` sends: ``by=id`` names a call (the dialplan passes

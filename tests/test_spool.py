@@ -7,6 +7,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from agi_bridge.spool import SPOOL_FILE, Spool, SpoolError
-from agi_bridge.vocabulary import RecordingRequest
+from agi_bridge import spool_writer
+from agi_bridge.spool import SPOOL_FILE, WRITER_COMMAND, Spool, SpoolError
+from agi_bridge.spool_writer import unframe
+from agi_bridge.vocabulary import ACTIONS, RecordingRequest
 
 STOP = RecordingRequest("stop", "410", agent="Fred")
 START = RecordingRequest("start", "1795811316.1", agent=None, tag="CRM-42")
@@ -325,6 +328,40 @@ def test_the_writer_ends_when_the_bridge_is_killed(tmp_path: Path) -> None:
         assert select.select([pidfd], [], [], 10)[0] == [pidfd], f"writer {writer} still runs"
     finally:
         os.close(pidfd)
+
+
+def test_the_writer_imports_only_the_standard_library(tmp_path: Path) -> None:
+    """The writer process, run as the bridge runs it, loads nothing of ours but its module and
+    none of typing, dataclasses, pathlib, pickle or socket: its memory is a bare Python's with
+    sqlite3."""
+    ours, theirs = socket.socketpair()
+    arguments = (str(theirs.fileno()), str(tmp_path / SPOOL_FILE), "0")
+    with ours, theirs:
+        process = subprocess.Popen(
+            [sys.executable, "-X", "importtime", *WRITER_COMMAND[1:], *arguments],
+            pass_fds=(theirs.fileno(),),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        theirs.close()
+        assert unframe(bytearray(ours.recv(1024))) == [("ready", False)]
+        ours.shutdown(socket.SHUT_WR)  # the bridge's stop: the writer exits
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "sqlite3" in imported  # the trace is there: the check below can fail
+    heavy = {"typing", "dataclasses", "pathlib", "pickle", "inspect", "re", "socket"}
+    ours = {"agi_bridge", "agi_bridge.spool_writer"}
+    assert {m for m in imported if m in heavy or m.startswith("agi_bridge")} == ours
+
+
+def test_the_writer_knows_every_action() -> None:
+    """The writer's actions (it does not import the vocabulary) are the vocabulary's."""
+    assert set(spool_writer.ACTIONS) == set(ACTIONS)
 
 
 async def test_a_writer_that_dies_fails_its_waiters_and_every_later_call(spool: Spool) -> None:
