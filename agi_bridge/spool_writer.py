@@ -455,12 +455,16 @@ def add(
     attempted: bool,
 ) -> int:
     action, target, agent, tag, kind = request
-    (entry_id,) = db.execute(
+    # lastrowid, not INSERT ... RETURNING: that needs SQLite 3.35, and the Pythons of RHEL 8/9
+    # (3.26, 3.34) or Debian bullseye (3.34) link an older one.
+    cursor = db.execute(
         "INSERT INTO pending (action, target, agent, tag, call_uniqueid, created, next_at,"
-        " kind, attempted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        " kind, attempted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (action, target, agent, tag, call_uniqueid, now, now + lease, kind, int(attempted)),
-    ).fetchone()
-    return int(entry_id)
+    )
+    entry_id = cursor.lastrowid
+    assert entry_id is not None  # set by every INSERT that succeeded
+    return entry_id
 
 
 @op
