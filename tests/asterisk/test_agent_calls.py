@@ -9,8 +9,6 @@ requests NoojeeContact received.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from agi_bridge.testing.simulator import NoojeeSimulator
@@ -19,13 +17,12 @@ from .codes import START, STOP
 from .conftest import START_PATH, STOP_PATH, Ami, BridgeProcess
 from .phones import Phone, StartPhone
 from .test_phones import (
-    TALK,
     _attended_by_the_phone,
-    _bridged,
     _channel,
     _ends,
     _handed_on,
     _requests,
+    _talking,
 )
 from .test_queue import _feature_done
 
@@ -37,13 +34,7 @@ async def _agent_call(ami: Ami, phones: StartPhone) -> tuple[Phone, Phone, str, 
     the call's linkedid, the customer's channel)."""
     agent = await phones("410")
     customer = await phones("customer")
-    since = len(ami.events)
-    await agent.call("200")
-    leg = await _channel(ami, "PJSIP/410-", since)
-    callee = await _channel(ami, "PJSIP/customer-", since)
-    await customer.answered()
-    await _bridged(ami, leg, callee, since)
-    await asyncio.sleep(TALK)
+    leg, callee = await _talking(ami, agent, "200", customer, "PJSIP/410-", "PJSIP/customer-")
     return agent, customer, leg, callee
 
 

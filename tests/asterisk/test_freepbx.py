@@ -42,7 +42,13 @@ from .conftest import START_PATH, STOP_PATH, Ami, BridgeProcess, Sandbox, runnin
 from .phones import Phone, StartPhone
 from .readme_snippets import freepbx_files
 from .test_codes import clashes
-from .test_phones import _attended_by_the_phone, _bridged, _channel, _requests
+from .test_phones import (
+    TALK,
+    _attended_by_the_phone,
+    _channel,
+    _requests,
+    _talking,
+)
 from .test_queue import _feature_done
 
 pytestmark = pytest.mark.asterisk
@@ -50,8 +56,6 @@ pytestmark = pytest.mark.asterisk
 IMITATION = Path(__file__).resolve().parent / "freepbx"
 # The number the customer dials: the imitation's inbound route, to the Custom Destination.
 DID = "0299990000"
-# How long the customer talks to an agent before anything else happens: people, not states.
-TALK = 1.0
 # The attended-transfer codes of the imitation ([general]) and Asterisk's defaults, which older
 # FreePBX cores leave in place: features show does not list them.
 ATXFER_CODES = {"*3", "*4", "*5", "*6"} | {"*1", "*2"}
@@ -123,14 +127,9 @@ async def _queue_call(ami: Ami, phones: StartPhone) -> tuple[Phone, Phone, str, 
     the agent answers; they talk: (410, customer, the customer's channel, 410's phone channel)."""
     agent = await phones("410")
     customer = await phones("customer")
-    since = len(ami.events)
-    await customer.call(DID)
-    cust = await _channel(ami, "PJSIP/customer-", since)
-    member = await _channel(ami, "Local/410@from-queue-", since)
-    phone = await _channel(ami, "PJSIP/410-", since)
-    await agent.answered()
-    await _bridged(ami, cust, member, since)
-    await asyncio.sleep(TALK)
+    cust, _, phone = await _talking(
+        ami, customer, DID, agent, "PJSIP/customer-", "Local/410@from-queue-", "PJSIP/410-"
+    )
     return agent, customer, cust, phone
 
 

@@ -66,6 +66,21 @@ async def _bridged(ami: Ami, a: str, b: str, since: int = 0) -> Message:
     return await ami.wait_event(together, what=f"{a} and {b} in one bridge")
 
 
+async def _talking(
+    ami: Ami, caller: Phone, number: str, answerer: Phone, *prefixes: str
+) -> list[str]:
+    """``caller`` dials ``number``, ``answerer`` answers, and once the first two channels named
+    by ``prefixes`` are in one bridge they talk for TALK: the uniqueids of the channels this
+    call created with those name prefixes, in their order."""
+    since = len(ami.events)
+    await caller.call(number)
+    channels = [await _channel(ami, prefix, since) for prefix in prefixes]
+    await answerer.answered()
+    await _bridged(ami, channels[0], channels[1], since)
+    await asyncio.sleep(TALK)
+    return channels
+
+
 async def test_pjsip_member_one_stop_by_linkedid_when_the_customer_hangs_up(
     ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, phones: StartPhone
 ) -> None:
@@ -73,13 +88,7 @@ async def test_pjsip_member_one_stop_by_linkedid_when_the_customer_hangs_up(
     customer's uniqueid (the linkedid), with the endpoint's login."""
     agent = await phones("410")
     customer = await phones("customer")
-    since = len(ami.events)
-    await customer.call("100")
-    cust = await _channel(ami, "PJSIP/customer-", since)
-    member = await _channel(ami, "PJSIP/410-", since)
-    await agent.answered()
-    await _bridged(ami, cust, member, since)
-    await asyncio.sleep(TALK)
+    cust, member = await _talking(ami, customer, "100", agent, "PJSIP/customer-", "PJSIP/410-")
     assert simulator.received == []
     await customer.send("hangup", call="c1")
     await ami.wait_hangup(member)
