@@ -91,7 +91,7 @@ async def test_blind_transfer_one_stop_at_the_end(
     the customer hangs up, with 411's login."""
     agent, customer, leg, callee = await _agent_call(ami, phones)
     target = await _blind_to_411(ami, simulator, phones, agent, leg, callee, how)
-    await _ends(ami, bridge, simulator, customer, callee, target, call="in1")
+    await _ends(ami, bridge, customer, callee, target, call="in1")
     assert _requests(simulator) == [(STOP_PATH, leg, "Wilma")]
 
 
@@ -107,7 +107,7 @@ async def test_attended_transfer_by_the_phone_one_stop_at_the_end(
     await _attended_by_the_phone(agent, consulted, call="c1")
     await ami.wait_hangup(leg)
     target = await _handed_on(ami, simulator, callee, "411", since)
-    await _ends(ami, bridge, simulator, customer, callee, target, call="in1")
+    await _ends(ami, bridge, customer, callee, target, call="in1")
     assert _requests(simulator) == [(STOP_PATH, leg, "Wilma")]
 
 
@@ -126,7 +126,7 @@ async def test_stop_code_then_the_end_one_stop_by_extension(
         await bridge.wait_drained()
     else:
         target = await _blind_to_411(ami, simulator, phones, agent, leg, callee)
-        await _ends(ami, bridge, simulator, customer, callee, target, call="in1")
+        await _ends(ami, bridge, customer, callee, target, call="in1")
     assert _requests(simulator) == [(STOP_PATH, "410", "Fred")]
 
 
@@ -139,7 +139,7 @@ async def test_stop_then_start_code_then_blind_transfer_the_end_stops(
     await _press(ami, agent, leg, STOP, "stopped")
     await _press(ami, agent, leg, START, "started")
     target = await _blind_to_411(ami, simulator, phones, agent, leg, callee)
-    await _ends(ami, bridge, simulator, customer, callee, target, call="in1")
+    await _ends(ami, bridge, customer, callee, target, call="in1")
     assert _requests(simulator) == [
         (STOP_PATH, "410", "Fred"),
         (START_PATH, "410", "Fred"),

@@ -46,6 +46,7 @@ from .test_phones import (
     TALK,
     _attended_by_the_phone,
     _channel,
+    _ends,
     _requests,
     _talking,
 )
@@ -131,14 +132,6 @@ async def _queue_call(ami: Ami, phones: StartPhone) -> tuple[Phone, Phone, str, 
         ami, customer, DID, agent, "PJSIP/customer-", "Local/410@from-queue-", "PJSIP/410-"
     )
     return agent, customer, cust, phone
-
-
-async def _ends(ami: Ami, bridge: BridgeProcess, customer: Phone, cust: str, *legs: str) -> None:
-    """The customer hangs up; the call's channels end; what the call sent is delivered."""
-    await customer.send("hangup", call="c1")
-    for leg in (cust, *legs):
-        await ami.wait_hangup(leg)
-    await bridge.wait_drained()
 
 
 async def _presses(

@@ -119,9 +119,8 @@ async def _queue_call(
 
 
 async def _ends(
-    ami: Ami, bridge: BridgeProcess, simulator: NoojeeSimulator, customer: Phone, *legs: str,
-    call: str = "c1",
-) -> None:  # fmt: skip
+    ami: Ami, bridge: BridgeProcess, customer: Phone, *legs: str, call: str = "c1"
+) -> None:
     """The customer hangs up (its call ``call``); the legs end; what the call sent is delivered."""
     await customer.send("hangup", call=call)
     for leg in legs:
@@ -174,7 +173,7 @@ async def test_stop_code_from_the_phone_then_hangup_one_stop_by_extension(
     await agent.send("dtmf", call="in1", digits=STOP)
     await ami.wait_var("NOOJEE_CALL_RECORDING", "stopped", uniqueid=cust)
     await _feature_done(ami, member)  # the agent heard the beep
-    await _ends(ami, bridge, simulator, customer, cust, member)
+    await _ends(ami, bridge, customer, cust, member)
     assert _requests(simulator) == [(STOP_PATH, "410", "Fred")]
 
 
@@ -189,7 +188,7 @@ async def test_blind_transfer_by_the_phone_one_stop_at_the_end_with_the_target_l
     await agent.send("xfer", call="in1", to=agent.uri("411"))
     await ami.wait_hangup(member)
     target = await _handed_on(ami, simulator, cust, "411", since)
-    await _ends(ami, bridge, simulator, customer, cust, target)
+    await _ends(ami, bridge, customer, cust, target)
     assert _requests(simulator) == [(STOP_PATH, cust, "Wilma")]
 
 
@@ -210,7 +209,7 @@ async def test_attended_transfer_by_the_phone_one_stop_at_the_end(
     await _attended_by_the_phone(agent, consulted)
     await ami.wait_hangup(phone)
     target = await _handed_on(ami, simulator, peer, "411", 0)
-    await _ends(ami, bridge, simulator, customer, cust, target)
+    await _ends(ami, bridge, customer, cust, target)
     assert _requests(simulator) == [(STOP_PATH, cust, "Wilma")]
 
 
@@ -228,7 +227,7 @@ async def test_cti_redirect_one_stop_at_the_end_with_the_target_login(
     )
     await ami.wait_hangup(member)
     target = await _handed_on(ami, simulator, cust, "411", since)
-    await _ends(ami, bridge, simulator, customer, cust, target)
+    await _ends(ami, bridge, customer, cust, target)
     assert _requests(simulator) == [(STOP_PATH, cust, "Wilma")]
 
 
@@ -243,7 +242,7 @@ async def test_transfer_target_that_never_answers_leaves_the_login_alone(
     await ami.wait_hangup(member)
     await ringing.ringing()
     assert simulator.received == []
-    await _ends(ami, bridge, simulator, customer, cust)
+    await _ends(ami, bridge, customer, cust)
     assert _requests(simulator) == [(STOP_PATH, cust, "Fred")]
 
 
@@ -261,7 +260,7 @@ async def test_stop_code_before_a_blind_transfer_nothing_more_at_the_end(
     await agent.send("xfer", call="in1", to=agent.uri("411"))
     await ami.wait_hangup(member)
     target = await _handed_on(ami, simulator, cust, "411", since)
-    await _ends(ami, bridge, simulator, customer, cust, target)
+    await _ends(ami, bridge, customer, cust, target)
     assert _requests(simulator) == [(STOP_PATH, "410", "Fred")]
 
 
