@@ -37,6 +37,7 @@ on, so that the server can still tell the dialplan why it refuses the call.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import types
 from collections.abc import Mapping
@@ -114,6 +115,9 @@ MAX_COMMAND_BYTES: Final = 2047
 # words would write past the end of argv inside Asterisk. We quote every value, so we
 # must stay below MAX_ARGS - 1 = 127 words ourselves.
 MAX_COMMAND_WORDS: Final = 127
+# Encoded command lines remembered: a bridge sends the same few again and again (a SET
+# VARIABLE per status, NoojeeContact's few messages), and encoding checks every value.
+COMMANDS_REMEMBERED: Final = 256
 
 
 # --------------------------------------------------------------------------------------
@@ -259,6 +263,7 @@ def _check_command_name(command: str) -> None:
         raise LocalProtocolError("invalid command name")
 
 
+@functools.lru_cache(maxsize=COMMANDS_REMEMBERED)
 def encode_command(*words: str) -> bytes:
     """Encode one AGI command line: ``words[0]`` verbatim, every other word quoted.
 
@@ -311,6 +316,13 @@ def _check_variable_name(name: str) -> None:
 # --------------------------------------------------------------------------------------
 # Reply parsing
 # --------------------------------------------------------------------------------------
+
+
+def _single_line_reply(line: bytes) -> Reply:
+    """The :class:`Reply` of a final one-line reply (its code checked by the caller)."""
+    text = _decode(line)
+    result, data, extra = _split_reply_text(text[4:])
+    return Reply(code=int(line[:3]), result=result, data=data, extra=extra, lines=(text,))
 
 
 def _split_reply_text(text: str) -> tuple[str | None, str | None, str]:
@@ -406,6 +418,11 @@ _REFUSALS: Final[dict[tuple[_State, _Input], str]] = {
     (_State.CLOSED, _Input.SEND): "command sent after end of stream",
 }
 
+# What SET VARIABLE (every session, twice) and most commands answer, parsed once: a Reply is
+# frozen, so one object serves every session.
+_COMMON_REPLIES: Final = {
+    line: _single_line_reply(line) for line in (b"200 result=1", b"200 result=0")
+}
 _HANGUP_LINE: Final = b"HANGUP"
 _REPLY_SEPARATORS: Final = (b" ", b"-")
 _ARG_PREFIX: Final = "agi_arg_"
@@ -806,9 +823,7 @@ class AgiConnection:
             self._transition(_Input.PROVISIONAL)
             return None
         self._transition(_Input.REPLY)
-        text = _decode(line)
-        result, data, extra = _split_reply_text(text[4:])
-        return Reply(code=int(code), result=result, data=data, extra=extra, lines=(text,))
+        return _COMMON_REPLIES.get(line) or _single_line_reply(line)
 
     def _multiline_reply_line(self, line: bytes) -> Reply | None:
         lines = self._reply_lines
