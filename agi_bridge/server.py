@@ -254,6 +254,8 @@ class AgiServer:
         # Sessions still waiting for their environment, oldest first (dicts keep insertion
         # order): when every slot is taken, the oldest silent one makes room for a newcomer.
         self._idle: dict[_Session, asyncio.Task[None]] = {}
+        # Counted when scraped, not kept up to date by every session (two locked updates).
+        metrics.connections_open.set_function(lambda: len(self._sessions))
 
     @property
     def serving(self) -> bool:
@@ -338,7 +340,6 @@ class AgiServer:
             return
         self._sessions.add(task)
         self._idle[session] = task
-        self.metrics.connections_open.inc()
         try:
             await self._session(session, peer)
         except asyncio.CancelledError:
@@ -347,7 +348,6 @@ class AgiServer:
         finally:
             self._sessions.discard(task)
             self._idle.pop(session, None)
-            self.metrics.connections_open.dec()
             session.close()
 
     def _evict_idle(self) -> bool:

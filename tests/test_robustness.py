@@ -234,9 +234,8 @@ async def test_idle_connections_make_room_for_a_real_call(
         # call's connection is accepted (the loop runs the accepts and their tasks in order).
         result = await call(bridge, "Fred")
         assert result.variables.get("NOOJEE_STATUS") == "STOPPED", result
-        opened = bridge.metrics.connections_open
         oldest = await _read_all(idle[0][0])
-        still_open = opened._value.get()
+        still_open = bridge.metrics.registry.get_sample_value("agi_bridge_connections_open")
         evicted = bridge.metrics.connections_refused.labels("idle_evicted")._value.get()
         for _, writer in idle:
             writer.close()
