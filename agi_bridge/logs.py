@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Final, TextIO
 
 import structlog
@@ -24,6 +26,28 @@ _LEVELS: Final = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+# The session's context (peer, route, uniqueid, channel): added to every event logged while it
+# runs, in its task and the tasks it starts (they inherit the context). One variable for the
+# lot, set once per session: structlog's bind_contextvars sets one per key, and its
+# merge_contextvars copies the whole context at every event.
+_SESSION: Final[ContextVar[Mapping[str, str]]] = ContextVar(
+    "agi_bridge_session", default=MappingProxyType({})
+)
+
+
+def bind_session(**context: str) -> None:
+    """Log ``context`` with every event of the current task from now on (and of the tasks it
+    starts)."""
+    _SESSION.set(context)
+
+
+def merge_session(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    """A structlog processor: the session's context, under the event's own keys."""
+    for key, value in _SESSION.get().items():
+        event_dict.setdefault(key, value)
+    return event_dict
 
 
 class SecretScrubber:
@@ -61,7 +85,7 @@ def configure_logging(
     out = stream or sys.stderr
     console = fmt == "console" or (fmt == "auto" and out.isatty())
     processors: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
+        merge_session,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,

@@ -25,11 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, cast
 
-import structlog
-
 from agi_bridge.calls import Rejected, build_request, parse_parameters
 from agi_bridge.delivery import Delivery
-from agi_bridge.logs import get_logger
+from agi_bridge.logs import bind_session, get_logger
 from agi_bridge.metrics import Metrics, Refusal
 from agi_bridge.protocol import (
     MAX_LINE_BYTES,
@@ -393,7 +391,7 @@ class AgiServer:
         self._idle.pop(session, None)
         route = environment.script
         # Bound in this task's context: delivery events logged on its behalf carry them too.
-        structlog.contextvars.bind_contextvars(
+        bind_session(
             peer=str(peer),
             route=route,
             uniqueid=environment.uniqueid,
