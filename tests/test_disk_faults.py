@@ -16,14 +16,16 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from agi_bridge.app import Bridge
+from agi_bridge.delivery.worker import IDLE_POLL
 from agi_bridge.lock import LOCK_FILE, DataDirInUse, DataDirLock
-from agi_bridge.spool import Spool
+from agi_bridge.spool import Spool, SpoolEntry
 from agi_bridge.testing.fake_asterisk import Call, run_call
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
 from agi_bridge.vocabulary import RecordingRequest
@@ -132,6 +134,63 @@ async def test_a_bridge_restarted_on_a_full_disk_starts_and_delivers(
         )
     targets = [r.params["extenOrUniqueId"] for r in delivered]
     assert sorted(targets) == sorted(f"1810.{i}" for i in range(queued))
+
+
+# Idle polls the check below waits out: enough to tell a worker that polls from one that claims
+# in a loop (thousands of claims a second).
+POLLS_WAITED = 3
+
+
+async def test_the_worker_polls_while_a_full_disk_holds_what_is_due_in_memory(
+    small_disk: Path, simulator: NoojeeSimulator, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop delivered while the disk is full stays due on disk (its deletion waits in
+    memory): the worker then looks at the spool once a poll, not in a loop for as long as the
+    disk stays full."""
+    timeouts = {"noojee_connect_timeout": 0.25, "noojee_timeout": 0.25}  # a 2 s lease
+    simulator.set_failure(FailureMode.HTTP_503)
+    async with running_bridge(make_settings(simulator, ca_file, small_disk, **timeouts)) as bridge:
+        claims = _Claims(bridge.spool, monkeypatch)
+        await _queue_stops(bridge, ["1830.1"])
+        fill(small_disk)
+        simulator.set_failure(FailureMode.NONE)
+        await simulator.wait_for(
+            1, timeout=30, predicate=lambda r: r.path == STOP_PATH and r.answered_code == 0
+        )
+        await claims.begun_after(time.time())  # the delivery recorded (in memory)
+        before = claims.count
+        await claims.begun_after(time.time() + POLLS_WAITED * IDLE_POLL)
+        claimed = claims.count - before
+    # One claim a poll, and as much again for claims woken early; a loop makes thousands.
+    assert claimed <= 2 * (POLLS_WAITED + 1), claimed
+
+
+class _Claims:
+    """The worker's claims on ``spool``, seen as they end (a spy on its claim_due)."""
+
+    def __init__(self, spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._ended = asyncio.Condition()
+        self._last_begun = 0.0  # when the last claim that ended began (epoch seconds)
+        self.count = 0  # claims ended
+        claim_due = spool.claim_due
+
+        async def spy(*, limit: int, lease: float) -> list[SpoolEntry]:
+            begun = time.time()
+            try:
+                return await claim_due(limit=limit, lease=lease)
+            finally:
+                async with self._ended:
+                    self._last_begun = begun
+                    self.count += 1
+                    self._ended.notify_all()
+
+        monkeypatch.setattr(spool, "claim_due", spy)
+
+    async def begun_after(self, moment: float) -> None:
+        """Wait until a claim begun at ``moment`` or later has ended (the worker claims at
+        least every IDLE_POLL: the margin covers a loaded machine)."""
+        async with asyncio.timeout(moment - time.time() + 10), self._ended:
+            await self._ended.wait_for(lambda: self._last_begun >= moment)
 
 
 async def _queue_stops(bridge: Bridge, uniqueids: list[str]) -> None:
