@@ -21,13 +21,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from agi_bridge.app import Bridge
+from agi_bridge.delivery.config import Connections
 from agi_bridge.delivery.worker import IDLE_POLL
 from agi_bridge.lock import LOCK_FILE, DataDirInUse, DataDirLock
 from agi_bridge.spool import Spool, SpoolEntry
 from agi_bridge.testing.fake_asterisk import Call, run_call
-from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
+from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator, ReceivedRequest
 from agi_bridge.vocabulary import RecordingRequest
 from tests.bridge_helpers import (
     API_KEY,
@@ -163,6 +165,85 @@ async def test_the_worker_polls_while_a_full_disk_holds_what_is_due_in_memory(
         claimed = claims.count - before
     # One claim a poll, and as much again for claims woken early; a loop makes thousands.
     assert claimed <= 2 * (POLLS_WAITED + 1), claimed
+
+
+# Leases the negative check below waits out: a refused stop whose dead letter the full disk
+# did not take was claimed and sent again after each one.
+LEASES_WAITED = 3
+
+
+async def test_a_stop_refused_for_good_on_a_full_disk_is_sent_and_counted_once(
+    small_disk: Path, simulator: NoojeeSimulator, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queued stop NoojeeContact refuses for good (Pebbles may not stop) while the disk is
+    full: sent once, counted and logged dead once over several leases, the worker unharmed;
+    once the disk has room again it is in the dead letters, no longer pending."""
+    timeouts = {"noojee_connect_timeout": 0.25, "noojee_timeout": 0.25}
+    lease = Connections(connect_timeout=0.25, request_timeout=0.25).lease  # 2 s
+    simulator.set_failure(FailureMode.HTTP_503)
+    with structlog.testing.capture_logs() as logs:
+        async with running_bridge(
+            make_settings(simulator, ca_file, small_disk, **timeouts)
+        ) as bridge:
+            claims = _Claims(bridge.spool, monkeypatch)
+            queued = await call(bridge, "Pebbles", "by=uniqueid", "mode=async", uniqueid="1820.1")
+            assert queued.variables["NOOJEE_STATUS"] == "QUEUED"
+            [entry] = bridge.spool.admin.list("pending")
+            filler = fill(small_disk)
+            simulator.set_failure(FailureMode.NONE)
+            await simulator.wait_for(1, timeout=30, predicate=_refused)
+            # The negative check, bounded: the worker claims again (at least once a poll)
+            # until several leases have passed, and sends nothing more.
+            await claims.begun_after(time.time() + LEASES_WAITED * lease)
+            refused = [r for r in simulator.received if _refused(r)]
+            filler.unlink()
+            await claims.begun_after(time.time())  # the move to the dead letters written
+            dead = bridge.spool.admin.list("dead")
+            pending = bridge.spool.admin.list("pending")
+            counted = bridge.metrics.registry.get_sample_value(
+                "agi_bridge_spool_dead_letters_total"
+            )
+    assert len(refused) == 1
+    assert counted == 1
+    assert [e["id"] for e in logs if e["event"] == "spool.entry.dead"] == [entry.id]
+    assert [e for e in logs if e["event"] == "spool.worker.error"] == []
+    assert [(e.id, e.reason, e.last_error) for e in dead] == [
+        (entry.id, "failed", "Permission denied")
+    ]
+    assert pending == []
+
+
+async def test_a_settlement_the_full_disk_refused_is_held_until_it_has_room(
+    small_disk: Path,
+) -> None:
+    """On a full disk a move to the dead letters (a request by extension expired) succeeds for
+    its caller; the entry is neither claimed nor expired again meanwhile; the first claim once
+    the disk has room writes the move as it was decided."""
+    why = "expired: by extension and not delivered within 60s, not sent"
+    spool = Spool(small_disk, fsync=False)
+    spool.open()
+    try:
+        stop = RecordingRequest("stop", "410", "Fred", kind="extension")
+        entry = await spool.add(stop, call_uniqueid="1840.1")
+        filler = fill(small_disk)
+        await spool.dead_letter(entry, why, attempted=False, reason="expired")
+        assert await spool.claim_due(limit=10, lease=60) == []
+        assert await spool.expire_if_idle(entry, "expired again") is False
+        filler.unlink()
+        assert await spool.claim_due(limit=10, lease=60) == []
+        dead = spool.admin.list("dead")
+        pending = spool.admin.list("pending")
+    finally:
+        spool.close()
+    assert [(e.id, e.reason, e.last_error, e.attempts) for e in dead] == [
+        (entry, "expired", why, 0)
+    ]
+    assert pending == []
+
+
+def _refused(request: ReceivedRequest) -> bool:
+    """A stop NoojeeContact refused for good (its Code < 0: Pebbles may not stop)."""
+    return request.path == STOP_PATH and request.answered_code == -1
 
 
 class _Claims:
