@@ -492,10 +492,12 @@ class Spool:
         self._db: sqlite3.Connection | None = None
         self._db_lock = threading.Lock()
         # While the disk takes no write (full): entries claimed without writing their lease,
-        # held here until then (id -> epoch seconds), and entries settled (delivered, or a
-        # stop NoojeeContact no longer knows) whose deletion is still to be written.
+        # held here until then (id -> epoch seconds), and entries settled (delivered, a stop
+        # NoojeeContact no longer knows, or one it refused for good) whose record the disk
+        # refused: id -> that write (its operation's name and its arguments after the id),
+        # written by a later claim (see _unless_full).
         self._held: dict[int, float] = {}
-        self._settled: set[int] = set()
+        self._settled: dict[int, tuple[str, tuple[object, ...]]] = {}
 
     @property
     def lost(self) -> str | None:
@@ -643,22 +645,35 @@ class Spool:
         Callers need not wait for the future: a crash before the commit only means one harmless
         redelivery. On a disk that takes no write the entry is forgotten in memory (never
         claimed again by this process) and deleted once it can."""
-        return self._unless_full(self._acall(ops.remove, entry_id), entry_id, settled=True)
+        return self._unless_full(ops.remove, entry_id, settles=True)
 
     def _unless_full(
-        self, write: asyncio.Future[Any], entry_id: int, *, settled: bool
+        self,
+        op: Callable[[sqlite3.Connection, int, *Args], None],
+        entry_id: int,
+        *args: *Args,
+        settles: bool,
     ) -> asyncio.Future[None]:
-        """``write``, except that its failure (a full disk) is not the caller's: what it would
-        have recorded is retried later (a delivered entry is deleted by a later claim; a
-        failed attempt is simply tried again once its lease ends)."""
+        """Send ``op(db, entry_id, *args)``, except that its failure for want of room (a full
+        disk) is not the caller's: what it decided stands, only its record waits. A write that
+        ``settles`` the entry is held in memory (the entry is never claimed again by this
+        process, nor expired as idle) and written by a later claim; a failed attempt's count
+        is simply not written, and the entry is tried again once its lease ends.
+
+        A restart forgets what memory holds, and that is accepted: on a disk still full, a
+        settled entry is pending again and its next attempt settles it again (a stop may be
+        sent once more, as stops are at least once; a request by extension past its age is not
+        sent); a start is marked attempted on disk before it is sent, and
+        ``settle_interrupted`` settles it as ever."""
+        write = self._acall(op, entry_id, *args)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        def settle(write: asyncio.Future[Any]) -> None:
+        def settle(write: asyncio.Future[None]) -> None:
             error = write.exception()
             if error is not None and full(error):
                 log.warning("spool.write.deferred", id=entry_id, error=str(error))
-                if settled:
-                    self._settled.add(entry_id)
+                if settles:
+                    self._settled[entry_id] = (op.__name__, args)
                 error = None
             if done.done():
                 return  # the waiter was cancelled
@@ -674,13 +689,15 @@ class Spool:
         """Up to ``limit`` entries whose time has come, oldest first, leased for ``lease`` s.
 
         On a disk that takes no write (full), the leases are held in memory instead and only
-        stops are claimed: a stop sent twice is harmless, a start is not (it waits)."""
+        stops are claimed: a stop sent twice is harmless, a start is not (it waits). What the
+        full disk did not take of earlier settlements is written first, once it can be."""
         now = self._clock()
-        settled = tuple(self._settled)
+        settled = [(name, i, args) for i, (name, args) in self._settled.items()]
         if settled:
-            with contextlib.suppress(SpoolError):
-                await self._acall(ops.forget, settled)
-                self._settled.difference_update(settled)
+            with contextlib.suppress(SpoolError):  # the disk still full: at the next claim
+                await self._acall(ops.record_settled, settled)
+                for _, entry_id, _ in settled:
+                    del self._settled[entry_id]
         try:
             entries = _entries(await self._acall(ops.claim, now, limit, lease))
         except SpoolError as exc:
@@ -692,7 +709,7 @@ class Spool:
     async def _claim_held(self, now: float, limit: int, lease: float) -> list[SpoolEntry]:
         """Due stops, leased in memory: claiming writes nothing."""
         self._held = {i: until for i, until in self._held.items() if until > now}
-        skip = self._held.keys() | self._settled
+        skip = self._held.keys() | self._settled.keys()
         due = _entries(await self._acall(ops.due_stops, now, limit + len(skip)))
         entries = [entry for entry in due if entry.id not in skip][:limit]
         for entry in entries:
@@ -714,8 +731,7 @@ class Spool:
         """Count a failed attempt and set when to try again (for a start: one that certainly
         never reached NoojeeContact, so it may be sent again). On a full disk: uncounted,
         tried again when its lease ends (a start stays marked attempted: never resent)."""
-        write = self._acall(ops.reschedule, entry_id, error, retry_at)
-        return self._unless_full(write, entry_id, settled=False)
+        return self._unless_full(ops.reschedule, entry_id, error, retry_at, settles=False)
 
     def expire_if_idle(self, entry_id: int, error: str) -> asyncio.Future[bool]:
         """Settle pending entry ``entry_id`` as expired unless it is on its way (leased to an
@@ -723,7 +739,7 @@ class Spool:
         cannot claim it between the look and the move."""
         now = self._clock()
         on_its_way = self._held.get(entry_id, 0.0) > now or entry_id in self._settled
-        if on_its_way:  # a full disk's claims and deliveries are held in memory
+        if on_its_way:  # a full disk's claims and settlements are held in memory
             settled: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             settled.set_result(False)
             return settled
@@ -738,8 +754,12 @@ class Spool:
         reason: SettleReason = "failed",
     ) -> asyncio.Future[None]:
         """Move an entry to the dead letters with ``error`` and ``reason``; ``attempted``
-        counts this try."""
-        return self._acall(ops.move_to_dead, entry_id, error, reason, int(attempted), self._clock())
+        counts this try. On a disk that takes no write (full) the move is held in memory and
+        written once it can (the entry is settled: never claimed again by this process)."""
+        now = self._clock()
+        return self._unless_full(
+            ops.move_to_dead, entry_id, error, reason, int(attempted), now, settles=True
+        )
 
     async def stats(self) -> SpoolStats:
         return SpoolStats(*await self._acall(ops.stats))

@@ -526,9 +526,13 @@ def remove(db: sqlite3.Connection, entry_id: int) -> None:
 
 
 @op
-def forget(db: sqlite3.Connection, ids: tuple[int, ...]) -> None:
-    """Delete pending entries settled while the disk took no write."""
-    db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in ids])
+def record_settled(
+    db: sqlite3.Connection, writes: list[tuple[str, int, tuple[object, ...]]]
+) -> None:
+    """The writes that settled entries while the disk took none, each the name of its
+    operation (``remove``, ``move_to_dead``), the entry's id and the rest of its arguments."""
+    for name, entry_id, args in writes:
+        OPS[name](db, entry_id, *args)
 
 
 @op

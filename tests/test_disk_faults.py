@@ -16,16 +16,20 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from agi_bridge.app import Bridge
+from agi_bridge.delivery.config import Connections
+from agi_bridge.delivery.worker import IDLE_POLL
 from agi_bridge.lock import LOCK_FILE, DataDirInUse, DataDirLock
-from agi_bridge.spool import Spool
+from agi_bridge.spool import Spool, SpoolEntry
 from agi_bridge.testing.fake_asterisk import Call, run_call
-from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
+from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator, ReceivedRequest
 from agi_bridge.vocabulary import RecordingRequest
 from tests.bridge_helpers import (
     API_KEY,
@@ -132,6 +136,142 @@ async def test_a_bridge_restarted_on_a_full_disk_starts_and_delivers(
         )
     targets = [r.params["extenOrUniqueId"] for r in delivered]
     assert sorted(targets) == sorted(f"1810.{i}" for i in range(queued))
+
+
+# Idle polls the check below waits out: enough to tell a worker that polls from one that claims
+# in a loop (thousands of claims a second).
+POLLS_WAITED = 3
+
+
+async def test_the_worker_polls_while_a_full_disk_holds_what_is_due_in_memory(
+    small_disk: Path, simulator: NoojeeSimulator, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop delivered while the disk is full stays due on disk (its deletion waits in
+    memory): the worker then looks at the spool once a poll, not in a loop for as long as the
+    disk stays full."""
+    timeouts = {"noojee_connect_timeout": 0.25, "noojee_timeout": 0.25}  # a 2 s lease
+    simulator.set_failure(FailureMode.HTTP_503)
+    async with running_bridge(make_settings(simulator, ca_file, small_disk, **timeouts)) as bridge:
+        claims = _Claims(bridge.spool, monkeypatch)
+        await _queue_stops(bridge, ["1830.1"])
+        fill(small_disk)
+        simulator.set_failure(FailureMode.NONE)
+        await simulator.wait_for(
+            1, timeout=30, predicate=lambda r: r.path == STOP_PATH and r.answered_code == 0
+        )
+        await claims.begun_after(time.time())  # the delivery recorded (in memory)
+        before = claims.count
+        await claims.begun_after(time.time() + POLLS_WAITED * IDLE_POLL)
+        claimed = claims.count - before
+    # One claim a poll, and as much again for claims woken early; a loop makes thousands.
+    assert claimed <= 2 * (POLLS_WAITED + 1), claimed
+
+
+# Leases the negative check below waits out: a refused stop whose dead letter the full disk
+# did not take was claimed and sent again after each one.
+LEASES_WAITED = 3
+
+
+async def test_a_stop_refused_for_good_on_a_full_disk_is_sent_and_counted_once(
+    small_disk: Path, simulator: NoojeeSimulator, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queued stop NoojeeContact refuses for good (Pebbles may not stop) while the disk is
+    full: sent once, counted and logged dead once over several leases, the worker unharmed;
+    once the disk has room again it is in the dead letters, no longer pending."""
+    timeouts = {"noojee_connect_timeout": 0.25, "noojee_timeout": 0.25}
+    lease = Connections(connect_timeout=0.25, request_timeout=0.25).lease  # 2 s
+    simulator.set_failure(FailureMode.HTTP_503)
+    with structlog.testing.capture_logs() as logs:
+        async with running_bridge(
+            make_settings(simulator, ca_file, small_disk, **timeouts)
+        ) as bridge:
+            claims = _Claims(bridge.spool, monkeypatch)
+            queued = await call(bridge, "Pebbles", "by=uniqueid", "mode=async", uniqueid="1820.1")
+            assert queued.variables["NOOJEE_STATUS"] == "QUEUED"
+            [entry] = bridge.spool.admin.list("pending")
+            filler = fill(small_disk)
+            simulator.set_failure(FailureMode.NONE)
+            await simulator.wait_for(1, timeout=30, predicate=_refused)
+            # The negative check, bounded: the worker claims again (at least once a poll)
+            # until several leases have passed, and sends nothing more.
+            await claims.begun_after(time.time() + LEASES_WAITED * lease)
+            refused = [r for r in simulator.received if _refused(r)]
+            filler.unlink()
+            await claims.begun_after(time.time())  # the move to the dead letters written
+            dead = bridge.spool.admin.list("dead")
+            pending = bridge.spool.admin.list("pending")
+            counted = bridge.metrics.registry.get_sample_value(
+                "agi_bridge_spool_dead_letters_total"
+            )
+    assert len(refused) == 1
+    assert counted == 1
+    assert [e["id"] for e in logs if e["event"] == "spool.entry.dead"] == [entry.id]
+    assert [e for e in logs if e["event"] == "spool.worker.error"] == []
+    assert [(e.id, e.reason, e.last_error) for e in dead] == [
+        (entry.id, "failed", "Permission denied")
+    ]
+    assert pending == []
+
+
+async def test_a_settlement_the_full_disk_refused_is_held_until_it_has_room(
+    small_disk: Path,
+) -> None:
+    """On a full disk a move to the dead letters (a request by extension expired) succeeds for
+    its caller; the entry is neither claimed nor expired again meanwhile; the first claim once
+    the disk has room writes the move as it was decided."""
+    why = "expired: by extension and not delivered within 60s, not sent"
+    spool = Spool(small_disk, fsync=False)
+    spool.open()
+    try:
+        stop = RecordingRequest("stop", "410", "Fred", kind="extension")
+        entry = await spool.add(stop, call_uniqueid="1840.1")
+        filler = fill(small_disk)
+        await spool.dead_letter(entry, why, attempted=False, reason="expired")
+        assert await spool.claim_due(limit=10, lease=60) == []
+        assert await spool.expire_if_idle(entry, "expired again") is False
+        filler.unlink()
+        assert await spool.claim_due(limit=10, lease=60) == []
+        dead = spool.admin.list("dead")
+        pending = spool.admin.list("pending")
+    finally:
+        spool.close()
+    assert [(e.id, e.reason, e.last_error, e.attempts) for e in dead] == [
+        (entry, "expired", why, 0)
+    ]
+    assert pending == []
+
+
+def _refused(request: ReceivedRequest) -> bool:
+    """A stop NoojeeContact refused for good (its Code < 0: Pebbles may not stop)."""
+    return request.path == STOP_PATH and request.answered_code == -1
+
+
+class _Claims:
+    """The worker's claims on ``spool``, seen as they end (a spy on its claim_due)."""
+
+    def __init__(self, spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._ended = asyncio.Condition()
+        self._last_begun = 0.0  # when the last claim that ended began (epoch seconds)
+        self.count = 0  # claims ended
+        claim_due = spool.claim_due
+
+        async def spy(*, limit: int, lease: float) -> list[SpoolEntry]:
+            begun = time.time()
+            try:
+                return await claim_due(limit=limit, lease=lease)
+            finally:
+                async with self._ended:
+                    self._last_begun = begun
+                    self.count += 1
+                    self._ended.notify_all()
+
+        monkeypatch.setattr(spool, "claim_due", spy)
+
+    async def begun_after(self, moment: float) -> None:
+        """Wait until a claim begun at ``moment`` or later has ended (the worker claims at
+        least every IDLE_POLL: the margin covers a loaded machine)."""
+        async with asyncio.timeout(moment - time.time() + 10), self._ended:
+            await self._ended.wait_for(lambda: self._last_begun >= moment)
 
 
 async def _queue_stops(bridge: Bridge, uniqueids: list[str]) -> None:

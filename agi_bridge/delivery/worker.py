@@ -86,22 +86,30 @@ class Worker:
 
     async def _run_once(self) -> None:
         self._work.clear()
+        claimed_at = self._wall_clock()
         entries = await self._spool.claim_due(
             limit=self._sender.connections.max_connections, lease=self._sender.lease
         )
         if not entries:
             if not self._stopping:
-                await self._wait_for_work()
+                await self._wait_for_work(claimed_at)
             return
         pause = self._pause(await self._deliver(entries))
         if pause is not None and not self._stopping:
             await self._back_off(pause)
 
-    async def _wait_for_work(self) -> None:
+    async def _wait_for_work(self, claimed_at: float) -> None:
         if self._work.is_set():
             return  # stored while the claim ran: no need to ask the spool when to look again
         next_due = await self._spool.next_due()
-        timeout = IDLE_POLL if next_due is None else max(0.0, next_due - self._wall_clock())
+        if next_due is None or next_due <= claimed_at:
+            # Nothing, or only what was due already and not claimed: what the spool holds in
+            # memory while its disk is full (a lease, a settlement whose record waits) or a
+            # start, which a full disk does not claim. The next poll, not a claim at once
+            # in a loop for as long as the disk stays full.
+            timeout = IDLE_POLL
+        else:
+            timeout = max(0.0, next_due - self._wall_clock())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(timeout, IDLE_POLL)):
                 await self._work.wait()
