@@ -184,8 +184,8 @@ class Bridge:
     @property
     def answer_time(self) -> float:
         """Longest a session takes to end once its outcome is known: the spool's commit of a
-        QUEUED request, then Asterisk's replies to the two SET VARIABLE commands."""
-        return STORE_TIMEOUT + 2 * self.settings.command_timeout
+        QUEUED request, then Asterisk's reply to the SET VARIABLE command."""
+        return STORE_TIMEOUT + self.settings.command_timeout
 
     def hurry(self) -> None:
         """A second signal: every session still waiting for NoojeeContact hears ``QUEUED`` now

@@ -40,7 +40,7 @@ import enum
 import functools
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 from urllib.parse import parse_qsl
@@ -306,6 +306,25 @@ def _line_name(head: bytes) -> bytes:
     return name
 
 
+# What ARRAY() would read as syntax in a value (see array_value): each is sent after a backslash.
+_ARRAY_ESCAPES: Final = str.maketrans({ch: "\\" + ch for ch in '\\,"()[]'})
+
+
+def array_value(values: Iterable[str]) -> str:
+    """The value that makes ``ARRAY(name1,name2,...)`` (func_strings, in every Asterisk since
+    1.6 and loaded by default) write exactly ``values`` to its variables, in order.
+
+    A SET VARIABLE whose name ends with ")" writes a dialplan function, and ARRAY() splits
+    its value with __ast_app_separate_args() (main/app.c): at commas outside double quotes,
+    parentheses and brackets; it drops double quotes and takes the character after a backslash
+    literally. So every ``\\ , " ( ) [ ]`` of a value is sent after a backslash; nothing else
+    is read (no trimming, no ``${}``: a SET VARIABLE value is not substituted). Why not two
+    SET VARIABLE commands at once: run_agi() reads a command with fgets() on a FILE*, then
+    polls the socket, so a second command read into that FILE*'s buffer would wait there
+    unseen."""
+    return ",".join(value.translate(_ARRAY_ESCAPES) for value in values)
+
+
 # Quoting keeps a variable name intact on the wire, but Asterisk would still interpret
 # characters like "(" (a dialplan function) or ":" in it: only plain names pass.
 def _check_variable_name(name: str) -> None:
@@ -552,6 +571,20 @@ class AgiConnection:
         and ``_``."""
         _check_variable_name(name)
         return self.send_command("SET VARIABLE", name, value)
+
+    def set_variables(self, *pairs: tuple[str, str]) -> bytes:
+        """:meth:`send_command` setting every ``(name, value)`` of ``pairs`` at once: ``SET
+        VARIABLE "ARRAY(A,B)" "a,b"``, one round trip instead of one per variable (a command
+        cannot follow another before its reply: see :func:`array_value`). Names must be
+        letters, digits and ``_``."""
+        for name, _ in pairs:
+            _check_variable_name(name)
+        if len(pairs) == 1:
+            return self.send_command("SET VARIABLE", *pairs[0])
+        names = ",".join(name for name, _ in pairs)
+        return self.send_command(
+            "SET VARIABLE", f"ARRAY({names})", array_value(value for _, value in pairs)
+        )
 
     # ---------------------------------------------------------------- internals
 

@@ -197,13 +197,16 @@ class _Session(asyncio.Protocol):
         return event
 
     async def set_variables(self, outcome: Outcome) -> None:
-        """NOOJEE_STATUS and NOOJEE_MESSAGE; one deadline (``command_timeout`` per reply)
-        for both, which saves a timer per session."""
-        deadline = self._deadline(2 * self.settings.command_timeout)
+        """NOOJEE_STATUS and NOOJEE_MESSAGE, in one command (one reply to wait for, within
+        ``command_timeout``: see AgiConnection.set_variables)."""
+        deadline = self._deadline(self.settings.command_timeout)
         try:
-            connection = self.connection
-            await self.command(connection.set_variable("NOOJEE_STATUS", outcome.status.value))
-            await self.command(connection.set_variable("NOOJEE_MESSAGE", _message(outcome.message)))
+            await self.command(
+                self.connection.set_variables(
+                    ("NOOJEE_STATUS", outcome.status.value),
+                    ("NOOJEE_MESSAGE", _message(outcome.message)),
+                )
+            )
         finally:
             deadline.cancel()
 

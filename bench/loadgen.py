@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agi_bridge.testing.fake_asterisk import Call, environment_block
+from agi_bridge.testing.fake_asterisk import Call, environment_block, written_variables
 
 SESSION_TIMEOUT = 10.0
 
@@ -89,8 +89,9 @@ class Session(asyncio.Protocol):
             line, buffer = buffer[:end], buffer[end + 1 :]
             if line.startswith(b"SET VARIABLE "):
                 name, _, value = line[13:].partition(b" ")
-                if _unquote(name) == "NOOJEE_STATUS" or self.status is None:
-                    self.status = _unquote(value)
+                written = written_variables(_unquote(name), _unquote(value))
+                if "NOOJEE_STATUS" in written or self.status is None:
+                    self.status = written.get("NOOJEE_STATUS", next(iter(written.values())))
                 out.append(b"200 result=1\n")
             elif line.startswith((b"GET VARIABLE ", b"GET FULL VARIABLE ", b"NOOP", b"VERBOSE")):
                 out.append(b"200 result=0\n")

@@ -28,6 +28,7 @@ from agi_bridge.protocol import (
     Reply,
     encode_command,
 )
+from agi_bridge.testing.fake_asterisk import written_variables
 
 # Captured on Asterisk 22.10.1: AGI(agi://127.0.0.1:4573/recording/stop,arg1,arg 2).
 # Note "agi_accountcode: " with its trailing space.
@@ -1180,3 +1181,35 @@ def test_encoding_round_trips_through_parse_args(values: list[str]) -> None:
     assert "\r" not in text
     assert "\0" not in text
     assert parse_args(text[:-1]) == ["SET", "VARIABLE", *values]
+
+
+def test_two_variables_are_set_by_one_array_command() -> None:
+    """set_variables() writes both variables with one SET VARIABLE of ARRAY(): one reply to
+    wait for; ARRAY()'s syntax in a value is escaped; one variable is a plain SET VARIABLE."""
+    conn = ready()
+    line = conn.set_variables(("NOOJEE_STATUS", "FAILED"), ("NOOJEE_MESSAGE", "a,b (c)"))
+    assert (
+        line == b'SET VARIABLE "ARRAY(NOOJEE_STATUS,NOOJEE_MESSAGE)" "FAILED,a\\\\,b \\\\(c\\\\)"\n'
+    )
+    conn.receive_data(b"200 result=1\n")
+    reply = conn.next_event()
+    assert isinstance(reply, Reply)
+    assert reply.ok
+    assert not conn.awaiting_reply
+    assert ready().set_variables(("A", "x,y")) == b'SET VARIABLE "A" "x,y"\n'
+    with pytest.raises(LocalProtocolError, match="variable name"):
+        ready().set_variables(("A", "1"), ("B(x)", "2"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.text(), min_size=2, max_size=4))
+def test_array_values_reach_asterisk_unchanged(values: list[str]) -> None:
+    """Any encodable values, through parse_args() then ARRAY()'s argument splitting (both
+    ported), land in their variables unchanged, in order; or are refused locally."""
+    names = [f"V{i}" for i in range(len(values))]
+    try:
+        line = ready().set_variables(*zip(names, values, strict=True))
+    except LocalProtocolError:
+        return
+    _, _, name, value = parse_args(line.decode()[:-1])
+    assert written_variables(name, value) == dict(zip(names, values, strict=True))

@@ -97,6 +97,49 @@ def _unquote(text: str) -> str:
     return "".join(out)
 
 
+def separate_args(text: str) -> list[str]:
+    """What Asterisk's __ast_app_separate_args(text, ',', remove_chars=1) (main/app.c) makes of
+    ``text``, as ARRAY() splits its value: at commas outside double quotes, parentheses and
+    brackets (which stay); double quotes dropped; the character after a backslash taken
+    literally; a trailing comma gives a last empty argument, an empty text none."""
+    args: list[str] = []
+    current: list[str] = []
+    paren = bracket = 0
+    quote = False
+    chars = iter(text)
+    for ch in chars:
+        if ch == '"':
+            quote = not quote
+            continue
+        if ch == "\\":
+            current.append(next(chars, ""))
+            continue
+        if ch == "," and not (paren or bracket or quote):
+            args.append("".join(current))
+            current = []
+            continue
+        if ch in "()":
+            paren = paren + 1 if ch == "(" else max(0, paren - 1)
+        elif ch in "[]":
+            bracket = bracket + 1 if ch == "[" else max(0, bracket - 1)
+        current.append(ch)
+    if text:
+        args.append("".join(current))
+    return args
+
+
+def written_variables(name: str, value: str) -> dict[str, str]:
+    """The channel variables ``SET VARIABLE name value`` writes (both unquoted): ``name``, or
+    for ``ARRAY(a,b,...)`` each of its names, given its value in order ("" past the last)."""
+    if not (name.startswith("ARRAY(") and name.endswith(")")):
+        return {name: value}
+    values = separate_args(value)
+    return {
+        each: values[i] if i < len(values) else ""
+        for i, each in enumerate(separate_args(name[len("ARRAY(") : -1]))
+    }
+
+
 @dataclass(slots=True)
 class SessionResult:
     variables: dict[str, str] = field(default_factory=dict)
@@ -176,7 +219,7 @@ def _answer(command: str, result: SessionResult) -> bytes:
     if verb.startswith("SET VARIABLE "):
         rest = command[len("SET VARIABLE ") :]
         name, _, value = rest.partition(" ")
-        result.variables[_unquote(name)] = _unquote(value)
+        result.variables.update(written_variables(_unquote(name), _unquote(value)))
         return b"200 result=1\n"
     if verb.startswith(("GET VARIABLE ", "GET FULL VARIABLE ")):
         return b"200 result=0\n"

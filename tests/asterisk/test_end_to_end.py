@@ -320,6 +320,25 @@ async def test_caller_hangs_up_while_the_bridge_waits(
 # ----------------------------------------------------------- the subroutine's own parameters
 
 
+async def test_a_message_with_commas_quotes_and_brackets_reaches_the_dialplan_whole(
+    ami: Ami, bridge: BridgeProcess
+) -> None:
+    """NOOJEE_STATUS and NOOJEE_MESSAGE are set by one SET VARIABLE (ARRAY()): a message with
+    the characters ARRAY() reads as syntax (commas, quotes, parentheses, brackets) arrives
+    exactly as the bridge logged it, and the status with it."""
+    _, chan = await ami.originate(
+        "Local/s@test-direct/n", application="Wait", data="5",
+        variables={"TEST_ROUTE": "stop", "TEST_AGENT": "Fred", "TEST_MODE": "l(a)[t]e,r"},
+    )  # fmt: skip
+    await ami.wait_var("TEST_RETVAL", "REJECTED", uniqueid=chan)
+    message = (await bridge.finished(chan))["message"]
+    assert all(ch in message for ch in "',()[]"), message
+    await ami.wait_var("NOOJEE_STATUS", "REJECTED", uniqueid=chan)
+    # AMI shows a VarSet's value C-escaped (varset_to_ami(): ast_escape_c_alloc()).
+    shown = message.translate({ord(ch): "\\" + ch for ch in "\\'\"?"})
+    await ami.wait_var("NOOJEE_MESSAGE", shown, uniqueid=chan)
+
+
 @pytest.mark.parametrize(
     ("variables", "status", "path", "params"),
     [
