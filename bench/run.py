@@ -737,6 +737,18 @@ def verdicts(
     return lines, checks
 
 
+def paired_ratios(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """For each bridge scenario of issue 19, its CPU per session over the minimal bridge's in
+    the same round of ``--repeat`` (rows come round after round, in the chosen order)."""
+    minimal = [r["cpu_s_per_1k"] for r in rows if r["scenario"] == "minimal" and r["completed"]]
+    ratios: dict[str, list[float]] = {}
+    for scenario in ("bridge-sync-0ms", "bridge-async"):
+        runs = [r["cpu_s_per_1k"] for r in rows if r["scenario"] == scenario and r["completed"]]
+        if runs and len(runs) == len(minimal):
+            ratios[scenario] = [run / base for run, base in zip(runs, minimal, strict=True)]
+    return ratios
+
+
 def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per scenario, its CPU per session the median of its runs (all runs kept)."""
     by: dict[str, list[dict[str, Any]]] = {}
@@ -842,6 +854,15 @@ def main() -> int:
             runs = ", ".join(f"{v:.3f}" for v in row["cpu_s_per_1k_runs"])
             print(f"  {row['scenario']:24} {row['cpu_s_per_1k']:.3f}  [{runs}]")
         print()
+        paired = paired_ratios(rows)
+        if paired:
+            # The machine's speed drifts between rounds (other processes, the host): a ratio
+            # within one round compares like with like. Shown beside the verdict, not instead.
+            print("Each round's ratio to that round's minimal bridge (and their median):")
+            for scenario, ratios in paired.items():
+                each = ", ".join(f"{r:.2f}" for r in ratios)
+                print(f"  {scenario:24} {statistics.median(ratios):.2f}  [{each}]")
+            print()
     notes, checks = verdicts(medians, ceiling_name)
     print(f"Targets (issue 6; CPU ratios against {ceiling_name}, the bridge's own event loop):")
     for check in checks:
@@ -861,6 +882,7 @@ def main() -> int:
                     "argv": sys.argv[1:],
                     "scenarios": rows,
                     "medians": medians,
+                    "paired_ratios": paired_ratios(rows),
                     "checks": checks,
                     "scenario_definitions": [asdict(s) for s in chosen],
                 },
