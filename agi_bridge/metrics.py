@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import accumulate
 from typing import Any, Final, Literal, TypeVar, cast, get_args
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from agi_bridge.vocabulary import ACTIONS, ROUTES, NoojeeResult, ResultKind, Status
 
@@ -56,24 +61,92 @@ SESSION_STATUSES: Final = _session_statuses()
 ERROR_KINDS: Final = tuple(kind for kind in ResultKind if not NoojeeResult(kind, "").ok)
 
 
+class _LoopCounter:
+    """A labelled counter that only the event loop updates and reads (the health server's
+    scrape runs in it too): a number per label set, no lock. prometheus_client's metrics take a
+    lock at every update, for threads this bridge does not have; every session updates these."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labels = labels
+        self.counts: dict[tuple[str, ...], int] = {}
+
+    def create(self, *values: str) -> None:
+        """Export the label set ``values`` (at 0 until counted)."""
+        self.counts.setdefault(values, 0)
+
+    def inc(self, *values: str) -> None:
+        counts = self.counts
+        counts[values] = counts.get(values, 0) + 1
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+        for values, count in self.counts.items():
+            family.add_metric(values, count)
+        return family
+
+
+class _LoopHistogram:
+    """A histogram with one label, kept like :class:`_LoopCounter`: per label value its
+    bucket counts (one bisect to observe) and its sum, exported as prometheus_client's
+    Histogram would be."""
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: Sequence[float]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._label = label
+        self._bounds = tuple(buckets)
+        # prometheus_client's own spelling of each bound ("1.0", "+Inf"); untyped there.
+        self._les = [floatToGoString(bound) for bound in (*buckets, math.inf)]  # type: ignore[no-untyped-call]
+        self._series: dict[str, tuple[list[int], list[float]]] = {}  # counts, [sum]
+
+    def create(self, value: str) -> None:
+        """Export the label value ``value`` (empty until observed)."""
+        self._series.setdefault(value, ([0] * len(self._les), [0.0]))
+
+    def _new(self, value: str) -> tuple[list[int], list[float]]:
+        self.create(value)
+        return self._series[value]
+
+    def observe(self, value: str, amount: float) -> None:
+        counts, total = self._series.get(value) or self._new(value)
+        counts[bisect_left(self._bounds, amount)] += 1  # the first bucket with amount <= le
+        total[0] += amount
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
+        for value, (counts, total) in self._series.items():
+            buckets = list(zip(self._les, accumulate(counts), strict=True))
+            family.add_metric([value], buckets=buckets, sum_value=total[0])
+        return family
+
+
+class _LoopMetrics(Collector):
+    """The metrics above, for the registry's scrape."""
+
+    def __init__(self, metrics: Iterable[_LoopCounter | _LoopHistogram]) -> None:
+        self._metrics = tuple(metrics)
+
+    def collect(self) -> Iterator[Metric]:
+        return (metric.family() for metric in self._metrics)
+
+
 class Metrics:
     """Every metric the bridge exports, created once per process (or per test bridge)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.sessions = Counter(
-            "agi_bridge_sessions",
-            "AGI sessions by route and NOOJEE_STATUS",
-            ["route", "status"],
-            registry=r,
+        # What every session updates: see _LoopCounter.
+        self.sessions = _LoopCounter(
+            "agi_bridge_sessions", "AGI sessions by route and NOOJEE_STATUS", ["route", "status"]
         )
-        self.hold_seconds = Histogram(
+        self.hold_seconds = _LoopHistogram(
             "agi_bridge_hold_seconds",
             "Time a channel was held by a session, by route",
-            ["route"],
-            buckets=HOLD_BUCKETS,
-            registry=r,
+            "route",
+            HOLD_BUCKETS,
         )
         self.connections_open = Gauge(
             "agi_bridge_connections_open", "Open FastAGI connections", registry=r
@@ -89,18 +162,19 @@ class Metrics:
             "Sessions ended by a protocol error or timeout",
             registry=r,
         )
-        self.noojee_seconds = Histogram(
+        self.noojee_seconds = _LoopHistogram(
             "agi_bridge_noojee_request_seconds",
             "NoojeeContact round trip, by result kind",
-            ["kind"],
-            buckets=ROUND_TRIP_BUCKETS,
-            registry=r,
+            "kind",
+            ROUND_TRIP_BUCKETS,
         )
-        self.noojee_errors = Counter(
-            "agi_bridge_noojee_errors",
-            "Failed NoojeeContact requests by kind",
-            ["kind"],
-            registry=r,
+        self.noojee_errors = _LoopCounter(
+            "agi_bridge_noojee_errors", "Failed NoojeeContact requests by kind", ["kind"]
+        )
+        r.register(
+            _LoopMetrics(
+                (self.sessions, self.hold_seconds, self.noojee_seconds, self.noojee_errors)
+            )
         )
         self.retries = Counter(
             "agi_bridge_spool_retries", "Failed delivery attempts of spooled requests", registry=r
@@ -145,15 +219,15 @@ class Metrics:
         # created here, at zero: see Refusal.
         self._children: dict[tuple[object, ...], Any] = {}
         for route, statuses in SESSION_STATUSES.items():
-            self._child(self.hold_seconds, route)
+            self.hold_seconds.create(route)
             for status in statuses:
-                self._child(self.sessions, route, status.value)
+                self.sessions.create(route, status.value)
         for reason in get_args(Refusal):
             self._child(self.connections_refused, reason)
         for kind in ResultKind:
-            self._child(self.noojee_seconds, kind.value)
+            self.noojee_seconds.create(kind.value)
         for kind in ERROR_KINDS:
-            self._child(self.noojee_errors, kind.value)
+            self.noojee_errors.create(kind.value)
 
     def _child(self, metric: _M, *values: str) -> _M:
         key = (id(metric), *values)
@@ -166,8 +240,8 @@ class Metrics:
         """A session for script path ``route`` ended with NOOJEE_STATUS ``status`` after
         holding the channel ``held`` seconds."""
         label = route if route in ROUTES else UNKNOWN_ROUTE
-        self._child(self.sessions, label, status).inc()
-        self._child(self.hold_seconds, label).observe(held)
+        self.sessions.inc(label, status)
+        self.hold_seconds.observe(label, held)
 
     def connection_refused(self, reason: Refusal) -> None:
         self._child(self.connections_refused, reason).inc()
@@ -177,6 +251,6 @@ class Metrics:
         self._child(self.settled, reason).inc()
 
     def observe_noojee(self, result: NoojeeResult, seconds: float) -> None:
-        self._child(self.noojee_seconds, result.kind.value).observe(seconds)
+        self.noojee_seconds.observe(result.kind.value, seconds)
         if not result.ok:
-            self._child(self.noojee_errors, result.kind.value).inc()
+            self.noojee_errors.inc(result.kind.value)

@@ -170,7 +170,9 @@ async def test_a_peer_flooding_a_busy_session_is_not_read_into_memory(
         with contextlib.suppress(ConnectionResetError):
             await _read_all(reader)
         writer.transport.abort()
-        sessions = bridge.metrics.sessions.labels("recording/stop", "QUEUED")._value.get()
+        sessions = bridge.metrics.registry.get_sample_value(
+            "agi_bridge_sessions_total", {"route": "recording/stop", "status": "QUEUED"}
+        )
         errors = bridge.metrics.protocol_errors._value.get()
     assert sessions == 1
     assert errors == 0  # the environment was fine: the flood fails the command's reply
