@@ -186,6 +186,10 @@ async def test_stop_with_api_key_sends_the_documented_request(
     assert seen.body == b""
     assert seen.headers["content-type"] == "application/x-www-form-urlencoded"
     assert seen.headers["content-length"] == "0"
+    # Sent as the aiohttp session's own headers (see AiohttpTransport): on every request.
+    assert seen.headers["accept-encoding"] == "identity"  # no compressed answers
+    assert seen.headers["accept"].startswith("application/json")
+    assert seen.headers["user-agent"].startswith("agi-bridge")
     assert seen.auth == "apikey"
     assert (seen.http_status, seen.answered_code) == (200, 0)
 

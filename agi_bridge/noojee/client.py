@@ -196,20 +196,23 @@ class NoojeeClient:
             max_keepalive_connections=max_connections,
             keepalive_expiry=KEEPALIVE_EXPIRY,
         )
-        if transport is None:
-            # aiohttp's connection pool under httpx's API (see agi_bridge.noojee.transport).
-            transport = AiohttpTransport(
-                verify=verify_arg, limits=limits, max_body_bytes=MAX_RESPONSE_BYTES
-            )
-        # The transport is called directly, without an httpx.AsyncClient around it: the
-        # client's layers (URL merging, auth and redirect flows, cookies) do nothing for us
-        # and cost about 0.1 ms of CPU per request (measured in bench/README.md).
-        self._transport: Final = transport
         # The headers httpx would add to each request itself (Host, Content-Length), given
         # here once: requests are built from a stream, which skips httpx's body encoding.
         self._headers: Final = httpx.Headers(
             {"Host": url.netloc.decode("ascii"), "Content-Length": "0", **_HEADERS}
         )
+        if transport is None:
+            # aiohttp's connection pool under httpx's API (see agi_bridge.noojee.transport).
+            transport = AiohttpTransport(
+                verify=verify_arg,
+                limits=limits,
+                max_body_bytes=MAX_RESPONSE_BYTES,
+                headers=self._headers,
+            )
+        # The transport is called directly, without an httpx.AsyncClient around it: the
+        # client's layers (URL merging, auth and redirect flows, cookies) do nothing for us
+        # and cost about 0.1 ms of CPU per request (measured in bench/README.md).
+        self._transport: Final = transport
         self._extensions: Final = {"timeout": self._timeout.as_dict()}
 
         self._auth: Final = (
