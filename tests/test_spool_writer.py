@@ -101,13 +101,19 @@ def committed(answer: object, count: int) -> None:
     assert all(isinstance(value, int) and error is None for value, error in outcomes)
 
 
+def commit_alone(bridge: Bridge, uniqueid: str) -> None:
+    """Add one job and see it committed alone and at once; a batch has just ended then, so
+    the window is open for the next job."""
+    bridge.add(uniqueid)
+    (answer,) = bridge.answers(PROMPTLY)
+    committed(answer, 1)
+
+
 def test_a_job_after_a_quiet_spell_is_committed_at_once(tmp_path: Path) -> None:
     """The first job after a quiet spell is committed and answered without waiting the window."""
     path = tmp_path / SPOOL_FILE
     with writer(path, window=WINDOW) as bridge:
-        bridge.add("1.1")
-        (answer,) = bridge.answers(PROMPTLY)
-        committed(answer, 1)
+        commit_alone(bridge, "1.1")
         assert pending(path) == ["1.1"]
 
 
@@ -116,9 +122,7 @@ def test_jobs_arriving_within_the_window_share_one_commit(tmp_path: Path) -> Non
     one batch with one answer."""
     path = tmp_path / SPOOL_FILE
     with writer(path, window=WINDOW) as bridge:
-        bridge.add("1.1")
-        (answer,) = bridge.answers(PROMPTLY)  # a batch just ended: the next job lingers
-        committed(answer, 1)
+        commit_alone(bridge, "1.1")  # a batch just ended: the next job lingers
         bridge.add("1.2")
         assert bridge.answers(NO_ANSWER) == [], "answered alone: no window"
         bridge.add("1.3")
@@ -132,9 +136,7 @@ def test_the_bridge_closing_its_end_commits_an_open_window_at_once(tmp_path: Pat
     commits what it holds and returns without waiting the window out."""
     path = tmp_path / SPOOL_FILE
     with writer(path, window=WINDOW) as bridge:
-        bridge.add("1.1")
-        (answer,) = bridge.answers(PROMPTLY)
-        committed(answer, 1)
+        commit_alone(bridge, "1.1")
         bridge.add("1.2")
         (answer,) = bridge.close_and_wait()
         committed(answer, 1)
@@ -145,9 +147,7 @@ def test_a_full_batch_is_committed_without_waiting_the_window_out(tmp_path: Path
     """MAX_BATCH jobs gathered in a window are committed at once, before the window ends."""
     path = tmp_path / SPOOL_FILE
     with writer(path, window=WINDOW) as bridge:
-        bridge.add("1.0")
-        (answer,) = bridge.answers(PROMPTLY)
-        committed(answer, 1)
+        commit_alone(bridge, "1.0")
         bridge.add(*(f"2.{n}" for n in range(MAX_BATCH)))
         (answer,) = bridge.answers(PROMPTLY)
         committed(answer, MAX_BATCH)
