@@ -724,7 +724,15 @@ class Spool:
         self, entry_id: int
     ) -> tuple[Literal["pending", "dead"], str | None, SettleReason | None] | None:
         """Which table holds entry ``entry_id``, its last error and (dead letters) why it was
-        settled; None when neither does (delivered, or purged by the operator)."""
+        settled; None when neither does (delivered, or purged by the operator). A settlement
+        the full disk has not taken yet counts as written: a repeat hears what was decided."""
+        held = self._settled.get(entry_id)
+        if held is not None:
+            name, args = held
+            if name == ops.move_to_dead.__name__:
+                error, reason = args[0], args[1]
+                return "dead", cast(str, error), cast(SettleReason, reason)
+            return None  # removed: the repeat cache knows why
         return await self._acall(ops.where, entry_id)
 
     def reschedule(self, entry_id: int, error: str, *, retry_at: float) -> asyncio.Future[None]:

@@ -217,8 +217,9 @@ async def test_a_settlement_the_full_disk_refused_is_held_until_it_has_room(
     small_disk: Path,
 ) -> None:
     """On a full disk a move to the dead letters (a request by extension expired) succeeds for
-    its caller; the entry is neither claimed nor expired again meanwhile; the first claim once
-    the disk has room writes the move as it was decided."""
+    its caller; the entry is neither claimed nor expired again meanwhile, and a repeat asking
+    where it stands hears it settled; the first claim once the disk has room writes the move as
+    it was decided."""
     why = "expired: by extension and not delivered within 60s, not sent"
     spool = Spool(small_disk, fsync=False)
     spool.open()
@@ -229,6 +230,7 @@ async def test_a_settlement_the_full_disk_refused_is_held_until_it_has_room(
         await spool.dead_letter(entry, why, attempted=False, reason="expired")
         assert await spool.claim_due(limit=10, lease=60) == []
         assert await spool.expire_if_idle(entry, "expired again") is False
+        assert await spool.where(entry) == ("dead", why, "expired")  # what a repeat hears
         filler.unlink()
         assert await spool.claim_due(limit=10, lease=60) == []
         dead = spool.admin.list("dead")
