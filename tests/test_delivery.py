@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import agi_bridge.delivery
-from agi_bridge.delivery import sync
+from agi_bridge.delivery import Delivery, sync
 from agi_bridge.delivery.config import Connections, DeliveryConfig, Retry
 from agi_bridge.delivery.ended import RecentCalls
 from agi_bridge.delivery.ledger import Ledger
@@ -528,3 +528,48 @@ async def test_a_spool_write_that_never_commits_is_failed_in_time_and_left_alone
     stalled.set_result(7)
     outcome = await queued(stalled, "NoojeeContact down", wake=lambda: woken.append(True))
     assert (outcome.status, outcome.entry, woken) == (Status.QUEUED, 7, [True])
+
+
+@pytest.mark.parametrize(
+    ("request_", "status", "why"),
+    [
+        (START, "UNCONFIRMED", "the spool took over 0.05 s: it may still be queued and sent"),
+        (STOP, "FAILED", "could not queue: spool too slow"),
+    ],
+)
+async def test_an_async_request_whose_spool_write_stalls_is_told_what_may_still_happen(
+    spool: Spool,
+    monkeypatch: pytest.MonkeyPatch,
+    request_: RecordingRequest,
+    status: str,
+    why: str,
+) -> None:
+    """An async request whose spool write does not commit within STORE_TIMEOUT (a frozen disk)
+    may still land and be sent: a start hears UNCONFIRMED, not FAILED ("press again" would make
+    a second recording leg); a stop hears FAILED (pressing again is harmless)."""
+    monkeypatch.setattr(sync, "STORE_TIMEOUT", 0.05)
+    stalled: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    monkeypatch.setattr(spool, "add", lambda *_, **__: stalled)
+    client = FakeClient(NoojeeResult(ResultKind.OK, "done", 0, 200))
+    delivery = Delivery(config=DeliveryConfig(), client=client, spool=spool, metrics=Metrics())
+    outcome = await delivery.submit(request_, call_uniqueid="1.1", mode="async", budget=1.0)
+    assert (outcome.status.value, outcome.message) == (status, f"queued for delivery; {why}")
+    assert not stalled.done()  # the write is left to land
+    assert client.sent == []
+
+
+async def test_a_sync_start_that_failed_unsent_and_whose_spool_write_stalls_is_unconfirmed(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync start refused before it was sent (transient) is queued for a retry; when that
+    write stalls past STORE_TIMEOUT it may still land and be retried, so the session hears
+    UNCONFIRMED, not FAILED."""
+    monkeypatch.setattr(sync, "STORE_TIMEOUT", 0.05)
+    stalled: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    monkeypatch.setattr(parts.spool, "add", lambda *_, **__: stalled)
+    parts.client.result = NoojeeResult(ResultKind.TRANSPORT, "cannot connect", unsent=True)
+    outcome = await parts.sync.send_within(START, "1.1", budget=1.0)
+    assert outcome.status is Status.UNCONFIRMED
+    assert outcome.message.startswith("cannot connect; the spool took over")
+    stalled.set_result(1)  # lets the attempt's task record its result and end
+    await parts.sync.drain(5.0)

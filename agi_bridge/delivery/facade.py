@@ -109,7 +109,10 @@ class Delivery:
         async def send() -> Outcome:
             if mode == "async":
                 store = self._spool.add(request, call_uniqueid=call_uniqueid)
-                return await queued(store, "queued for delivery", wake=self._worker.wake)
+                at_most_once = ACTIONS[request.action].at_most_once
+                return await queued(
+                    store, "queued for delivery", wake=self._worker.wake, at_most_once=at_most_once
+                )
             return await self._sync.send_within(request, call_uniqueid, budget)
 
         key = (request.target, call_uniqueid)

@@ -129,7 +129,8 @@ class SyncPath:
             # Settled unconfirmed by _run (never sent again): nothing to wait for.
             return Outcome(Status.UNCONFIRMED, unconfirmed_message(result))
         if result.transient:
-            return await queued(store, result.message, wake=self._wake)
+            at_most_once = ACTIONS[request.action].at_most_once
+            return await queued(store, result.message, wake=self._wake, at_most_once=at_most_once)
         return Outcome(Status.FAILED, result.message)
 
     def _waited(self, attempt: _Attempt, rest: float) -> None:
@@ -222,11 +223,20 @@ def _start_not_stored(failed: Outcome, result: NoojeeResult | None) -> Outcome:
     return failed  # it never reached NoojeeContact: pressing again is a fresh attempt
 
 
-async def queued(store: asyncio.Future[int], why: str, *, wake: Callable[[], None]) -> Outcome:
+async def queued(
+    store: asyncio.Future[int], why: str, *, wake: Callable[[], None], at_most_once: bool = False
+) -> Outcome:
     """``QUEUED`` once ``store`` (the spool write) is committed, and the worker woken to send
-    it; FAILED if the write fails or stalls."""
+    it; FAILED if the write fails or stalls. A write that stalls may still land and be sent:
+    for a request sent ``at_most_once`` (a start) that is UNCONFIRMED, since FAILED ("nothing
+    changed, press again") would invite a second start, a second recording leg."""
     if not await _done_within(store, STORE_TIMEOUT):
         log.error("spool.write.slow", timeout=STORE_TIMEOUT)
+        if at_most_once:
+            return Outcome(
+                Status.UNCONFIRMED,
+                f"{why}; the spool took over {STORE_TIMEOUT:g} s: it may still be queued and sent",
+            )
         return Outcome(Status.FAILED, f"{why}; could not queue: spool too slow")
     error = store.exception()
     if error is not None:
