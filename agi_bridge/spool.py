@@ -671,7 +671,9 @@ class Spool:
         def settle(write: asyncio.Future[None]) -> None:
             error = write.exception()
             if error is not None and full(error):
-                log.warning("spool.write.deferred", id=entry_id, error=str(error))
+                log.warning(
+                    "spool.write.deferred", id=entry_id, write=op.__name__, error=str(error)
+                )
                 if settles:
                     self._settled[entry_id] = (op.__name__, args)
                 error = None

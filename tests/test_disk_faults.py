@@ -206,6 +206,9 @@ async def test_a_stop_refused_for_good_on_a_full_disk_is_sent_and_counted_once(
     assert len(refused) == 1
     assert counted == 1
     assert [e["id"] for e in logs if e["event"] == "spool.entry.dead"] == [entry.id]
+    # The write the full disk did not take is named: the move to the dead letters.
+    deferred = [(e["id"], e["write"]) for e in logs if e["event"] == "spool.write.deferred"]
+    assert deferred == [(entry.id, "move_to_dead")]
     assert [e for e in logs if e["event"] == "spool.worker.error"] == []
     assert [(e.id, e.reason, e.last_error) for e in dead] == [
         (entry.id, "failed", "Permission denied")
