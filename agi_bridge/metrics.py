@@ -101,16 +101,12 @@ class _LoopHistogram:
         self._les = [floatToGoString(bound) for bound in (*buckets, math.inf)]  # type: ignore[no-untyped-call]
         self._series: dict[str, tuple[list[int], list[float]]] = {}  # counts, [sum]
 
-    def create(self, value: str) -> None:
-        """Export the label value ``value`` (empty until observed)."""
-        self._series.setdefault(value, ([0] * len(self._les), [0.0]))
-
-    def _new(self, value: str) -> tuple[list[int], list[float]]:
-        self.create(value)
-        return self._series[value]
+    def create(self, value: str) -> tuple[list[int], list[float]]:
+        """Export the label value ``value`` (empty until observed); its counts and [sum]."""
+        return self._series.setdefault(value, ([0] * len(self._les), [0.0]))
 
     def observe(self, value: str, amount: float) -> None:
-        counts, total = self._series.get(value) or self._new(value)
+        counts, total = self._series.get(value) or self.create(value)
         counts[bisect_left(self._bounds, amount)] += 1  # the first bucket with amount <= le
         total[0] += amount
 
