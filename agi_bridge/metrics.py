@@ -247,6 +247,8 @@ class Metrics:
         self._child(self.settled, reason).inc()
 
     def observe_noojee(self, result: NoojeeResult, seconds: float) -> None:
-        self.noojee_seconds.observe(result.kind.value, seconds)
+        # The kind itself, not its .value: a StrEnum member is the string (same hash, same
+        # text), and .value is a Python-level property read on every request.
+        self.noojee_seconds.observe(result.kind, seconds)
         if not result.ok:
-            self.noojee_errors.inc(result.kind.value)
+            self.noojee_errors.inc(result.kind)

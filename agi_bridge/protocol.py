@@ -375,7 +375,9 @@ def _decode(raw: bytes) -> str:
 # --------------------------------------------------------------------------------------
 
 
-class _State(enum.Enum):
+# StrEnum, not Enum: the transitions table is looked up by (state, input) on every line, and
+# a plain Enum member is hashed by a Python-level method, a str one in C.
+class _State(enum.StrEnum):
     ENVIRONMENT = "reading the environment"
     IDLE = "no command is pending"
     AWAITING_REPLY = "a reply is pending"
@@ -384,7 +386,7 @@ class _State(enum.Enum):
     ERROR = "the connection has failed"
 
 
-class _Input(enum.Enum):
+class _Input(enum.StrEnum):
     ENVIRONMENT_END = "end of environment"
     SEND = "command"
     HANGUP = "HANGUP"

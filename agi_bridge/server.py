@@ -203,7 +203,7 @@ class _Session(asyncio.Protocol):
         try:
             await self.command(
                 self.connection.set_variables(
-                    ("NOOJEE_STATUS", outcome.status.value),
+                    ("NOOJEE_STATUS", outcome.status),
                     ("NOOJEE_MESSAGE", _message(outcome.message)),
                 )
             )
@@ -413,11 +413,11 @@ class AgiServer:
                 reason=getattr(exc, "reason", ""),
             )
         held = time.monotonic() - started
-        self.metrics.session_finished(route, outcome.status.value, held)
+        self.metrics.session_finished(route, outcome.status, held)
         level = log.warning if outcome.status in (Status.FAILED, Status.REJECTED) else log.info
         level(
             "agi.session.finished",
-            status=outcome.status.value,
+            status=outcome.status,
             message=outcome.message,
             held_ms=round(held * 1000, 2),
             hung_up=session.hung_up,
