@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal
 
@@ -107,37 +107,38 @@ class NoojeeResult:
     # handshake, no free connection, no time stamp): even a start may be sent again.
     unsent: bool = False
 
-    @property
-    def ok(self) -> bool:
-        """True when the server did what was asked (possibly with a warning)."""
-        return self.kind is ResultKind.OK or self.kind is ResultKind.WARNING
+    # What the result means, derived once from the fields above (a result is immutable, and
+    # answers repeat: classification hands out the same result all day). Fields, not
+    # properties: every request reads them several times, a property is a Python call each.
+    #: The server did what was asked (possibly with a warning).
+    ok: bool = field(init=False, repr=False, compare=False)
+    #: The same request may succeed later without anybody changing anything.
+    transient: bool = field(init=False, repr=False, compare=False)
+    #: NoojeeContact may have done what was asked without saying so: sent and no answer, or
+    #: an answer that is not NoojeeContact's. A start is then never resent.
+    uncertain: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def transient(self) -> bool:
-        """True when the same request may succeed later without anybody changing anything."""
+    def __post_init__(self) -> None:
         kind = self.kind
-        if kind is ResultKind.TIMEOUT or kind is ResultKind.UNEXPECTED:
-            return True
-        if kind is ResultKind.TRANSPORT:
-            return not self.tls_verify_failed
-        if kind is ResultKind.HTTP_ERROR:
-            status = self.http_status or 0
-            return status >= 500 or status == 429
-        return False
-
-    @property
-    def uncertain(self) -> bool:
-        """True when NoojeeContact may have done what was asked without saying so: sent and
-        no answer, or an answer that is not NoojeeContact's. A start is then never resent."""
-        kind = self.kind
-        if kind is ResultKind.UNEXPECTED:
-            return True
-        if kind is ResultKind.TIMEOUT or kind is ResultKind.TRANSPORT:
-            return not self.unsent and not self.tls_verify_failed
-        # A 5xx may come from NoojeeContact after it acted, or from a proxy that forwarded the
-        # request (502/504); 503 and 429 say the request was not taken.
         status = self.http_status or 0
-        return kind is ResultKind.HTTP_ERROR and status >= 500 and status != 503
+        ok = kind is ResultKind.OK or kind is ResultKind.WARNING
+        if kind is ResultKind.TIMEOUT or kind is ResultKind.UNEXPECTED:
+            transient = True
+        elif kind is ResultKind.TRANSPORT:
+            transient = not self.tls_verify_failed
+        else:
+            transient = kind is ResultKind.HTTP_ERROR and (status >= 500 or status == 429)
+        if kind is ResultKind.UNEXPECTED:
+            uncertain = True
+        elif kind is ResultKind.TIMEOUT or kind is ResultKind.TRANSPORT:
+            uncertain = not self.unsent and not self.tls_verify_failed
+        else:
+            # A 5xx may come from NoojeeContact after it acted, or from a proxy that forwarded
+            # the request (502/504); 503 and 429 say the request was not taken.
+            uncertain = kind is ResultKind.HTTP_ERROR and status >= 500 and status != 503
+        object.__setattr__(self, "ok", ok)
+        object.__setattr__(self, "transient", transient)
+        object.__setattr__(self, "uncertain", uncertain)
 
 
 class Status(enum.StrEnum):

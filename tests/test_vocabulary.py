@@ -143,3 +143,43 @@ def test_the_other_documents_name_the_statuses_and_point_to_the_table(document: 
     assert "dialplan/README.md" in text
     # The meanings are not repeated: the table's wording of a status appears only there.
     assert "a start that may have reached NoojeeContact without a confirmation" not in text
+
+
+@pytest.mark.parametrize("kind", list(vocabulary.ResultKind))
+def test_what_a_result_means_follows_its_fields_through_replace(
+    kind: vocabulary.ResultKind,
+) -> None:
+    """ok, transient and uncertain are derived once, when a result is made: a copy made with
+    dataclasses.replace (the client marks results unsent that way) derives them again."""
+    from dataclasses import replace
+
+    sent = vocabulary.NoojeeResult(kind, "m", http_status=502)
+    unsent = replace(sent, unsent=True)
+    assert (
+        unsent.ok is sent.ok is (kind in (vocabulary.ResultKind.OK, vocabulary.ResultKind.WARNING))
+    )
+    assert sent.uncertain is (
+        kind
+        in (
+            vocabulary.ResultKind.TIMEOUT,
+            vocabulary.ResultKind.TRANSPORT,
+            vocabulary.ResultKind.UNEXPECTED,
+        )
+        or kind is vocabulary.ResultKind.HTTP_ERROR
+    )
+    assert unsent.uncertain is (
+        kind in (vocabulary.ResultKind.UNEXPECTED, vocabulary.ResultKind.HTTP_ERROR)
+    )
+    assert (
+        sent.transient
+        is unsent.transient
+        is (
+            kind
+            not in (
+                vocabulary.ResultKind.OK,
+                vocabulary.ResultKind.WARNING,
+                vocabulary.ResultKind.API_ERROR,
+                vocabulary.ResultKind.NOT_FOUND,
+            )
+        )
+    )
