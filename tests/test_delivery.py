@@ -178,6 +178,30 @@ async def test_a_repeat_within_the_window_gets_the_first_outcome_and_none_after(
     assert repeats.earlier(key, "stop") is None
 
 
+async def test_a_request_answered_keeps_its_outcome_not_a_future(spool: Spool) -> None:
+    """While a request is under way its repeats wait on a future; once answered the window
+    holds the outcome itself (a future per session kept for a minute is memory for nothing),
+    and a repeat then hears it at once."""
+    repeats = RepeatCache(window=WINDOW, spool=spool, clock=FakeClock(1000.0))
+    key = ("410", "1795811871.1")
+    stopped = Outcome(Status.STOPPED, "Recording stopped")
+    sent = asyncio.Event()
+
+    async def send() -> Outcome:
+        under_way = repeats.earlier(key, "stop")
+        assert isinstance(under_way, asyncio.Future)
+        assert not under_way.done()
+        sent.set()
+        return stopped
+
+    assert await repeats.once(key, STOP, send) == (stopped, False)
+    assert sent.is_set()
+    assert repeats.earlier(key, "stop") is stopped
+    repeated, was_repeat = await repeats.once(key, STOP, send)
+    assert was_repeat
+    assert repeated.status is Status.STOPPED
+
+
 async def test_a_repeat_after_queued_and_delivered_hears_stopped(
     parts: Parts, spool: Spool
 ) -> None:

@@ -43,11 +43,13 @@ class Fate(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class _Recent:
-    """A request seen within the window, and its outcome (perhaps still to come)."""
+    """A request seen within the window, and its outcome: a future while the request is under
+    way (a repeat arriving then waits for it), the outcome itself once known. A future kept for
+    the whole window would be one more object per session held for a minute."""
 
     action: Action
     at: float
-    outcome: asyncio.Future[Outcome]
+    outcome: asyncio.Future[Outcome] | Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +106,17 @@ class RepeatCache:
             remembered.cancel()  # repeats waiting on it try for themselves
             raise
         remembered.set_result(outcome)
-        if outcome.status is Status.FAILED:
-            self.forget(key, remembered)  # a failure is worth trying again at once
+        seen = self._recent.get(key)
+        if seen is not None and seen.outcome is remembered:
+            if outcome.status is Status.FAILED:
+                del self._recent[key]  # a failure is worth trying again at once
+            else:
+                self._recent[key] = _Recent(seen.action, seen.at, outcome)
         return outcome, False
 
-    def earlier(self, key: Key, action: Action) -> asyncio.Future[Outcome] | None:
-        """The outcome (perhaps still to come) of the same action on the same call within the
-        window, or None."""
+    def earlier(self, key: Key, action: Action) -> asyncio.Future[Outcome] | Outcome | None:
+        """The outcome (a future while still to come) of the same action on the same call
+        within the window, or None."""
         now = self._clock()
         _expire(self._recent, now - self._window)
         seen = self._recent.get(key)
@@ -126,7 +132,7 @@ class RepeatCache:
             self._recent[key] = _Recent(action, self._clock(), outcome)
         return outcome
 
-    def forget(self, key: Key, outcome: asyncio.Future[Outcome]) -> None:
+    def forget(self, key: Key, outcome: asyncio.Future[Outcome] | Outcome) -> None:
         """The request behind ``outcome`` is worth trying again at once (it failed, or was
         abandoned)."""
         seen = self._recent.get(key)
@@ -149,19 +155,22 @@ class RepeatCache:
     async def answer(
         self,
         request: RecordingRequest,
-        earlier: asyncio.Future[Outcome],
+        earlier: asyncio.Future[Outcome] | Outcome,
         *,
         first_at: float | None = None,
     ) -> Outcome | None:
         """A repeat's answer: the earlier request's outcome, where it stands now if it was
         queued; None when the earlier request was abandoned (its session cancelled)."""
-        try:
-            repeated = await asyncio.shield(earlier)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # this session itself is being cancelled
-            return None
+        if isinstance(earlier, Outcome):
+            repeated = earlier
+        else:
+            try:
+                repeated = await asyncio.shield(earlier)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this session itself is being cancelled
+                return None
         if repeated.entry is not None:
             # QUEUED then: the agent pressing again wants to know where the request stands
             # NOW, not what the bridge knew when it first answered.
