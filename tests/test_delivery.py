@@ -597,3 +597,29 @@ async def test_a_sync_start_that_failed_unsent_and_whose_spool_write_stalls_is_u
     assert outcome.message.startswith("cannot connect; the spool took over")
     stalled.set_result(1)  # lets the attempt's task record its result and end
     await parts.sync.drain(5.0)
+
+
+def test_recent_calls_are_reported_for_max_age_and_then_dropped() -> None:
+    """A call noted (now, or at a spool entry's older time) is reported for max_age seconds
+    and no longer; what has aged out is dropped whole, so the memory held stays bounded."""
+    clock = FakeClock(1000.0)
+    calls = RecentCalls(max_age=10.0, wall_clock=clock)
+    calls.add("1.1")
+    calls.add("1.2", at=995.0)  # recovered from the spool: noted 5 s ago
+    clock.advance(4.0)
+    assert "1.1" in calls
+    assert "1.2" in calls
+    assert "1.3" not in calls
+    clock.advance(2.0)  # 1.2 is 11 s old now
+    assert "1.1" in calls
+    assert "1.2" not in calls
+    assert not calls.discard("1.2")
+    calls.add("1.3")
+    clock.advance(4.5)  # 1.1 is 10.5 s old
+    assert "1.1" not in calls
+    assert calls.discard("1.3")
+    assert "1.3" not in calls
+    for n in range(100):
+        calls.add(f"2.{n}")
+        clock.advance(1.0)
+    assert calls.held() <= 20  # what max_age may hold twice over, not every call ever noted
