@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import re
 import types
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 from urllib.parse import parse_qsl
 
@@ -175,16 +176,14 @@ class Environment:
     # Names of the lines longer than MAX_LINE_BYTES whose values were dropped (their
     # variables hold ""), with ``cut_overlong_lines``: the call must be refused, not served.
     overlong: tuple[str, ...] = ()
+    # ``agi_uniqueid`` and ``agi_channel``, or ``''``: read once here, as every session reads
+    # each twice (its log context and its request), a Python call each as properties.
+    uniqueid: str = field(init=False, repr=False, compare=False)
+    channel: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def uniqueid(self) -> str:
-        """``agi_uniqueid``, or ``''``."""
-        return self.variables.get("agi_uniqueid", "")
-
-    @property
-    def channel(self) -> str:
-        """``agi_channel``, or ``''``."""
-        return self.variables.get("agi_channel", "")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "uniqueid", self.variables.get("agi_uniqueid", ""))
+        object.__setattr__(self, "channel", self.variables.get("agi_channel", ""))
 
     @property
     def request(self) -> str:
@@ -256,6 +255,7 @@ Event: TypeAlias = Environment | Reply | Hangup | EndOfStream
 # and "_" (commands starting with "_" are hidden ones) separated by single spaces.
 _COMMAND_RE: Final = re.compile(r"[A-Za-z0-9_]+(?: [A-Za-z0-9_]+)*")
 _VARIABLE_NAME_RE: Final = re.compile(r"[A-Za-z0-9_]+")
+_VARIABLE_NAMES_RE: Final = re.compile(r"[A-Za-z0-9_]+(?:,[A-Za-z0-9_]+)*")  # ARRAY()'s list
 
 
 def _check_command_name(command: str) -> None:
@@ -322,7 +322,8 @@ def array_value(values: Iterable[str]) -> str:
     SET VARIABLE commands at once: run_agi() reads a command with fgets() on a FILE*, then
     polls the socket, so a second command read into that FILE*'s buffer would wait there
     unseen."""
-    return ",".join(value.translate(_ARRAY_ESCAPES) for value in values)
+    # map() over str.translate: no Python frame per value (a generator would be one each).
+    return ",".join(map(str.translate, values, itertools.repeat(_ARRAY_ESCAPES)))
 
 
 # Quoting keeps a variable name intact on the wire, but Asterisk would still interpret
@@ -522,18 +523,19 @@ class AgiConnection:
         """The :class:`Environment` once it has been returned by :meth:`next_event`."""
         return self._environment
 
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes read from the peer; ``b""`` means the peer closed its side."""
+    def receive_data(self, data: bytes) -> int:
+        """Add bytes read from the peer; ``b""`` means the peer closed its side. Returns
+        :attr:`buffered`, which a driver's flow control watches after every read."""
         if self._state is _State.ERROR:
-            return  # the connection is dead; nothing it sends matters any more
+            return 0  # the connection is dead; nothing it sends matters any more
         if self._eof:
             if data:
                 raise LocalProtocolError("data received after end of stream")
-            return
-        if data:
+        elif data:
             self._buffer += data
         else:
             self._eof = True
+        return len(self._buffer)
 
     def next_event(self) -> Event | NeedData:
         """Return the next event, or :data:`NEED_DATA` when more bytes are needed.
@@ -579,14 +581,17 @@ class AgiConnection:
         VARIABLE "ARRAY(A,B)" "a,b"``, one round trip instead of one per variable (a command
         cannot follow another before its reply: see :func:`array_value`). Names must be
         letters, digits and ``_``."""
-        for name, _ in pairs:
-            _check_variable_name(name)
+        if not pairs:
+            raise LocalProtocolError("no variable to set")
         if len(pairs) == 1:
+            _check_variable_name(pairs[0][0])
             return self.send_command("SET VARIABLE", *pairs[0])
-        names = ",".join(name for name, _ in pairs)
-        return self.send_command(
-            "SET VARIABLE", f"ARRAY({names})", array_value(value for _, value in pairs)
-        )
+        names, values = zip(*pairs, strict=True)
+        listed = ",".join(names)
+        # One match for the whole list: every session sets two variables this way.
+        if _VARIABLE_NAMES_RE.fullmatch(listed) is None:
+            raise LocalProtocolError("invalid variable name")
+        return self.send_command("SET VARIABLE", f"ARRAY({listed})", array_value(values))
 
     # ---------------------------------------------------------------- internals
 
@@ -824,7 +829,7 @@ class AgiConnection:
         query = tuple(parse_qsl(query_text, keep_blank_values=True)) if has_query else ()
         environment = Environment(
             variables=types.MappingProxyType(variables),
-            arguments=tuple(arguments[number] for number in range(1, len(arguments) + 1)),
+            arguments=tuple(map(arguments.__getitem__, range(1, len(arguments) + 1))),
             script=script,
             query=query,
             raw_script=raw_script,
