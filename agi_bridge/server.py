@@ -22,8 +22,7 @@ import sys
 import termios
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final
 
 from agi_bridge.calls import Rejected, build_request, parse_parameters
 from agi_bridge.delivery import Delivery
@@ -71,15 +70,6 @@ class _Closed(Exception):
     """Asterisk closed the connection before the session was over."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Peer:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
 class _Session(asyncio.Protocol):
     """One connection: the protocol state machine fed by the transport, and the session task's
     way to wait for its events and send its commands."""
@@ -95,19 +85,19 @@ class _Session(asyncio.Protocol):
         self._error: OSError | None = None  # the connection failed (reset): raised on next read
         self._paused = False
         self._late = False  # the current phase's deadline has passed (see _deadline)
+        self.task: asyncio.Task[None] | None = None  # the session's, once accepted
         self.silent = True  # nothing received yet
         self.evicted = False  # closed while silent, to make room for a newer connection
 
     # --- the transport's side (called by the event loop) ----------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = transport  # type: ignore[assignment]  # a stream transport
         self.server.accepted(self)
 
     def data_received(self, data: bytes) -> None:
         self.silent = False
-        self.connection.receive_data(data)
-        if self.connection.buffered > MAX_UNREAD_BYTES and not self._paused:
+        if self.connection.receive_data(data) > MAX_UNREAD_BYTES and not self._paused:
             self._paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]  # set by connection_made
         self._wake()
@@ -199,14 +189,15 @@ class _Session(asyncio.Protocol):
     async def set_variables(self, outcome: Outcome) -> None:
         """NOOJEE_STATUS and NOOJEE_MESSAGE, in one command (one reply to wait for, within
         ``command_timeout``: see AgiConnection.set_variables)."""
+        message = outcome.message
+        if len(message) > MESSAGE_MAX_CHARS or not message.isprintable():
+            message = _message(message)  # rare: most messages are NoojeeContact's or our own
+        line = self.connection.set_variables(
+            ("NOOJEE_STATUS", outcome.status), ("NOOJEE_MESSAGE", message)
+        )
         deadline = self._deadline(self.settings.command_timeout)
         try:
-            await self.command(
-                self.connection.set_variables(
-                    ("NOOJEE_STATUS", outcome.status),
-                    ("NOOJEE_MESSAGE", _message(outcome.message)),
-                )
-            )
+            await self.command(line)
         finally:
             deadline.cancel()
 
@@ -304,37 +295,38 @@ class AgiServer:
         if self._server is not None:
             await self._server.wait_closed()
 
-    def _allowed(self, peer: _Peer) -> bool:
+    def _allowed(self, host: str) -> bool:
         if not self._networks:
             return True
-        allowed = self._verdicts.get(peer.host)
+        allowed = self._verdicts.get(host)
         if allowed is None:
             if len(self._verdicts) >= MAX_REMEMBERED_PEERS:
                 self._verdicts.clear()
-            allowed = self._verdicts[peer.host] = _in_networks(peer.host, self._networks)
+            allowed = self._verdicts[host] = _in_networks(host, self._networks)
         return allowed
 
     def accepted(self, session: _Session) -> None:
         """A connection came in: its session runs in a task of its own."""
-        task = asyncio.get_running_loop().create_task(self._accept(session))
-        task.add_done_callback(_report_crash)
+        session.task = asyncio.get_running_loop().create_task(self._accept(session))
 
     async def _accept(self, session: _Session) -> None:
-        task = asyncio.current_task()
+        task = session.task
         assert task is not None
         assert session.transport is not None
         peername = session.transport.get_extra_info("peername") or ("?", 0)
-        peer = _Peer(str(peername[0]), int(peername[1]))
+        host = str(peername[0])
+        peer = f"{host}:{peername[1]}"
         refusal: Refusal | None = None
-        if not self.serving:
+        server = self._server
+        if server is None or not server.is_serving():
             refusal = "shutting_down"  # accepted just as stop() began: it would not wait for us
-        elif not self._allowed(peer):
+        elif not self._allowed(host):
             refusal = "not_allowed"
         elif len(self._sessions) >= self.settings.max_sessions and not self._evict_idle():
             refusal = "too_many_sessions"
         if refusal is not None:
             self.metrics.connection_refused(refusal)
-            log.warning("agi.connection.refused", peer=str(peer), reason=refusal)
+            log.warning("agi.connection.refused", peer=peer, reason=refusal)
             with contextlib.suppress(_Closed):
                 session.write(FAILURE_LINE)
             session.close()
@@ -345,7 +337,10 @@ class AgiServer:
             await self._session(session, peer)
         except asyncio.CancelledError:
             # Shutdown past its grace: end quietly, the stop is logged once for all.
-            log.info("agi.session.cancelled", peer=str(peer))
+            log.info("agi.session.cancelled", peer=peer)
+        except Exception as exc:
+            # A bug (nothing else escapes a session): say so, once, with its traceback.
+            log.exception("agi.session.crashed", exc_info=exc)
         finally:
             self._sessions.discard(task)
             self._idle.pop(session, None)
@@ -371,7 +366,7 @@ class AgiServer:
         victim.close()
         return True
 
-    async def _session(self, session: _Session, peer: _Peer) -> None:
+    async def _session(self, session: _Session, peer: str) -> None:
         started = time.monotonic()
         try:
             environment = await session.environment()
@@ -379,7 +374,7 @@ class AgiServer:
             if session.evicted:
                 # Counted as a refusal when evicted; logged at debug: a flood of idle
                 # connections would otherwise write a line for each.
-                log.debug("agi.connection.evicted", peer=str(peer), held_ms=_ms(started))
+                log.debug("agi.connection.evicted", peer=peer, held_ms=_ms(started))
                 return
             self.metrics.protocol_errors.inc()
             reason = getattr(exc, "reason", None) or (
@@ -388,14 +383,14 @@ class AgiServer:
                 else f"connection error: {exc.__class__.__name__}"
             )
             log.warning(
-                "agi.session.protocol_error", peer=str(peer), reason=reason, held_ms=_ms(started)
+                "agi.session.protocol_error", peer=peer, reason=reason, held_ms=_ms(started)
             )
             return
         self._idle.pop(session, None)
         route = environment.script
         # Bound in this task's context: delivery events logged on its behalf carry them too.
         bind_session(
-            peer=str(peer),
+            peer=peer,
             route=route,
             uniqueid=environment.uniqueid,
             channel=environment.channel,
@@ -460,16 +455,10 @@ def _in_networks(host: str, networks: Sequence[IPNetwork]) -> bool:
 
 def _message(text: str) -> str:
     """NOOJEE_MESSAGE: one printable line, short enough for any Asterisk's command buffer."""
-    if not text.isprintable():  # rare: most messages are NoojeeContact's or our own
+    if not text.isprintable():
         text = "".join(ch if ch.isprintable() else " " for ch in text)
     return text[:MESSAGE_MAX_CHARS]
 
 
 def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 2)
-
-
-def _report_crash(task: asyncio.Task[None]) -> None:
-    """A session task that ended on an exception nobody expected (a bug): say so, once."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("agi.session.crashed", exc_info=task.exception())
