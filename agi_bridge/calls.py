@@ -106,7 +106,8 @@ def _check_text(name: str, value: str, limit: int) -> str:
 
 def parse_parameters(environment: Environment) -> CallParameters:
     """Merge the query string and the arguments (arguments win) and check every value."""
-    merged = _pairs_to_dict(environment.query, "the AGI URL query")
+    # Most dialplans pass arguments, not a query string: no pass over an empty one.
+    merged = _pairs_to_dict(environment.query, "the AGI URL query") if environment.query else {}
     merged.update(_pairs_to_dict(_split_arguments(environment.arguments), "the AGI arguments"))
     return _checked(merged)
 
@@ -124,15 +125,12 @@ def _checked(merged: Mapping[str, str]) -> CallParameters:
     mode = merged.get("mode")
     if mode is not None and mode not in get_args(Mode):
         raise Rejected(f"mode={mode!r} is not one of sync, async")
-    checked = {
-        key: _check_text(
-            key,
-            merged[key],
-            MAX_IDENTIFIER_LENGTH if key in ("id", "channel", "call") else MAX_VALUE_LENGTH,
-        )
-        for key in ("id", "agent", "tag", "channel", "call")
-        if key in merged
-    }
+    checked: dict[str, str] = {}
+    for key in ("id", "agent", "tag", "channel", "call"):
+        value = merged.get(key)
+        if value is not None:
+            limit = MAX_IDENTIFIER_LENGTH if key in ("id", "channel", "call") else MAX_VALUE_LENGTH
+            checked[key] = _check_text(key, value, limit)
     return CallParameters(
         by=by,  # type: ignore[arg-type]  # checked against By above
         mode=mode,  # type: ignore[arg-type]  # checked against Mode above
@@ -175,7 +173,10 @@ def build_request(
     """The NoojeeContact request for this call, or :class:`Rejected` saying what is missing."""
     by: By = parameters.by or ("id" if parameters.id is not None else call_defaults.default_by)
     channel = parameters.channel or environment.channel
-    extension = extension_from_channel(channel)
+    # The extension names the target (by=extension) or looks the agent up in ``agents``; a
+    # call naming its target some other way and its agent itself needs none.
+    needed = by == "extension" or parameters.channel is not None or not parameters.agent
+    extension = extension_from_channel(channel) if needed else None
     if parameters.channel is not None and extension is None:
         raise Rejected(
             f"channel={channel!r} has no extension in it: name the phone's channel, "
