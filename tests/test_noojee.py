@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from agi_bridge.noojee.auth import HASH_USED_LIFETIME
 from agi_bridge.noojee.classify import EXCERPT_MAX_CHARS, MAX_RESPONSE_BYTES, classify_response
-from agi_bridge.noojee.client import MAX_RETRY_AFTER, NoojeeClient, retry_after_seconds
+from agi_bridge.noojee.client import MAX_RETRY_AFTER, NoojeeClient, _quoted, retry_after_seconds
 from agi_bridge.noojee.transport import AiohttpTransport
 from agi_bridge.redact import redact_url
 from agi_bridge.testing.simulator import (
@@ -731,6 +731,14 @@ def test_request_url_is_the_one_httpx_parses_from_its_text(
         "apiKey": KEY,
     }
     assert request.headers["host"] == "noojee.example:8443"
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.text(max_size=30) | st.from_regex(r"[A-Za-z0-9_.~-]*", fullmatch=True))
+def test_a_value_is_quoted_as_quote_does_it(value: str) -> None:
+    """The client's quoting (a value of unreserved characters left as it is, without calling
+    quote()) gives what quote() gives, surrogates from AGI's bytes included."""
+    assert _quoted(value) == quote(value, safe="", errors="surrogateescape")
 
 
 @settings(max_examples=200, deadline=None)
