@@ -21,7 +21,7 @@ from agi_bridge.delivery.config import Connections, DeliveryConfig, Retry
 from agi_bridge.delivery.ended import RecentCalls
 from agi_bridge.delivery.ledger import Ledger
 from agi_bridge.delivery.repeats import RepeatCache
-from agi_bridge.delivery.sender import Sender
+from agi_bridge.delivery.sender import Sender, _Slots
 from agi_bridge.delivery.sync import SyncPath, queued
 from agi_bridge.delivery.worker import Worker
 from agi_bridge.metrics import Metrics
@@ -623,3 +623,33 @@ def test_recent_calls_are_reported_for_max_age_and_then_dropped() -> None:
         calls.add(f"2.{n}")
         clock.advance(1.0)
     assert calls.held() <= 20  # what max_age may hold twice over, not every call ever noted
+
+
+async def test_connection_slots_are_handed_over_in_order_and_never_lost() -> None:
+    """The slots behave as asyncio.Semaphore: waiting in arrival order, a wait bounded by its
+    time, and a slot handed to a waiter cancelled before it ran passed on, never lost."""
+    slots = _Slots(1)
+    slots.free -= 1  # taken, as Sender.attempt takes a free one
+    order: list[str] = []
+
+    async def wait(name: str, at_most: float | None) -> bool:
+        got = await slots.wait(at_most)
+        order.append(f"{name}:{got}")
+        return got
+
+    first = asyncio.create_task(wait("first", None))
+    doomed = asyncio.create_task(wait("doomed", None))
+    late = asyncio.create_task(wait("late", 0.01))
+    third = asyncio.create_task(wait("third", None))
+    assert not await late  # gave up, and left the line: no slot goes to it
+    slots.release()  # to the oldest waiting
+    assert await first
+    slots.release()  # handed to doomed...
+    doomed.cancel()  # ...cancelled before it runs: it passes the slot on
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    async with asyncio.timeout(5):  # a lost slot would leave third waiting for ever
+        assert await third
+    assert order == ["late:False", "first:True", "third:True"]
+    slots.release()  # nobody waiting: free again
+    assert (slots.free, len(slots.waiting)) == (1, 0)
