@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from agi_bridge.noojee.auth import HASH_USED_LIFETIME
 from agi_bridge.noojee.classify import EXCERPT_MAX_CHARS, MAX_RESPONSE_BYTES, classify_response
 from agi_bridge.noojee.client import MAX_RETRY_AFTER, NoojeeClient, _quoted, retry_after_seconds
-from agi_bridge.noojee.transport import AiohttpTransport
+from agi_bridge.noojee.transport import AiohttpTransport, _whole_response
 from agi_bridge.redact import redact_url
 from agi_bridge.testing.simulator import (
     FailureMode,
@@ -1165,3 +1165,46 @@ async def test_a_missing_time_stamp_means_the_request_was_never_sent(
     assert result.unsent
     assert not result.uncertain
     assert [r.path for r in sim.received] == [sim.config.prefix + "/Time"]
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body"),
+    [
+        (
+            200,
+            [(b"Content-Type", b"application/json"), (b"Content-Length", b"25")],
+            b'{"Message":"ok","Code":0}',
+        ),
+        (
+            503,
+            [
+                (b"Retry-After", b"30"),
+                (b"X-Caf\xc3\xa9", b"cr\xe8me"),
+                (b"x-dup", b"1"),
+                (b"X-Dup", b"2"),
+            ],
+            b"busy",
+        ),
+        (204, [], b""),
+    ],
+)
+def test_a_response_is_the_one_httpx_builds_from_the_same_answer(
+    status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    """The transport builds its response from httpx's parts without httpx's own passes over
+    them (the headers, the body's decoders): whatever a caller reads of it is what httpx
+    gives for the same answer once read, and it is read and closed."""
+    request = httpx.Request("POST", "https://noojee.example/x")
+    ours = _whole_response(status, headers, body, request)
+    theirs = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body), request=request)
+    theirs.read()
+    assert ours.status_code == theirs.status_code
+    assert ours.headers.raw == theirs.headers.raw
+    assert ours.headers.multi_items() == theirs.headers.multi_items()
+    assert ours.headers.encoding == theirs.headers.encoding
+    assert ours.headers.get("retry-after") == theirs.headers.get("retry-after")
+    assert ours.content == theirs.content
+    assert ours.text == theirs.text
+    assert (ours.is_closed, ours.is_stream_consumed) == (True, True)
+    assert ours.http_version == "HTTP/1.1"
+    assert ours.request is request
