@@ -546,7 +546,22 @@ class AgiConnection:
         if self._state is _State.ERROR:
             raise RemoteProtocolError(self._error_reason)
         try:
-            return self._next_event()
+            if self._state is _State.ENVIRONMENT:
+                environment = self._read_environment()
+                return self._no_line() if environment is None else environment
+            # Each pass consumes one line or returns, so this ends when the buffer does.
+            while True:
+                line = self._next_line()
+                if line is None:
+                    return self._no_line()
+                if self._state is _State.MULTILINE_REPLY:
+                    reply = self._multiline_reply_line(line)
+                    if reply is not None:
+                        return reply
+                else:
+                    event = self._reply_line(line)
+                    if event is not None:
+                        return event
         except RemoteProtocolError as exc:
             self._state = _State.ERROR
             self._error_reason = exc.reason
@@ -642,24 +657,6 @@ class AgiConnection:
         if size > self._max_line_bytes:
             self._cutting = _line_name(bytes(self._buffer[:MAX_NAME_BYTES]))
             self._drop(size)
-
-    def _next_event(self) -> Event | NeedData:
-        if self._state is _State.ENVIRONMENT:
-            environment = self._read_environment()
-            return self._no_line() if environment is None else environment
-        # Each pass consumes one line or returns, so this ends when the buffer does.
-        while True:
-            line = self._next_line()
-            if line is None:
-                return self._no_line()
-            if self._state is _State.MULTILINE_REPLY:
-                reply = self._multiline_reply_line(line)
-                if reply is not None:
-                    return reply
-            else:
-                event = self._reply_line(line)
-                if event is not None:
-                    return event
 
     def _no_line(self) -> NeedData | EndOfStream:
         if not self._eof:

@@ -122,34 +122,28 @@ class _Session(asyncio.Protocol):
     # --- the session task's side ----------------------------------------------------------
 
     async def _event(self) -> Environment | Reply | EndOfStream:
+        """The next event; in between, wait until the transport has given the core more bytes
+        (or the end): TimeoutError once the deadline of the session's current phase has
+        passed."""
         while True:
             event = self.connection.next_event()
             if event is NEED_DATA:
-                await self._data()
+                if self._error is not None:
+                    raise self._error
+                if self._late:
+                    raise TimeoutError
+                if self._paused:
+                    self._paused = False
+                    self.transport.resume_reading()  # type: ignore[union-attr]
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
             elif isinstance(event, Hangup):
                 self.hung_up = True  # the call goes on in a dead channel: variables still work
             else:
                 return event  # type: ignore[return-value]  # NeedData handled above
-
-    async def _data(self) -> None:
-        """Wait until the transport has given the core more bytes (or the end); TimeoutError
-        once the deadline of the session's current phase has passed."""
-        if self._error is not None:
-            raise self._error
-        if self._late:
-            raise TimeoutError
-        if self._paused:
-            self._paused = False
-            self.transport.resume_reading()  # type: ignore[union-attr]
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-        if self._error is not None:
-            raise self._error
-        if self._late:
-            raise TimeoutError
 
     def _deadline(self, seconds: float) -> asyncio.TimerHandle:
         """Bound what the session reads next to ``seconds``: a timer that wakes the read,
@@ -176,16 +170,6 @@ class _Session(asyncio.Protocol):
         assert isinstance(event, Environment)  # the protocol core yields it first, or raises
         return event
 
-    async def command(self, line: bytes) -> Reply:
-        """Send one command the connection encoded and read its reply (the caller bounds the
-        time)."""
-        self.write(line)
-        event = await self._event()
-        if isinstance(event, EndOfStream):
-            raise _Closed
-        assert isinstance(event, Reply)
-        return event
-
     async def set_variables(self, outcome: Outcome) -> None:
         """NOOJEE_STATUS and NOOJEE_MESSAGE, in one command (one reply to wait for, within
         ``command_timeout``: see AgiConnection.set_variables)."""
@@ -197,9 +181,12 @@ class _Session(asyncio.Protocol):
         )
         deadline = self._deadline(self.settings.command_timeout)
         try:
-            await self.command(line)
+            self.write(line)
+            reply = await self._event()
         finally:
             deadline.cancel()
+        if isinstance(reply, EndOfStream):
+            raise _Closed
 
     def write(self, data: bytes) -> None:
         transport = self.transport
