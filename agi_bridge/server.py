@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import ipaddress
 import socket
 import sys
@@ -100,7 +101,9 @@ class _Session(asyncio.Protocol):
         if self.connection.receive_data(data) > MAX_UNREAD_BYTES and not self._paused:
             self._paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]  # set by connection_made
-        self._wake()
+        waiter = self._waiter  # _wake(), written out: every read of every session comes here
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def eof_received(self) -> bool:
         self.connection.receive_data(b"")
@@ -254,7 +257,7 @@ class AgiServer:
         if self._server is None:
             address = self.settings.listen_address
             self._server = await asyncio.get_running_loop().create_server(
-                lambda: _Session(self),
+                functools.partial(_Session, self),
                 address.host,
                 address.port,
                 backlog=BACKLOG,

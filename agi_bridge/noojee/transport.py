@@ -110,7 +110,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         session's own: a request that carries exactly these hands aiohttp none to convert,
         merge and check one by one (2% of a stop's CPU); any other sends its own over them."""
         self._headers: Final = headers
-        self._usual_headers: Final = None if headers is None else headers.raw
+        # As httpx.Headers holds them: compared with a request's own without building its
+        # .raw list (a property and a comprehension per request).
+        self._usual_headers: Final = None if headers is None else list(headers._list)
         self._ssl: Final = verify if isinstance(verify, ssl.SSLContext) else None
         self._verify: Final = verify is not False
         self._limits: Final = limits
@@ -138,24 +140,22 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
         return self._session
 
-    @staticmethod
-    def _timeout(request: httpx.Request) -> aiohttp.ClientTimeout:
-        phases = request.extensions.get("timeout", {})
-        return _client_timeout(phases.get("connect"), phases.get("read"), phases.get("pool"))
-
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._session or self._open()
-        raw = request.headers.raw
         headers = (
             None  # the session's own
-            if raw == self._usual_headers
-            else [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+            if request.headers._list == self._usual_headers
+            else [
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in request.headers.raw
+            ]
         )
         # A body in memory (our client's requests: an empty one) is taken from its stream:
         # request.content needs Request.read(), which tests whether it ran by catching an
-        # AttributeError, a cost per request.
+        # AttributeError, a cost per request; iterating the stream is a generator's.
+        phases = request.extensions.get("timeout", {})
         stream = request.stream
-        content = b"".join(stream) if isinstance(stream, httpx.ByteStream) else request.content
+        content = bytes(stream._stream) if isinstance(stream, httpx.ByteStream) else request.content
         try:
             async with session.request(
                 request.method,
@@ -163,7 +163,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 headers=headers,
                 data=content or None,
                 allow_redirects=False,
-                timeout=self._timeout(request),
+                timeout=_client_timeout(
+                    phases.get("connect"), phases.get("read"), phases.get("pool")
+                ),
             ) as response:
                 body = await self._read(response)
         except (aiohttp.ClientError, TimeoutError) as exc:
