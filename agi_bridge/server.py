@@ -236,6 +236,10 @@ class AgiServer:
         # Sessions still waiting for their environment, oldest first (dicts keep insertion
         # order): when every slot is taken, the oldest silent one makes room for a newcomer.
         self._idle: dict[_Session, asyncio.Task[None]] = {}
+        # The logger every session's line goes through, bound once (logging is configured
+        # before the server is made): the module's lazy proxy binds again at every use, two
+        # Python calls a session.
+        self._session_log = log.bind()
         # Counted when scraped, not kept up to date by every session (two locked updates).
         metrics.connections_open.set_function(lambda: len(self._sessions))
 
@@ -399,7 +403,12 @@ class AgiServer:
             )
         held = time.monotonic() - started
         self.metrics.session_finished(route, outcome.status, held)
-        level = log.warning if outcome.status in (Status.FAILED, Status.REJECTED) else log.info
+        session_log = self._session_log
+        level = (
+            session_log.warning
+            if outcome.status in (Status.FAILED, Status.REJECTED)
+            else session_log.info
+        )
         level(
             "agi.session.finished",
             status=outcome.status,
