@@ -173,6 +173,28 @@ SCENARIOS: list[Scenario] = [
         expect=(),
         http=False,
     ),
+    # The issue-19 pair again at one fixed rate, open loop (information, no verdict): in the
+    # closed loop each process's CPU per session depends on how busy the others keep the two
+    # cores (the minimal bridge's moved between 0.15 and 0.21 ms with its throughput); at a
+    # fixed rate both do the same work per second, and the figures hold within a few percent.
+    Scenario(
+        "minimal-rate2000",
+        "minimal",
+        "the minimal bridge, sync stop, open loop at 2,000 sessions/s, simulator 0 ms",
+        mode="open",
+        rate=2000,
+        n=12000,
+        quick_n=2000,
+    ),
+    Scenario(
+        "bridge-sync-rate2000",
+        "bridge",
+        "agi-bridge, sync stop, open loop at 2,000 sessions/s, simulator 0 ms",
+        mode="open",
+        rate=2000,
+        n=12000,
+        quick_n=2000,
+    ),
     Scenario(
         "bridge-rate500-0ms",
         "bridge",
@@ -705,6 +727,13 @@ def verdicts(
             if value is not None:
                 name = f"{scenario} / minimal CPU per session"
                 checks.append(_check(name, value / minimal, limit, at_most=True))
+    fixed_minimal, fixed_sync = cpu("minimal-rate2000"), cpu("bridge-sync-rate2000")
+    if fixed_minimal is not None and fixed_sync is not None:
+        ratio = fixed_sync / fixed_minimal
+        lines.append(
+            f"      bridge-sync-rate2000 / minimal-rate2000 CPU per session: {ratio:.2f}x"
+            " (both at 2,000 sessions/s: information)"
+        )
     sync = cpu("bridge-sync-0ms")
     if sync is not None:
         for other in ("panoramisk", "per-call"):
@@ -739,13 +768,21 @@ def verdicts(
 
 def paired_ratios(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
     """For each bridge scenario of issue 19, its CPU per session over the minimal bridge's in
-    the same round of ``--repeat`` (rows come round after round, in the chosen order)."""
-    minimal = [r["cpu_s_per_1k"] for r in rows if r["scenario"] == "minimal" and r["completed"]]
+    the same round of ``--repeat`` (rows come round after round, in the chosen order); the
+    fixed-rate sync stop over the minimal bridge at the same rate."""
+
+    def runs(scenario: str) -> list[float]:
+        return [r["cpu_s_per_1k"] for r in rows if r["scenario"] == scenario and r["completed"]]
+
     ratios: dict[str, list[float]] = {}
-    for scenario in ("bridge-sync-0ms", "bridge-async"):
-        runs = [r["cpu_s_per_1k"] for r in rows if r["scenario"] == scenario and r["completed"]]
-        if runs and len(runs) == len(minimal):
-            ratios[scenario] = [run / base for run, base in zip(runs, minimal, strict=True)]
+    for scenario, yardstick in (
+        ("bridge-sync-0ms", "minimal"),
+        ("bridge-async", "minimal"),
+        ("bridge-sync-rate2000", "minimal-rate2000"),
+    ):
+        ours, theirs = runs(scenario), runs(yardstick)
+        if ours and len(ours) == len(theirs):
+            ratios[scenario] = [run / base for run, base in zip(ours, theirs, strict=True)]
     return ratios
 
 
@@ -858,7 +895,8 @@ def main() -> int:
         if paired:
             # The machine's speed drifts between rounds (other processes, the host): a ratio
             # within one round compares like with like. Shown beside the verdict, not instead.
-            print("Each round's ratio to that round's minimal bridge (and their median):")
+            print("Each round's ratio to that round's minimal bridge, at the same rate for the")
+            print("rate2000 pair (and their median):")
             for scenario, ratios in paired.items():
                 each = ", ".join(f"{r:.2f}" for r in ratios)
                 print(f"  {scenario:24} {statistics.median(ratios):.2f}  [{each}]")

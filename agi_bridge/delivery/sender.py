@@ -30,7 +30,7 @@ class _Slots:
     asyncio.Semaphore does. The caller takes a free slot itself (``free`` and ``waiting``
     read, ``free`` decremented) and gives it back with :meth:`release`: the Semaphore's
     locked() (twice, each with a generator), acquire() and release() were seven Python calls
-    on every request, about one per microsecond of a sync stop's CPU in the benchmark."""
+    on every request."""
 
     def __init__(self, size: int) -> None:
         self.free = size
