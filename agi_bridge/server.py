@@ -101,9 +101,7 @@ class _Session(asyncio.Protocol):
         if self.connection.receive_data(data) > MAX_UNREAD_BYTES and not self._paused:
             self._paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]  # set by connection_made
-        waiter = self._waiter  # _wake(), written out: every read of every session comes here
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def eof_received(self) -> bool:
         self.connection.receive_data(b"")

@@ -106,11 +106,11 @@ class RepeatCache:
             remembered.cancel()  # repeats waiting on it try for themselves
             raise
         remembered.set_result(outcome)
-        seen = self._recent.get(key)
-        if seen is not None and seen.outcome is remembered:
-            if outcome.status is Status.FAILED:
-                del self._recent[key]  # a failure is worth trying again at once
-            else:
+        if outcome.status is Status.FAILED:
+            self.forget(key, remembered)  # a failure is worth trying again at once
+        else:
+            seen = self._recent.get(key)
+            if seen is not None and seen.outcome is remembered:
                 self._recent[key] = _Recent(seen.action, seen.at, outcome)
         return outcome, False
 

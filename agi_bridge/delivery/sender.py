@@ -123,10 +123,7 @@ class Sender:
             log.exception("noojee.client.bug", error=str(exc), error_type=type(exc).__name__)
             result = NoojeeResult(ResultKind.TRANSPORT, f"client error: {type(exc).__name__}")
         finally:
-            if slots.waiting:
-                slots.release()
-            else:
-                slots.free += 1
+            slots.release()
         self._metrics.observe_noojee(result, self._clock() - started)
         if result.transient:
             self.last_failure = self._clock()
