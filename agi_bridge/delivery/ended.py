@@ -20,9 +20,8 @@ class RecentCalls:
     Every stop notes its call, so this is written once per session and read rarely. Two
     generations of plain dicts, the older dropped whole once it has aged out: a note costs
     one dict entry, and nothing is pruned one call at a time (as an ordered dict pruned from
-    its front was, on every stop). A call
-    is forgotten between ``max_age`` and twice that after it was noted; it is only ever
-    reported within ``max_age``.
+    its front was, on every stop). A call is forgotten between ``max_age`` and twice that
+    after it was noted; it is only ever reported within ``max_age``.
     """
 
     def __init__(self, *, max_age: float, wall_clock: Callable[[], float]) -> None:

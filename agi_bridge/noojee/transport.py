@@ -150,10 +150,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 for name, value in request.headers.raw
             ]
         )
+        phases = request.extensions.get("timeout", {})
         # A body in memory (our client's requests: an empty one) is taken from its stream:
         # request.content needs Request.read(), which tests whether it ran by catching an
         # AttributeError, a cost per request; iterating the stream is a generator's.
-        phases = request.extensions.get("timeout", {})
         stream = request.stream
         content = bytes(stream._stream) if isinstance(stream, httpx.ByteStream) else request.content
         try:
