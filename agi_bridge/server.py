@@ -22,7 +22,7 @@ import socket
 import sys
 import termios
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Final
 
 from agi_bridge.calls import Rejected, build_request, parse_parameters
@@ -46,6 +46,7 @@ from agi_bridge.vocabulary import (
     MESSAGE_MAX_CHARS,
     ROUTES,
     Action,
+    HandOff,
     Mode,
     Outcome,
     Status,
@@ -86,7 +87,9 @@ class _Session(asyncio.Protocol):
         self._error: OSError | None = None  # the connection failed (reset): raised on next read
         self._paused = False
         self._late = False  # the current phase's deadline has passed (see _deadline)
-        self.task: asyncio.Task[None] | None = None  # the session's, once accepted
+        # The task that answers the session: its own, once accepted; the one its answer is
+        # handed off to when its sync attempt outlives the budget (AgiServer._hand_off).
+        self.task: asyncio.Task[None] | None = None
         self.silent = True  # nothing received yet
         self.evicted = False  # closed while silent, to make room for a newer connection
 
@@ -283,7 +286,11 @@ class AgiServer:
         """Stop accepting, give sessions ``grace`` seconds, then cancel what is left."""
         if self._server is not None:
             self._server.close()
-        await finish_within(self._sessions, grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # Again for the answers handed off meanwhile (to tasks the first wait did not know).
+        while self._sessions:
+            await finish_within(tuple(self._sessions), deadline - loop.time())
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -325,18 +332,56 @@ class AgiServer:
             return
         self._sessions.add(task)
         self._idle[session] = task
+        await self._supervised(session, peer, self._session(session, peer))
+
+    async def _supervised(self, session: _Session, peer: str, work: Awaitable[None]) -> None:
+        """Run ``work`` in the current task, one of ``session``'s: nothing escapes it, and the
+        task that answers the session (``session.task``) closes it."""
+        task = asyncio.current_task()
         try:
-            await self._session(session, peer)
+            await work
         except asyncio.CancelledError:
             # Shutdown past its grace: end quietly, the stop is logged once for all.
-            log.info("agi.session.cancelled", peer=peer)
+            if session.task is task:
+                log.info("agi.session.cancelled", peer=peer)
         except Exception as exc:
             # A bug (nothing else escapes a session): say so, once, with its traceback.
             log.exception("agi.session.crashed", exc_info=exc)
         finally:
             self._sessions.discard(task)
-            self._idle.pop(session, None)
-            session.close()
+            if session.task is task:
+                self._idle.pop(session, None)
+                session.close()
+
+    def _hand_off(
+        self,
+        session: _Session,
+        peer: str,
+        environment: Environment,
+        started: float,
+        later: Awaitable[Outcome],
+    ) -> None:
+        """The session's sync attempt outlives its budget: the session is answered by a task of
+        its own, from ``later``, and counts as a session only there; the attempt goes on."""
+        self._sessions.discard(session.task)
+        answer = self._answer(session, peer, environment, started, later)
+        session.task = asyncio.get_running_loop().create_task(
+            self._supervised(session, peer, answer)
+        )
+        self._sessions.add(session.task)
+
+    async def _answer(
+        self,
+        session: _Session,
+        peer: str,
+        environment: Environment,
+        started: float,
+        outcome: Awaitable[Outcome],
+    ) -> None:
+        # Handed off from a timer of the session's or from a signal handler: the context
+        # copied may not be the session's.
+        _bind(peer, environment)
+        await self._finish(session, started, environment.script, await outcome)
 
     def _evict_idle(self) -> bool:
         """Every slot is taken: close the oldest connection that has sent nothing yet and
@@ -380,14 +425,16 @@ class AgiServer:
             return
         self._idle.pop(session, None)
         route = environment.script
-        # Bound in this task's context: delivery events logged on its behalf carry them too.
-        bind_session(
-            peer=peer,
-            route=route,
-            uniqueid=environment.uniqueid,
-            channel=environment.channel,
-        )
-        outcome = await self._dispatch(environment, route)
+        _bind(peer, environment)
+        hand_off = functools.partial(self._hand_off, session, peer, environment, started)
+        outcome = await self._dispatch(environment, route, hand_off)
+        if outcome is not None:  # else answered by the task it was handed off to
+            await self._finish(session, started, route, outcome)
+
+    async def _finish(
+        self, session: _Session, started: float, route: str, outcome: Outcome
+    ) -> None:
+        """Tell the channel ``outcome``; count and log the session."""
         try:
             await session.set_variables(outcome)
             delivered = True
@@ -416,7 +463,9 @@ class AgiServer:
             variables_set=delivered,
         )
 
-    async def _dispatch(self, environment: Environment, route: str) -> Outcome:
+    async def _dispatch(
+        self, environment: Environment, route: str, hand_off: HandOff
+    ) -> Outcome | None:
         if environment.overlong:
             return Outcome(
                 Status.REJECTED,
@@ -437,7 +486,19 @@ class AgiServer:
             call_uniqueid=parameters.call or environment.uniqueid,
             mode=parameters.mode or mode,
             budget=budget,
+            hand_off=hand_off,
         )
+
+
+def _bind(peer: str, environment: Environment) -> None:
+    """Log the session's context with every event of the current task (delivery's events on
+    its behalf too) from now on."""
+    bind_session(
+        peer=peer,
+        route=environment.script,
+        uniqueid=environment.uniqueid,
+        channel=environment.channel,
+    )
 
 
 def _in_networks(host: str, networks: Sequence[IPNetwork]) -> bool:

@@ -9,7 +9,7 @@ is one row here."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal
@@ -21,6 +21,7 @@ __all__ = [
     "Action",
     "ActionRules",
     "By",
+    "HandOff",
     "Mode",
     "NoojeeResult",
     "Outcome",
@@ -227,3 +228,10 @@ class Outcome:
     status: Status
     message: str
     entry: int | None = None  # QUEUED: the spool entry that holds the request
+
+
+# A session's answer, moved to a task of its own: a sync attempt runs in its session's task,
+# and when it outlives the session's budget, the dialplan must hear QUEUED while it goes on.
+# Delivery calls this once with what the session is to answer (an awaitable: QUEUED comes
+# after the spool's commit), and the attempt then ends in the session's task unheard.
+HandOff = Callable[[Awaitable[Outcome]], None]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,14 @@ from agi_bridge.delivery.sync import SyncPath, queued
 from agi_bridge.delivery.worker import Worker
 from agi_bridge.metrics import Metrics
 from agi_bridge.spool import Spool, SpoolEntry
-from agi_bridge.vocabulary import NoojeeResult, Outcome, RecordingRequest, ResultKind, Status
+from agi_bridge.vocabulary import (
+    HandOff,
+    NoojeeResult,
+    Outcome,
+    RecordingRequest,
+    ResultKind,
+    Status,
+)
 from tests.clock import FakeClock
 
 STOP = RecordingRequest("stop", "410", agent="Fred")
@@ -187,19 +194,50 @@ async def test_a_request_answered_keeps_its_outcome_not_a_future(spool: Spool) -
     stopped = Outcome(Status.STOPPED, "Recording stopped")
     sent = asyncio.Event()
 
-    async def send() -> Outcome:
+    async def send(hand_off: HandOff) -> Outcome:
         under_way = repeats.earlier(key, "stop")
         assert isinstance(under_way, asyncio.Future)
         assert not under_way.done()
         sent.set()
         return stopped
 
-    assert await repeats.once(key, STOP, send) == (stopped, False)
+    assert await repeats.once(key, STOP, send, _never_handed_off) == (stopped, False)
     assert sent.is_set()
     assert repeats.earlier(key, "stop") is stopped
-    repeated, was_repeat = await repeats.once(key, STOP, send)
+    repeated, was_repeat = await repeats.once(key, STOP, send, _never_handed_off)
     assert was_repeat
     assert repeated.status is Status.STOPPED
+
+
+async def test_a_repeat_hears_the_answer_handed_off_not_the_late_attempt(spool: Spool) -> None:
+    """A sync stop outlives its budget: its session is answered QUEUED through the hand-off
+    while the attempt goes on in the session's task. A repeat on the same call hears that at
+    once; it does not wait for the first attempt, still on its way."""
+    gate = asyncio.Event()
+    client = FakeClient(OK, gate=gate)
+    config = DeliveryConfig(write_ahead_after=0.0)
+    delivery = Delivery(config=config, client=client, spool=spool, metrics=Metrics())
+    handed: asyncio.Future[Awaitable[Outcome]] = asyncio.get_running_loop().create_future()
+    first = asyncio.create_task(
+        delivery.submit(
+            STOP, call_uniqueid="1.1", mode="sync", budget=0.05, hand_off=handed.set_result
+        )
+    )
+    heard = await (await asyncio.wait_for(handed, timeout=5))
+    assert heard.status is Status.QUEUED
+    repeat = delivery.submit(
+        STOP, call_uniqueid="1.1", mode="sync", budget=0.05, hand_off=_never_handed_off
+    )
+    repeated = await asyncio.wait_for(repeat, timeout=5)
+    assert repeated is not None
+    assert repeated.status is Status.QUEUED
+    assert repeated.message.startswith("repeat within")
+    assert not first.done()  # the first attempt is still on its way
+    gate.set()
+    assert await first is None
+    await delivery.drain(5)
+    assert client.sent == [STOP]
+    assert spool.admin.list("pending") == []
 
 
 async def test_a_repeat_after_queued_and_delivered_hears_stopped(
@@ -293,6 +331,25 @@ async def test_a_transient_failure_is_retried_until_the_age_limit(spool: Spool) 
 # --- the sync path ---------------------------------------------------------------------------
 
 
+def _never_handed_off(later: Awaitable[Outcome]) -> None:
+    raise AssertionError("the session's answer was handed off")
+
+
+async def _heard(
+    sync_path: SyncPath, request: RecordingRequest, call: str, budget: float
+) -> Outcome:
+    """What a session hears: send_within's outcome, or the one it hands off when the attempt
+    outlives the budget (the attempt then goes on in the session's task, which drain awaits)."""
+    handed: asyncio.Future[Awaitable[Outcome]] = asyncio.get_running_loop().create_future()
+    session = asyncio.create_task(sync_path.send_within(request, call, budget, handed.set_result))
+    await asyncio.wait((session, handed), return_when=asyncio.FIRST_COMPLETED)
+    if handed.done():
+        return await handed.result()
+    outcome = session.result()
+    assert outcome is not None
+    return outcome
+
+
 async def test_a_quick_answer_never_touches_the_spool(
     parts: Parts, spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -305,7 +362,7 @@ async def test_a_quick_answer_never_touches_the_spool(
         return add(request, **kwargs)
 
     monkeypatch.setattr(spool, "add", spy)
-    outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=2.0)
+    outcome = await _heard(parts.sync, STOP, "1795811871.1", budget=2.0)
     await parts.sync.drain(5)
     assert outcome == Outcome(Status.STOPPED, "Recording stopped")
     assert parts.client.sent == [STOP]
@@ -317,7 +374,7 @@ async def test_a_late_answer_settles_the_queued_entry_and_drain_waits_for_it(spo
     entry, and drain() returns only once that removal is written."""
     gate = asyncio.Event()
     parts = _parts(spool, FakeClient(OK, gate=gate), write_ahead_after=0.0)
-    outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=0.01)
+    outcome = await _heard(parts.sync, STOP, "1795811871.1", budget=0.01)
     assert outcome.status is Status.QUEUED
     assert outcome.entry is not None
     assert [entry.id for entry in spool.admin.list("pending")] == [outcome.entry]
@@ -345,7 +402,7 @@ async def test_a_start_that_cannot_be_queued_while_on_its_way_is_unconfirmed(
         return failed
 
     monkeypatch.setattr(spool, "add", disk_full)
-    outcome = await parts.sync.send_within(START, "1795811871.1", budget=0.01)
+    outcome = await _heard(parts.sync, START, "1795811871.1", budget=0.01)
     assert outcome.status is Status.UNCONFIRMED
     assert "may be applied" in outcome.message
     gate.set()
@@ -357,7 +414,7 @@ async def test_drain_cancels_an_attempt_at_its_deadline_and_keeps_the_entry(spoo
     """An attempt still hanging at the drain's deadline is cancelled; its entry stays pending
     for the next start."""
     parts = _parts(spool, FakeClient(OK, gate=asyncio.Event()), write_ahead_after=0.0)
-    outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=0.01)
+    outcome = await _heard(parts.sync, STOP, "1795811871.1", budget=0.01)
     await parts.sync.drain(0.01)
     assert [entry.id for entry in spool.admin.list("pending")] == [outcome.entry]
 
@@ -365,7 +422,7 @@ async def test_drain_cancels_an_attempt_at_its_deadline_and_keeps_the_entry(spoo
 async def test_a_permanent_failure_is_failed_and_dead_lettered(spool: Spool) -> None:
     """A refusal (Code < 0) is FAILED at once and kept in the dead letters once drained."""
     parts = _parts(spool, FakeClient(DENIED))
-    outcome = await parts.sync.send_within(STOP, "1795811871.1", budget=2.0)
+    outcome = await _heard(parts.sync, STOP, "1795811871.1", budget=2.0)
     await parts.sync.drain(5)
     assert outcome == Outcome(Status.FAILED, "Permission denied")
     [dead] = spool.admin.list("dead")
@@ -377,7 +434,9 @@ async def test_shutdown_writes_ahead_an_attempt_in_its_first_wait(spool: Spool) 
     write_ahead_after has passed."""
     client = FakeClient(OK, gate=asyncio.Event())
     parts = _parts(spool, client, write_ahead_after=30.0)
-    session = asyncio.create_task(parts.sync.send_within(STOP, "1795811871.1", budget=60.0))
+    session = asyncio.create_task(
+        parts.sync.send_within(STOP, "1795811871.1", 60.0, _never_handed_off)
+    )
     await client.called.wait()
     parts.sync.write_ahead_in_flight()
     session.cancel()
@@ -576,7 +635,9 @@ async def test_an_async_request_whose_spool_write_stalls_is_told_what_may_still_
     monkeypatch.setattr(spool, "add", lambda *_, **__: stalled)
     client = FakeClient(NoojeeResult(ResultKind.OK, "done", 0, 200))
     delivery = Delivery(config=DeliveryConfig(), client=client, spool=spool, metrics=Metrics())
-    outcome = await delivery.submit(request_, call_uniqueid="1.1", mode="async", budget=1.0)
+    outcome = await delivery.submit(
+        request_, call_uniqueid="1.1", mode="async", budget=1.0, hand_off=_never_handed_off
+    )
     assert (outcome.status.value, outcome.message) == (status, f"queued for delivery; {why}")
     assert not stalled.done()  # the write is left to land
     assert client.sent == []
@@ -592,7 +653,7 @@ async def test_a_sync_start_that_failed_unsent_and_whose_spool_write_stalls_is_u
     stalled: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     monkeypatch.setattr(parts.spool, "add", lambda *_, **__: stalled)
     parts.client.result = NoojeeResult(ResultKind.TRANSPORT, "cannot connect", unsent=True)
-    outcome = await parts.sync.send_within(START, "1.1", budget=1.0)
+    outcome = await _heard(parts.sync, START, "1.1", budget=1.0)
     assert outcome.status is Status.UNCONFIRMED
     assert outcome.message.startswith("cannot connect; the spool took over")
     stalled.set_result(1)  # lets the attempt's task record its result and end

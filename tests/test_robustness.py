@@ -23,7 +23,7 @@ from agi_bridge.server import AgiServer
 from agi_bridge.spool import SPOOL_FILE, Spool
 from agi_bridge.testing.fake_asterisk import Call, SessionResult, environment_block, run_call
 from agi_bridge.testing.simulator import FailureMode, NoojeeSimulator
-from agi_bridge.vocabulary import Outcome, RecordingRequest
+from agi_bridge.vocabulary import HandOff, Outcome, RecordingRequest
 from tests.bridge_helpers import (
     API_KEY,
     call,
@@ -254,12 +254,14 @@ async def test_a_session_that_hits_a_bug_is_logged_and_the_next_is_served(
     dispatch = AgiServer._dispatch
     sessions = 0
 
-    async def buggy(self: AgiServer, environment: Environment, route: str) -> Outcome:
+    async def buggy(
+        self: AgiServer, environment: Environment, route: str, hand_off: HandOff
+    ) -> Outcome | None:
         nonlocal sessions
         sessions += 1
         if sessions == 1:
             raise RuntimeError("a bug")
-        return await dispatch(self, environment, route)
+        return await dispatch(self, environment, route, hand_off)
 
     monkeypatch.setattr(AgiServer, "_dispatch", buggy)
     with structlog.testing.capture_logs() as logs:

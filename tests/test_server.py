@@ -10,13 +10,14 @@ import json
 import logging
 import sqlite3
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import structlog
 
+from agi_bridge.app import Bridge
 from agi_bridge.delivery import Delivery
 from agi_bridge.delivery.config import DeliveryConfig
 from agi_bridge.logs import configure_logging
@@ -197,6 +198,66 @@ async def test_slow_noojee_holds_the_call_only_for_the_budget(
     assert len(_api(simulator)) == 1
 
 
+async def test_a_stop_waits_for_the_answer_a_late_attempt_handed_off(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """The bridge stops while a sync attempt outlives its budget: at the budget's end the
+    session is answered QUEUED by a task of its own (the attempt goes on in the session's),
+    and stop() waits for that answer to end, after the attempt is over and settled."""
+    settings = make_settings(simulator, ca_file, tmp_path, stop_budget=0.2, shutdown_grace=30)
+    simulator.set_failure(FailureMode.SLOW, delay=0.5)
+    bridge = Bridge(settings)
+    await bridge.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.server.port)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            writer.write(environment_block(Call(arguments=("Fred",))))
+            await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+            stopping = asyncio.create_task(bridge.stop())
+            command = await asyncio.wait_for(reader.readline(), timeout=10)
+            await bridge.delivery.drain(10)  # the late attempt, and the record of its answer
+            # stop() must still wait for Asterisk's reply to the handed-off answer; with
+            # nothing else left to wait for, a second is ample for it to have ended otherwise.
+            done, _ = await asyncio.wait((stopping,), timeout=1.0)
+            assert not done
+            writer.write(b"200 result=1\n")
+            await asyncio.wait_for(stopping, timeout=10)
+    finally:
+        writer.close()
+    assert command.startswith(b"SET VARIABLE ")
+    assert b"QUEUED" in command
+    [finished] = [entry for entry in logs if entry["event"] == "agi.session.finished"]
+    assert (finished["status"], finished["variables_set"]) == ("QUEUED", True)
+    spool = Spool(tmp_path)
+    spool.open(create=False)
+    try:
+        assert spool.admin.stats().pending == 0  # the late answer settled the entry
+    finally:
+        spool.close()
+    assert len(_api(simulator)) == 1
+
+
+async def test_a_session_answered_at_a_second_signal_logs_as_itself(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """A second signal answers a session waiting for NoojeeContact from the signal handler,
+    outside the session's task: the session still hears QUEUED at once, and its log line still
+    names its call."""
+    settings = make_settings(simulator, ca_file, tmp_path, stop_budget=30)
+    simulator.set_failure(FailureMode.SLOW, delay=30)
+    with _json_logs() as stream:
+        async with running_bridge(settings) as bridge:
+            session = asyncio.create_task(call(bridge, "Fred", uniqueid="7.1"))
+            await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+            bridge.hurry()
+            result = await session
+    assert result.variables["NOOJEE_STATUS"] == "QUEUED"
+    assert result.hold < 10  # the budget (30 s) did not run out
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    [finished] = [event for event in events if event["event"] == "agi.session.finished"]
+    assert (finished["status"], finished["uniqueid"]) == ("QUEUED", "7.1")
+
+
 def _spool_inserts(data_dir: Path) -> int:
     """How many entries were ever added to the spool (SQLite's AUTOINCREMENT counter)."""
     with contextlib.closing(sqlite3.connect(data_dir / SPOOL_FILE)) as db:
@@ -373,15 +434,25 @@ async def test_caller_hangs_up_mid_session(
     assert len(_api(simulator)) == 1
 
 
+@contextlib.contextmanager
+def _json_logs() -> Iterator[io.StringIO]:
+    """The bridge's own logging (JSON, every processor) into a string, for the block."""
+    stream = io.StringIO()
+    root_handlers = logging.getLogger().handlers[:]
+    configure_logging(level="debug", fmt="json", secrets=[API_KEY], stream=stream, cache=False)
+    try:
+        yield stream
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers[:] = root_handlers
+
+
 async def test_logs_never_contain_secrets(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
     """Every log line of a full run, both auth schemes and failures included, is free of the
     API key and of every hash the bridge sent."""
-    stream = io.StringIO()
-    root_handlers = logging.getLogger().handlers[:]
-    configure_logging(level="debug", fmt="json", secrets=[API_KEY], stream=stream, cache=False)
-    try:
+    with _json_logs() as stream:
         # What a library logs through the standard library is scrubbed too (an asyncio
         # "exception was never retrieved" quoting a request URL).
         logging.getLogger("asyncio").error("POST https://x/stop?apiKey=%s failed", API_KEY)
@@ -401,9 +472,6 @@ async def test_logs_never_contain_secrets(
                         and r.auth == auth  # noqa: B023  # awaited within this iteration
                     ),
                 )
-    finally:
-        structlog.reset_defaults()
-        logging.getLogger().handlers[:] = root_handlers
     text = stream.getvalue()
     hashes = {r.params["hash"] for r in simulator.received if "hash" in r.params}
     assert hashes, "the hash scheme was exercised"

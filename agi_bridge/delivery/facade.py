@@ -28,7 +28,7 @@ from agi_bridge.delivery.sync import SyncPath, queued
 from agi_bridge.delivery.worker import Worker
 from agi_bridge.metrics import Metrics
 from agi_bridge.spool import Spool
-from agi_bridge.vocabulary import ACTIONS, Mode, Outcome, RecordingRequest, Status
+from agi_bridge.vocabulary import ACTIONS, HandOff, Mode, Outcome, RecordingRequest, Status
 
 
 class Delivery:
@@ -98,25 +98,33 @@ class Delivery:
         return self._sender.last_success
 
     async def submit(
-        self, request: RecordingRequest, *, call_uniqueid: str, mode: Mode, budget: float
-    ) -> Outcome:
-        """Deliver or queue ``request``; returns within ``budget`` plus a spool commit."""
+        self,
+        request: RecordingRequest,
+        *,
+        call_uniqueid: str,
+        mode: Mode,
+        budget: float,
+        hand_off: HandOff,
+    ) -> Outcome | None:
+        """Deliver or queue ``request``: its outcome within ``budget`` plus a spool commit. A
+        sync attempt runs in the caller's task; when it outlives the budget, the outcome goes
+        to ``hand_off`` instead, and this returns None once the attempt is over."""
         if request.kind == "extension" and call_uniqueid in self._ended:
             # The code raced the call's end: sent now, it would reach the extension's next call.
             return Outcome(Status.EXPIRED, "by extension after its call ended: not sent")
         self._cancel_by_extension(request, call_uniqueid)
 
-        async def send() -> Outcome:
+        async def send(hand_off: HandOff) -> Outcome | None:
             if mode == "async":
                 store = self._spool.add(request, call_uniqueid=call_uniqueid)
                 at_most_once = ACTIONS[request.action].at_most_once
                 return await queued(
                     store, "queued for delivery", wake=self._worker.wake, at_most_once=at_most_once
                 )
-            return await self._sync.send_within(request, call_uniqueid, budget)
+            return await self._sync.send_within(request, call_uniqueid, budget, hand_off)
 
         key = (request.target, call_uniqueid)
-        outcome, repeated = await self._repeats.once(key, request, send)
+        outcome, repeated = await self._repeats.once(key, request, send, hand_off)
         if repeated:
             self._metrics.duplicates.inc()
         return outcome
@@ -149,7 +157,8 @@ class Delivery:
         self._sync.write_ahead_in_flight()
 
     def hurry(self) -> None:
-        """A second signal: sessions still waiting for NoojeeContact hear QUEUED now."""
+        """A second signal: sessions still waiting for NoojeeContact hear QUEUED now (through
+        their hand-off), and their attempts are cancelled."""
         self._sync.hurry()
 
     async def run(self) -> None:
@@ -161,6 +170,6 @@ class Delivery:
         self._worker.stop()
 
     async def drain(self, grace: float) -> None:
-        """Within ``grace`` seconds, the sync attempts that outlived their session end and
-        their results are recorded; what still runs then is cancelled and stays pending."""
+        """Within ``grace`` seconds, the sync attempts that outlived their session's answer end
+        and their results are recorded; what still runs then is cancelled and stays pending."""
         await self._sync.drain(grace)

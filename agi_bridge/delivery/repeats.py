@@ -23,6 +23,7 @@ from agi_bridge.vocabulary import (
     ACTIONS,
     MESSAGE_MAX_CHARS,
     Action,
+    HandOff,
     Outcome,
     RecordingRequest,
     Status,
@@ -86,10 +87,15 @@ class RepeatCache:
         self._settled: OrderedDict[int, _Settled] = OrderedDict()
 
     async def once(
-        self, key: Key, request: RecordingRequest, send: Callable[[], Awaitable[Outcome]]
-    ) -> tuple[Outcome, bool]:
-        """``send()``'s outcome, or (True: a repeat) that of the same action on the same call
-        within the window, which a repeat arriving meanwhile waits for."""
+        self,
+        key: Key,
+        request: RecordingRequest,
+        send: Callable[[HandOff], Awaitable[Outcome | None]],
+        hand_off: HandOff,
+    ) -> tuple[Outcome | None, bool]:
+        """``send(hand_off)``'s outcome, or (True: a repeat) that of the same action on the same
+        call within the window, which a repeat arriving meanwhile waits for. None when ``send``
+        handed the outcome off: the repeats then hear it as ``hand_off`` does."""
         earlier = self.earlier(key, request.action)
         if earlier is not None:
             repeated = await self.answer(request, earlier, first_at=self.seen_at(key))
@@ -99,12 +105,36 @@ class RepeatCache:
                     self.forget(key, earlier)
                 return repeated, True
         remembered = self.remember(key, request.action)
+        handed_off = False
+
+        def hand_off_settled(later: Awaitable[Outcome]) -> None:
+            nonlocal handed_off
+            handed_off = True
+            hand_off(self._settled_later(key, remembered, later))
+
         try:
-            outcome = await send()
+            outcome = await send(hand_off_settled)
         except BaseException:
-            self.forget(key, remembered)
-            remembered.cancel()  # repeats waiting on it try for themselves
+            if not handed_off:  # else the task handed the outcome settles it
+                self._abandoned(key, remembered)
             raise
+        if outcome is not None:
+            self._settle(key, remembered, outcome)
+        return outcome, False
+
+    async def _settled_later(
+        self, key: Key, remembered: asyncio.Future[Outcome], later: Awaitable[Outcome]
+    ) -> Outcome:
+        try:
+            outcome = await later
+        except BaseException:
+            self._abandoned(key, remembered)
+            raise
+        self._settle(key, remembered, outcome)
+        return outcome
+
+    def _settle(self, key: Key, remembered: asyncio.Future[Outcome], outcome: Outcome) -> None:
+        """The request behind ``remembered`` had ``outcome``: its repeats hear it."""
         remembered.set_result(outcome)
         if outcome.status is Status.FAILED:
             self.forget(key, remembered)  # a failure is worth trying again at once
@@ -112,7 +142,10 @@ class RepeatCache:
             seen = self._recent.get(key)
             if seen is not None and seen.outcome is remembered:
                 self._recent[key] = _Recent(seen.action, seen.at, outcome)
-        return outcome, False
+
+    def _abandoned(self, key: Key, remembered: asyncio.Future[Outcome]) -> None:
+        self.forget(key, remembered)
+        remembered.cancel()  # repeats waiting on it try for themselves
 
     def earlier(self, key: Key, action: Action) -> asyncio.Future[Outcome] | Outcome | None:
         """The outcome (a future while still to come) of the same action on the same call

@@ -7,8 +7,10 @@ for the disk unless it ends up queued); a timeout or a transient error leaves th
 the spool and the dialplan hears ``QUEUED``. An attempt still running when the budget ends is
 not cancelled: if it succeeds, the spool entry is settled and nothing is sent twice.
 
-Each attempt is one task that lives until what became of it is written to the spool (when it
-was written ahead): the session only waits for its answer, and shutdown waits for the tasks.
+The attempt runs in its session's own task: a task of its own per request cost a twelfth of a
+sync stop's CPU (bench/README.md). When the budget ends first, the session's answer is handed
+off (:data:`~agi_bridge.vocabulary.HandOff`) to a task of its own, and the session's task goes
+on with the attempt until what became of it is written to the spool; shutdown waits for it.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from agi_bridge.tasks import finish_within
 from agi_bridge.vocabulary import (
     ACTIONS,
     MESSAGE_MAX_CHARS,
+    HandOff,
     NoojeeResult,
     Outcome,
     RecordingRequest,
-    ResultKind,
     Status,
     unconfirmed_message,
 )
@@ -41,27 +43,20 @@ log = get_logger("agi_bridge.delivery")
 STORE_TIMEOUT: Final = 5.0
 
 # What a session waiting for NoojeeContact is told when a second signal cuts the wait short.
-STOPPING = NoojeeResult(ResultKind.TIMEOUT, "the bridge is stopping; NoojeeContact did not answer")
+STOPPING: Final = "the bridge is stopping; NoojeeContact did not answer"
 
 
 @dataclass(slots=True, eq=False)
 class _Attempt:
-    """A session's own attempt at a sync request, and its spool entry once written ahead."""
+    """A session's sync request under way, and its spool entry once written ahead."""
 
     request: RecordingRequest
     call_uniqueid: str
-    # Woken when the attempt has its result, or when the session's wait is over.
-    waiter: asyncio.Future[None]
+    hand_off: HandOff
     result: NoojeeResult | None = None
     store: asyncio.Future[int] | None = None
     timer: asyncio.TimerHandle | None = None
-
-    def answer(self, result: NoojeeResult) -> None:
-        """The attempt's result (the first one given counts), for the session waiting."""
-        if self.result is None:
-            self.result = result
-        if not self.waiter.done():
-            self.waiter.set_result(None)
+    handed_off: bool = False  # the session was answered without the result
 
 
 class SyncPath:
@@ -81,77 +76,99 @@ class SyncPath:
         self._sender = sender
         self._ledger = ledger
         self._wake = wake  # the worker has a retry to look at
-        # Every attempt until what became of it is recorded: shutdown spools those not written
-        # ahead yet and waits for them all.
-        self._in_flight: dict[asyncio.Task[None], _Attempt] = {}
+        # Every attempt (its session's task) and every record of a result being written (a task
+        # of its own) until it is over: shutdown spools the requests not written ahead yet,
+        # answers the sessions still waiting, and waits for them all.
+        self._in_flight: dict[asyncio.Task[Any], _Attempt] = {}
         self._write_at_once = False  # shutdown: requests go to disk without delay
 
     async def send_within(
-        self, request: RecordingRequest, call_uniqueid: str, budget: float
-    ) -> Outcome:
-        """Deliver ``request`` within ``budget`` seconds, or queue it; returns within
-        ``budget`` plus a spool commit."""
-        loop = asyncio.get_running_loop()
-        attempt = _Attempt(request, call_uniqueid, loop.create_future())
-        # Tracked from the start: shutdown waits for it even if this session is cancelled.
-        task = loop.create_task(self._run(attempt, budget))
+        self, request: RecordingRequest, call_uniqueid: str, budget: float, hand_off: HandOff
+    ) -> Outcome | None:
+        """Deliver ``request`` within ``budget`` seconds, or queue it: the outcome, within
+        ``budget`` plus a spool commit; or None once the session's answer was handed off to
+        ``hand_off`` (at the budget's end, or a second signal), when the attempt is over."""
+        task = asyncio.current_task()
+        assert task is not None  # called from a session's task
+        attempt = _Attempt(request, call_uniqueid, hand_off)
         self._in_flight[task] = attempt
-        task.add_done_callback(self._in_flight.pop)
         first_wait = 0.0 if self._write_at_once else min(self._write_ahead_after, budget)
         if first_wait <= 0:
             self._write_ahead(attempt)  # shutting down, or write_ahead_after = 0
-        # One timer for the whole wait (asyncio.wait would add a future, callbacks and a wake-up
-        # of its own): at first_wait it writes the request ahead without waking this session,
-        # at the end of the budget it ends the wait.
-        attempt.timer = loop.call_later(first_wait, self._waited, attempt, budget - first_wait)
+        # One timer for the whole wait: at first_wait it writes the request ahead, at the end
+        # of the budget it hands the session's answer off.
+        attempt.timer = asyncio.get_running_loop().call_later(
+            first_wait, self._waited, attempt, budget - first_wait, budget
+        )
         try:
-            await attempt.waiter
+            try:
+                result = await self._sender.attempt(request, from_session=True, slot_wait=budget)
+            finally:
+                attempt.timer.cancel()
+            attempt.result = result
+            if attempt.handed_off:
+                await self._record(attempt)  # nobody waits for it but shutdown
+                return None
         except asyncio.CancelledError:
             # Shutdown cut the session short: the request must outlive it all the same.
             self._write_ahead(attempt)
             raise
         finally:
-            attempt.timer.cancel()
-        result = attempt.result
-        if result is not None and result.ok:
+            del self._in_flight[task]
+        if result.ok and attempt.store is None:
             return Outcome(ACTIONS[request.action].confirmed, result.message)
         # A failure is spooled too: a transient one for the worker to retry, a permanent one
         # (no permission, say) in the dead letters, for the operator to retry once fixed.
         store = self._write_ahead(attempt)
-        if result is None:
-            # Not cancelled: a late answer still settles the spool entry (sent once).
-            why = f"NoojeeContact did not answer within {budget:g}s"
-            outcome = await queued(store, why, wake=self._wake)
-            if outcome.status is Status.FAILED and ACTIONS[request.action].at_most_once:
-                return _start_not_stored(outcome, attempt.result)
-            return outcome
+        self._record_soon(attempt)  # the session need not wait for that write
+        if result.ok:
+            return Outcome(ACTIONS[request.action].confirmed, result.message)
         if ACTIONS[request.action].at_most_once and result.uncertain:
-            # Settled unconfirmed by _run (never sent again): nothing to wait for.
+            # Settled unconfirmed by _record (never sent again): nothing to wait for.
             return Outcome(Status.UNCONFIRMED, unconfirmed_message(result))
         if result.transient:
             at_most_once = ACTIONS[request.action].at_most_once
             return await queued(store, result.message, wake=self._wake, at_most_once=at_most_once)
         return Outcome(Status.FAILED, result.message)
 
-    def _waited(self, attempt: _Attempt, rest: float) -> None:
+    def _waited(self, attempt: _Attempt, rest: float, budget: float) -> None:
         """The attempt's timer: no result after write_ahead_after, then the budget is over."""
-        if attempt.result is not None:
-            return
+        if attempt.handed_off:
+            return  # a second signal came first
         self._write_ahead(attempt)
         if rest > 0:
             loop = asyncio.get_running_loop()
-            attempt.timer = loop.call_later(rest, self._waited, attempt, 0.0)
-        elif not attempt.waiter.done():
-            attempt.waiter.set_result(None)  # the budget is over; the attempt goes on
+            attempt.timer = loop.call_later(rest, self._waited, attempt, 0.0, budget)
+        else:
+            self._hand_off(attempt, f"NoojeeContact did not answer within {budget:g}s")
 
-    async def _run(self, attempt: _Attempt, budget: float) -> None:
-        """The attempt, then (if its request was written ahead) the record of its result."""
-        request = attempt.request
-        result = await self._sender.attempt(request, from_session=True, slot_wait=budget)
-        attempt.answer(result)
+    def _hand_off(self, attempt: _Attempt, why: str) -> None:
+        """The session hears now that its request is queued; the attempt goes on."""
+        attempt.handed_off = True
+        attempt.hand_off(self._queued_meanwhile(attempt, why))
+
+    async def _queued_meanwhile(self, attempt: _Attempt, why: str) -> Outcome:
+        """QUEUED once the entry written ahead is committed, the attempt still under way."""
+        assert attempt.store is not None  # written ahead before the answer is handed off
+        outcome = await queued(attempt.store, why, wake=self._wake)
+        if outcome.status is Status.FAILED and ACTIONS[attempt.request.action].at_most_once:
+            return _start_not_stored(outcome, attempt.result)
+        return outcome
+
+    def _record_soon(self, attempt: _Attempt) -> None:
+        """Record the attempt's result in its spool entry in a task of its own."""
+        recording = asyncio.get_running_loop().create_task(self._record(attempt))
+        self._in_flight[recording] = attempt
+        recording.add_done_callback(self._in_flight.pop)
+
+    async def _record(self, attempt: _Attempt) -> None:
+        """The attempt's result in its spool entry, if it was written ahead (a failure always
+        is)."""
+        request, result = attempt.request, attempt.result
+        assert result is not None
         try:
             if not result.ok:
-                self._write_ahead(attempt)  # whether its session still waits or not
+                self._write_ahead(attempt)
             store = attempt.store
             if store is None:
                 return  # confirmed before it needed the disk
@@ -164,8 +181,8 @@ class SyncPath:
             if not result.ok:
                 self._wake()
             await write
-        # Any failure of the spool (nobody else awaits this task): the entry stays as it was,
-        # so at worst a stop is sent twice.
+        # Any failure of the spool (nobody else awaits this): the entry stays as it was, so at
+        # worst a stop is sent twice.
         except Exception as exc:
             log.exception("spool.write.failed", error=str(exc), error_type=type(exc).__name__)
 
@@ -198,13 +215,14 @@ class SyncPath:
         self.write_ahead_in_flight()
         for task, attempt in tuple(self._in_flight.items()):
             if attempt.result is None:
-                attempt.answer(STOPPING)
+                if not attempt.handed_off:
+                    self._hand_off(attempt, STOPPING)
                 task.cancel()
 
     async def drain(self, grace: float) -> None:
-        """Within ``grace`` seconds: let the attempts that outlived their session end and record
-        what became of them; cancel those still running at the deadline (their entries stay
-        pending and are sent after the restart)."""
+        """Within ``grace`` seconds: let the attempts that outlived their session's answer end
+        and record what became of them; cancel those still running at the deadline (their
+        entries stay pending and are sent after the restart)."""
         await finish_within(tuple(self._in_flight), grace)
 
 
