@@ -234,6 +234,7 @@ class AgiServer:
         }
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
+        self._none_left: asyncio.Future[None] | None = None  # stop() waits for it
         # Sessions still waiting for their environment, oldest first (dicts keep insertion
         # order): when every slot is taken, the oldest silent one makes room for a newcomer.
         self._idle: dict[_Session, asyncio.Task[None]] = {}
@@ -286,11 +287,13 @@ class AgiServer:
         """Stop accepting, give sessions ``grace`` seconds, then cancel what is left."""
         if self._server is not None:
             self._server.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        # Again for the answers handed off meanwhile (to tasks the first wait did not know).
+        if self._sessions:
+            # Sessions come and go meanwhile (an answer handed off is a new task), so the wait
+            # is for the set to be empty, not for the tasks in it now.
+            self._none_left = asyncio.get_running_loop().create_future()
+            await asyncio.wait((self._none_left,), timeout=grace)
         while self._sessions:
-            await finish_within(tuple(self._sessions), deadline - loop.time())
+            await finish_within(tuple(self._sessions), 0)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -337,7 +340,9 @@ class AgiServer:
     async def _supervised(self, session: _Session, peer: str, work: Awaitable[None]) -> None:
         """Run ``work`` in the current task, one of ``session``'s: nothing escapes it, and the
         task that answers the session (``session.task``) closes it."""
-        task = asyncio.current_task()
+        # session.task is the current task when work begins (set when it was created, which
+        # does not run it yet): after a hand-off it is another.
+        task = session.task
         try:
             await work
         except asyncio.CancelledError:
@@ -349,6 +354,9 @@ class AgiServer:
             log.exception("agi.session.crashed", exc_info=exc)
         finally:
             self._sessions.discard(task)
+            none_left = self._none_left
+            if not self._sessions and none_left is not None and not none_left.done():
+                none_left.set_result(None)
             if session.task is task:
                 self._idle.pop(session, None)
                 session.close()

@@ -198,6 +198,20 @@ async def test_slow_noojee_holds_the_call_only_for_the_budget(
     assert len(_api(simulator)) == 1
 
 
+@contextlib.asynccontextmanager
+async def _stop_in_flight(
+    bridge: Bridge, simulator: NoojeeSimulator
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A fake Asterisk session whose stop has reached NoojeeContact: its reader and writer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.server.port)
+    try:
+        writer.write(environment_block(Call(arguments=("Fred",))))
+        await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+        yield reader, writer
+    finally:
+        writer.close()
+
+
 async def test_a_stop_waits_for_the_answer_a_late_attempt_handed_off(
     simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
 ) -> None:
@@ -208,11 +222,8 @@ async def test_a_stop_waits_for_the_answer_a_late_attempt_handed_off(
     simulator.set_failure(FailureMode.SLOW, delay=0.5)
     bridge = Bridge(settings)
     await bridge.start()
-    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.server.port)
-    try:
-        with structlog.testing.capture_logs() as logs:
-            writer.write(environment_block(Call(arguments=("Fred",))))
-            await simulator.wait_for(1, predicate=lambda r: r.path == STOP_PATH)
+    with structlog.testing.capture_logs() as logs:
+        async with _stop_in_flight(bridge, simulator) as (reader, writer):
             stopping = asyncio.create_task(bridge.stop())
             command = await asyncio.wait_for(reader.readline(), timeout=10)
             await bridge.delivery.drain(10)  # the late attempt, and the record of its answer
@@ -222,8 +233,6 @@ async def test_a_stop_waits_for_the_answer_a_late_attempt_handed_off(
             assert not done
             writer.write(b"200 result=1\n")
             await asyncio.wait_for(stopping, timeout=10)
-    finally:
-        writer.close()
     assert command.startswith(b"SET VARIABLE ")
     assert b"QUEUED" in command
     [finished] = [entry for entry in logs if entry["event"] == "agi.session.finished"]
@@ -235,6 +244,26 @@ async def test_a_stop_waits_for_the_answer_a_late_attempt_handed_off(
     finally:
         spool.close()
     assert len(_api(simulator)) == 1
+
+
+async def test_the_server_stop_leaves_an_attempt_that_outlived_its_answer_to_drain(
+    simulator: NoojeeSimulator, ca_file: Path, tmp_path: Path
+) -> None:
+    """The listener stops while a sync attempt is under way; the budget ends, the session is
+    answered and over: the listener's stop returns then, and leaves the attempt (which
+    NoojeeContact holds for a minute) to the delivery's drain."""
+    settings = make_settings(
+        simulator, ca_file, tmp_path, stop_budget=0.5, noojee_timeout=60, shutdown_grace=60
+    )
+    simulator.set_failure(FailureMode.SLOW, delay=60)
+    async with running_bridge(settings) as bridge:
+        async with _stop_in_flight(bridge, simulator) as (reader, writer):
+            stopping = asyncio.create_task(bridge.server.stop(60))
+            command = await asyncio.wait_for(reader.readline(), timeout=10)
+            writer.write(b"200 result=1\n")
+            await asyncio.wait_for(stopping, timeout=10)  # not the attempt's minute
+        bridge.hurry()  # the attempt is cancelled and stays queued: the bridge stops at once
+    assert b"QUEUED" in command
 
 
 async def test_a_session_answered_at_a_second_signal_logs_as_itself(
