@@ -463,14 +463,15 @@ class AgiConnection:
         max_reply_lines: int = MAX_REPLY_LINES,
         cut_overlong_lines: bool = False,
     ) -> None:
-        for name, limit in (
-            ("max_line_bytes", max_line_bytes),
-            ("max_environment_bytes", max_environment_bytes),
-            ("max_arguments", max_arguments),
-            ("max_reply_lines", max_reply_lines),
-        ):
-            if limit < 1:
-                raise ValueError(f"{name} must be at least 1, got {limit}")
+        if min(max_line_bytes, max_environment_bytes, max_arguments, max_reply_lines) < 1:
+            for name, limit in (
+                ("max_line_bytes", max_line_bytes),
+                ("max_environment_bytes", max_environment_bytes),
+                ("max_arguments", max_arguments),
+                ("max_reply_lines", max_reply_lines),
+            ):
+                if limit < 1:
+                    raise ValueError(f"{name} must be at least 1, got {limit}")
         self._max_line_bytes = max_line_bytes
         self._max_environment_bytes = max_environment_bytes
         self._max_arguments = max_arguments
