@@ -42,11 +42,12 @@ class Fate(enum.Enum):
     NOT_FOUND = "not_found"  # NoojeeContact knows no such call: settled, never confirmed
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Recent:
     """A request seen within the window, and its outcome: a future while the request is under
-    way (a repeat arriving then waits for it), the outcome itself once known. A future kept for
-    the whole window would be one more object per session held for a minute."""
+    way (a repeat arriving then waits for it), the outcome itself once known (set in place: a
+    second record per request cost every session). A future kept for the whole window would be
+    one more object per session held for a minute."""
 
     action: Action
     at: float
@@ -141,7 +142,7 @@ class RepeatCache:
         else:
             seen = self._recent.get(key)
             if seen is not None and seen.outcome is remembered:
-                self._recent[key] = _Recent(seen.action, seen.at, outcome)
+                seen.outcome = outcome
 
     def _abandoned(self, key: Key, remembered: asyncio.Future[Outcome]) -> None:
         self.forget(key, remembered)
