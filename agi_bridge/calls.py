@@ -33,6 +33,14 @@ KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode", "channel", "c
 MAX_IDENTIFIER_LENGTH: Final = 149
 # agentLoginName and tag are short NoojeeContact fields; a longer value is a dialplan bug.
 MAX_VALUE_LENGTH: Final = 255
+# The parameters given as text, and how long each may be.
+_TEXT_LIMITS: Final = {
+    "id": MAX_IDENTIFIER_LENGTH,
+    "channel": MAX_IDENTIFIER_LENGTH,
+    "call": MAX_IDENTIFIER_LENGTH,
+    "agent": MAX_VALUE_LENGTH,
+    "tag": MAX_VALUE_LENGTH,
+}
 # C0 control characters and DEL: a dialplan value with one is a bug (or an injection).
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -125,12 +133,11 @@ def _checked(merged: Mapping[str, str]) -> CallParameters:
     mode = merged.get("mode")
     if mode is not None and mode not in get_args(Mode):
         raise Rejected(f"mode={mode!r} is not one of sync, async")
-    checked: dict[str, str] = {}
-    for key in ("id", "agent", "tag", "channel", "call"):
-        value = merged.get(key)
-        if value is not None:
-            limit = MAX_IDENTIFIER_LENGTH if key in ("id", "channel", "call") else MAX_VALUE_LENGTH
-            checked[key] = _check_text(key, value, limit)
+    checked = {
+        key: _check_text(key, value, _TEXT_LIMITS[key])
+        for key, value in merged.items()
+        if key in _TEXT_LIMITS
+    }
     return CallParameters(
         by=by,  # type: ignore[arg-type]  # checked against By above
         mode=mode,  # type: ignore[arg-type]  # checked against Mode above
