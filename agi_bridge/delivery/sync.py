@@ -7,10 +7,11 @@ for the disk unless it ends up queued); a timeout or a transient error leaves th
 the spool and the dialplan hears ``QUEUED``. An attempt still running when the budget ends is
 not cancelled: if it succeeds, the spool entry is settled and nothing is sent twice.
 
-The attempt runs in its session's own task: a task of its own per request cost a twelfth of a
-sync stop's CPU (bench/README.md). When the budget ends first, the session's answer is handed
-off (:data:`~agi_bridge.vocabulary.HandOff`) to a task of its own, and the session's task goes
-on with the attempt until what became of it is written to the spool; shutdown waits for it.
+The attempt runs in its session's own task (a task of its own per request, with its future
+and wake-ups, was a sixth of a sync request's cost in delivery: bench/README.md, "Ninth
+round"). When the budget ends first, the session's answer is handed off
+(:data:`~agi_bridge.vocabulary.HandOff`) to a task of its own, and the session's task goes on
+with the attempt until what became of it is written to the spool; shutdown waits for it.
 """
 
 from __future__ import annotations
