@@ -40,6 +40,7 @@ from run import (  # bench/ is not a package
     PYTHON,
     WARMUP_ID_OFFSET,
     Simulator,
+    bridge_environment,
     free_port,
     run_loadgen,
     stop_process,
@@ -68,24 +69,14 @@ def _command(target: str, port: int, sim: Simulator) -> list[str]:
     return [PYTHON, "-m", "agi_bridge", "serve"]
 
 
-def _environment(target: str, port: int, sim: Simulator, data_dir: Path) -> dict[str, str]:
+def _environment(
+    target: str, port: int, sim: Simulator, data_dir: Path, concurrency: int
+) -> dict[str, str]:
     # One hash seed: dict and set layouts, and so the instructions, the same every run.
     env = dict(os.environ) | {"PYTHONHASHSEED": "0"}
     if target == "minimal":
         return env
-    env |= {
-        "AGI_BRIDGE_LISTEN": f"127.0.0.1:{port}",
-        "AGI_BRIDGE_NOOJEE_URL": sim.base_url,
-        "AGI_BRIDGE_NOOJEE_API_KEY": API_KEY,
-        "AGI_BRIDGE_NOOJEE_CA_FILE": str(sim.ca_file),
-        "AGI_BRIDGE_DATA_DIR": str(data_dir),
-        "AGI_BRIDGE_METRICS_LISTEN": "",
-        "AGI_BRIDGE_LOG_LEVEL": "warning",
-        "AGI_BRIDGE_STOP_MODE": "sync",
-        "AGI_BRIDGE_NOOJEE_MAX_CONNECTIONS": "64",
-        "AGI_BRIDGE_MAX_SESSIONS": "4096",
-        **SLOW_ENOUGH,
-    }
+    env |= bridge_environment(port, sim, data_dir, concurrency) | SLOW_ENOUGH
     source = target.partition("=")[2]
     if source:
         env["PYTHONPATH"] = source + os.pathsep + env.get("PYTHONPATH", "")
@@ -120,7 +111,7 @@ def per_session(target: str, sessions: int, concurrency: int, sim: Simulator) ->
         with (workdir / "target.log").open("w") as log:
             process = subprocess.Popen(
                 command,
-                env=_environment(target, port, sim, data_dir),
+                env=_environment(target, port, sim, data_dir, concurrency),
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,

@@ -406,19 +406,7 @@ def start_target(
         data_dir = workdir / f"data-{scenario.name}"
         data_dir.mkdir(exist_ok=True)
         command = [PYTHON, "-m", "agi_bridge", "serve"]
-        env |= {
-            "AGI_BRIDGE_LISTEN": f"127.0.0.1:{port}",
-            "AGI_BRIDGE_NOOJEE_URL": sim.base_url,
-            "AGI_BRIDGE_NOOJEE_API_KEY": API_KEY,
-            "AGI_BRIDGE_NOOJEE_CA_FILE": str(sim.ca_file),
-            "AGI_BRIDGE_DATA_DIR": str(data_dir),
-            "AGI_BRIDGE_METRICS_LISTEN": "",
-            "AGI_BRIDGE_LOG_LEVEL": "warning",
-            "AGI_BRIDGE_STOP_MODE": "sync",
-            # A pool smaller than the requests in flight reopens TLS connections all the time.
-            "AGI_BRIDGE_NOOJEE_MAX_CONNECTIONS": str(max(64, scenario.concurrency)),
-            "AGI_BRIDGE_MAX_SESSIONS": "4096",
-        }
+        env |= bridge_environment(port, sim, data_dir, scenario.concurrency)
         env |= scenario.bridge_env
         env |= options.bridge_env
         if options.bridge_src:
@@ -428,6 +416,26 @@ def start_target(
     )
     wait_port(port, process)
     return process, port
+
+
+def bridge_environment(
+    port: int, sim: Simulator, data_dir: Path, concurrency: int
+) -> dict[str, str]:
+    """agi-bridge's settings as a benchmark runs it: sync stops, no metrics listener, warnings
+    only in its log."""
+    return {
+        "AGI_BRIDGE_LISTEN": f"127.0.0.1:{port}",
+        "AGI_BRIDGE_NOOJEE_URL": sim.base_url,
+        "AGI_BRIDGE_NOOJEE_API_KEY": API_KEY,
+        "AGI_BRIDGE_NOOJEE_CA_FILE": str(sim.ca_file),
+        "AGI_BRIDGE_DATA_DIR": str(data_dir),
+        "AGI_BRIDGE_METRICS_LISTEN": "",
+        "AGI_BRIDGE_LOG_LEVEL": "warning",
+        "AGI_BRIDGE_STOP_MODE": "sync",
+        # A pool smaller than the requests in flight reopens TLS connections all the time.
+        "AGI_BRIDGE_NOOJEE_MAX_CONNECTIONS": str(max(64, concurrency)),
+        "AGI_BRIDGE_MAX_SESSIONS": "4096",
+    }
 
 
 def run_loadgen(config: dict[str, Any], on_held: Any = None) -> dict[str, Any]:
