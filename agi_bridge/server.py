@@ -292,6 +292,8 @@ class AgiServer:
             # is for the set to be empty, not for the tasks in it now.
             self._none_left = asyncio.get_running_loop().create_future()
             await asyncio.wait((self._none_left,), timeout=grace)
+        # Every task leaves the set in its own finally, which even a task cancelled here runs:
+        # finish_within's wait yields first, so a task handed an answer meanwhile has started.
         while self._sessions:
             await finish_within(tuple(self._sessions), 0)
         if self._server is not None:
