@@ -108,7 +108,8 @@ class SyncPath:
                 attempt.timer.cancel()
             attempt.result = result
             if attempt.handed_off:
-                await self._record(attempt)  # nobody waits for it but shutdown
+                # Written ahead before the hand-off; nobody waits for the record but shutdown.
+                await self._record(self._write_ahead(attempt), request, result)
                 return None
         except asyncio.CancelledError:
             # Shutdown cut the session short: the request must outlive it all the same.
@@ -116,14 +117,14 @@ class SyncPath:
             raise
         finally:
             del self._in_flight[task]
-        if result.ok and attempt.store is None:
+        if result.ok:
+            if attempt.store is not None:  # written ahead: the entry is settled meanwhile
+                self._record_soon(attempt, attempt.store)
             return Outcome(ACTIONS[request.action].confirmed, result.message)
         # A failure is spooled too: a transient one for the worker to retry, a permanent one
         # (no permission, say) in the dead letters, for the operator to retry once fixed.
         store = self._write_ahead(attempt)
-        self._record_soon(attempt)  # the session need not wait for that write
-        if result.ok:
-            return Outcome(ACTIONS[request.action].confirmed, result.message)
+        self._record_soon(attempt, store)  # the session need not wait for that write
         if ACTIONS[request.action].at_most_once and result.uncertain:
             # Settled unconfirmed by _record (never sent again): nothing to wait for.
             return Outcome(Status.UNCONFIRMED, unconfirmed_message(result))
@@ -156,23 +157,20 @@ class SyncPath:
             return _start_not_stored(outcome, attempt.result)
         return outcome
 
-    def _record_soon(self, attempt: _Attempt) -> None:
-        """Record the attempt's result in its spool entry in a task of its own."""
-        recording = asyncio.get_running_loop().create_task(self._record(attempt))
+    def _record_soon(self, attempt: _Attempt, store: asyncio.Future[int]) -> None:
+        """Record the attempt's result in its spool entry ``store`` in a task of its own."""
+        assert attempt.result is not None
+        recording = asyncio.get_running_loop().create_task(
+            self._record(store, attempt.request, attempt.result)
+        )
         self._in_flight[recording] = attempt
         recording.add_done_callback(self._in_flight.pop)
 
-    async def _record(self, attempt: _Attempt) -> None:
-        """The attempt's result in its spool entry, if it was written ahead (a failure always
-        is)."""
-        request, result = attempt.request, attempt.result
-        assert result is not None
+    async def _record(
+        self, store: asyncio.Future[int], request: RecordingRequest, result: NoojeeResult
+    ) -> None:
+        """``result`` in the spool entry of ``store``, once it is stored."""
         try:
-            if not result.ok:
-                self._write_ahead(attempt)
-            store = attempt.store
-            if store is None:
-                return  # confirmed before it needed the disk
             # asyncio.wait, not await: a cancelled drain must not cancel the write the session
             # may be waiting on too.
             await asyncio.wait((store,))
