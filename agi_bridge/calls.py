@@ -26,8 +26,6 @@ from agi_bridge.vocabulary import (
     target_kind,
 )
 
-KNOWN_KEYS: Final = frozenset({"by", "id", "agent", "tag", "mode", "channel", "call"})
-
 # Asterisk accepts a uniqueid of up to 149 characters when it is set at Originate
 # (AST_MAX_UNIQUEID 150 including the NUL); NoojeeContact identifiers are no longer.
 MAX_IDENTIFIER_LENGTH: Final = 149
@@ -41,6 +39,8 @@ _TEXT_LIMITS: Final = {
     "agent": MAX_VALUE_LENGTH,
     "tag": MAX_VALUE_LENGTH,
 }
+# Every parameter: the text ones, and the two checked against their choices (_checked).
+KNOWN_KEYS: Final = frozenset({"by", "mode", *_TEXT_LIMITS})
 # C0 control characters and DEL: a dialplan value with one is a bug (or an injection).
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
 
