@@ -255,7 +255,10 @@ Event: TypeAlias = Environment | Reply | Hangup | EndOfStream
 # and "_" (commands starting with "_" are hidden ones) separated by single spaces.
 _COMMAND_RE: Final = re.compile(r"[A-Za-z0-9_]+(?: [A-Za-z0-9_]+)*")
 _VARIABLE_NAME_RE: Final = re.compile(r"[A-Za-z0-9_]+")
-_VARIABLE_NAMES_RE: Final = re.compile(r"[A-Za-z0-9_]+(?:,[A-Za-z0-9_]+)*")  # ARRAY()'s list
+# ARRAY()'s list: those names, separated by commas.
+_VARIABLE_NAMES_RE: Final = re.compile(
+    rf"{_VARIABLE_NAME_RE.pattern}(?:,{_VARIABLE_NAME_RE.pattern})*"
+)
 
 
 def _check_command_name(command: str) -> None:
