@@ -3,11 +3,13 @@
 Event names are stable dotted names (``agi.session.finished``); context such as the uniqueid,
 channel, peer and route is bound once per session. A last processor applies
 :func:`agi_bridge.redact.scrub` (the API key, secret query values, passwords in URLs) to every
-string, so even an exception text that quotes a URL cannot leak a secret.
+string (and to the text of any other value), so even an exception text that quotes a URL cannot
+leak a secret.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterable, Mapping
@@ -18,7 +20,7 @@ from typing import Final, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from agi_bridge.redact import scrub
+from agi_bridge.redact import may_hold_secret, scrub
 
 _LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -50,8 +52,13 @@ def merge_session(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> 
     return event_dict
 
 
+# Values a JSON line writes as they are: nothing in them to mask.
+_NUMBERS: Final = (int, float, type(None))  # bool is an int
+
+
 class SecretScrubber:
-    """A structlog processor that applies :func:`agi_bridge.redact.scrub` to every string."""
+    """A structlog processor that applies :func:`agi_bridge.redact.scrub` to every string, and
+    to the text of any other object (as the JSON renderer would write its repr)."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets = tuple(s for s in secrets if s)
@@ -63,13 +70,37 @@ class SecretScrubber:
             return {k: self._clean(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return type(value)(self._clean(v) for v in value)
-        return value
+        if isinstance(value, _NUMBERS):
+            return value
+        return scrub(repr(value), self._secrets)
 
     def __call__(self, _logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+        # Most events hold only short plain strings and numbers, none of which any rule would
+        # touch: one check of their strings joined spares the rules string by string.
+        texts: list[str] = []
+        for value in event_dict.values():
+            if isinstance(value, str):
+                texts.append(value)
+            elif not isinstance(value, _NUMBERS):
+                break
+        else:
+            if not may_hold_secret(texts, self._secrets):
+                return event_dict
         # In place: structlog hands every processor a dict of its own.
         for key, value in event_dict.items():
             event_dict[key] = self._clean(value)
         return event_dict
+
+
+# structlog's JSONRenderer passes its options to json.dumps, which builds an encoder per event;
+# this one is built once. repr is what that renderer falls back to for a value JSON lacks (the
+# scrubber has already made any such value its text).
+_JSON: Final = json.JSONEncoder(default=repr)
+
+
+def render_json(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> str:
+    """A structlog renderer: the event as one JSON line."""
+    return _JSON.encode(event_dict)
 
 
 def configure_logging(
@@ -92,9 +123,7 @@ def configure_logging(
         SecretScrubber(secrets),
     ]
     renderer: Processor = (
-        structlog.dev.ConsoleRenderer(colors=out.isatty())
-        if console
-        else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=out.isatty()) if console else render_json
     )
     structlog.configure(
         processors=[*processors, renderer],

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 from urllib.parse import quote
 
-__all__ = ["MASK", "SECRET_PARAMETERS", "redact_url", "scrub"]
+__all__ = ["MASK", "SECRET_PARAMETERS", "may_hold_secret", "redact_url", "scrub"]
 
 MASK: Final = "***"
 # Query parameters whose values are masked in any text (case-insensitive names).
@@ -52,6 +52,23 @@ def _forms(secret: str) -> tuple[str, ...]:
     is scrubbed from every string of every log event."""
     quoted = quote(secret, safe="")
     return (secret,) if quoted == secret else (secret, quoted)
+
+
+def may_hold_secret(texts: Sequence[str], secrets: Iterable[str] = ()) -> bool:
+    """False when :func:`scrub` is sure to leave every one of ``texts`` as it is: a log event's
+    strings are checked in one pass, and only an event that may hold a secret is scrubbed
+    string by string."""
+    joined = "\0".join(texts)  # no rule matches a NUL, so none matches across two texts
+    if "=" in joined or "@" in joined:
+        return True
+    for secret in secrets:
+        if secret and any(form in joined for form in _forms(secret)):
+            return True
+    # Searched text by text, and only when one is long enough: the search costs more than all
+    # the rest together.
+    if max(map(len, texts), default=0) < 64:
+        return False
+    return any(_HEX64_RE.search(text) is not None for text in texts)
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:

@@ -52,6 +52,32 @@ def test_the_log_processor_masks(rule: str) -> None:
 
 
 @pytest.mark.parametrize("rule", list(RULES))
+def test_the_log_processor_masks_a_plain_event(rule: str) -> None:
+    """An event of plain strings and numbers (the one its quick check may pass as it is) has
+    the secret masked, wherever among its values the text is."""
+    text, secret = RULES[rule]
+    event = {"event": "x", "peer": "127.0.0.1:4000", "detail": text, "held_ms": 1.5, "ok": True}
+    assert secret not in repr(SecretScrubber(SECRETS)(None, "info", event))
+
+
+def test_the_log_processor_leaves_an_event_without_secrets_as_it_is() -> None:
+    event = {"event": "agi.session.finished", "message": "stopped", "held_ms": 1.5, "x": None}
+    assert SecretScrubber(SECRETS)(None, "info", dict(event)) == event
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_the_log_processor_masks_an_object_written_as_its_repr(rule: str) -> None:
+    """A value JSON cannot write is written as its repr: masked as a string would be."""
+    text, secret = RULES[rule]
+
+    class Echo:
+        def __repr__(self) -> str:
+            return f"Echo({text})"
+
+    assert secret not in repr(SecretScrubber(SECRETS)(None, "info", {"event": "x", "o": Echo()}))
+
+
+@pytest.mark.parametrize("rule", list(RULES))
 def test_result_messages_mask(rule: str) -> None:
     """A NoojeeContact answer echoing the text yields a message without the secret."""
     text, secret = RULES[rule]
