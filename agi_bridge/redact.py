@@ -4,7 +4,8 @@ error, and the simulator's record of what it received.
 
 What is masked, wherever the text came from:
 
-* the API key itself, and its URL-encoded form (as an echoed URL carries it);
+* the API key itself, its URL-encoded form (as an echoed URL carries it), and either as a JSON
+  string writes it;
 * the value of an ``apiKey``, ``hash`` or ``timeStamp`` parameter (any case), up to the next
   ``&``, white space or quote: the key, the hash of the hash scheme, and the time stamp that
   goes with that hash;
@@ -18,8 +19,10 @@ secrets (key, hash, password) and keeps the time stamp readable, which alone giv
 from __future__ import annotations
 
 import functools
+import json
 import re
-from collections.abc import Iterable, Sequence
+import string
+from collections.abc import Iterable
 from typing import Final
 from urllib.parse import quote
 
@@ -48,27 +51,31 @@ def redact_url(url: object) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _forms(secret: str) -> tuple[str, ...]:
-    """``secret`` as it is and URL-encoded (as an echoed URL carries it). Cached: the same key
-    is scrubbed from every string of every log event."""
-    quoted = quote(secret, safe="")
-    return (secret,) if quoted == secret else (secret, quoted)
+    """``secret`` as it is and URL-encoded (as an echoed URL carries it), each also as a JSON
+    string writes it (as a log line or an echoed JSON body carries it). Cached: the same key
+    is looked for in every log line."""
+    plain = (secret, quote(secret, safe=""))
+    return tuple(dict.fromkeys([*plain, *(json.dumps(form)[1:-1] for form in plain)]))
 
 
-def may_hold_secret(texts: Sequence[str], secrets: Iterable[str] = ()) -> bool:
-    """False when :func:`scrub` is sure to leave every one of ``texts`` as it is: a log event's
-    strings are checked in one pass, and only an event that may hold a secret is scrubbed
-    string by string."""
-    joined = "\0".join(texts)  # no rule matches a NUL, so none matches across two texts
-    if "=" in joined or "@" in joined:
+# Hex digits as "x", every other byte as " ": a run of 64 digits is then one substring test,
+# a tenth of what the regular expression's search costs over a log line.
+_HEX_MARKS: Final = bytes(0x78 if chr(byte) in string.hexdigits else 0x20 for byte in range(256))
+_HEX64_MARKED: Final = b"x" * 64
+
+
+def may_hold_secret(text: str, secrets: Iterable[str] = ()) -> bool:
+    """False when :func:`scrub` is sure to leave ``text`` as it is, and every string that
+    ``text`` holds JSON-encoded as well: a log line is checked once, as it will be written, and
+    only a line that may hold a secret has its values scrubbed one by one. (JSON escapes none
+    of ``=``, ``@`` and the hex digits, and a secret's escaped forms are among those looked
+    for.)"""
+    if "=" in text or "@" in text:
         return True
     for secret in secrets:
-        if secret and any(form in joined for form in _forms(secret)):
+        if secret and any(form in text for form in _forms(secret)):
             return True
-    # Searched text by text, and only when one is long enough: the search costs more than all
-    # the rest together.
-    if max(map(len, texts), default=0) < 64:
-        return False
-    return any(_HEX64_RE.search(text) is not None for text in texts)
+    return _HEX64_MARKED in text.encode(errors="surrogatepass").translate(_HEX_MARKS)
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:

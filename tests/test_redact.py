@@ -4,11 +4,14 @@ log processor, the client's result messages, the simulator's record) applies all
 from __future__ import annotations
 
 import hashlib
+import json
+import time
+from datetime import UTC, datetime
 from urllib.parse import quote
 
 import pytest
 
-from agi_bridge.logs import SecretScrubber
+from agi_bridge.logs import JsonLines, SecretScrubber, UtcClock
 from agi_bridge.noojee.classify import classify_response
 from agi_bridge.redact import MASK, redact_url, scrub
 from agi_bridge.testing.simulator import ReceivedRequest
@@ -51,22 +54,39 @@ def test_the_log_processor_masks(rule: str) -> None:
     assert secret not in repr(event)
 
 
+def _line(event: dict[str, object], secrets: tuple[str, ...] = SECRETS) -> str:
+    return JsonLines(SecretScrubber(secrets))(None, "info", event)
+
+
 @pytest.mark.parametrize("rule", list(RULES))
-def test_the_log_processor_masks_a_plain_event(rule: str) -> None:
-    """An event of plain strings and numbers (the one its quick check may pass as it is) has
-    the secret masked, wherever among its values the text is."""
+def test_a_json_line_holds_no_secret(rule: str) -> None:
+    """Wherever the text is (a plain value among others, nested), the line written has the
+    secret masked."""
     text, secret = RULES[rule]
-    event = {"event": "x", "peer": "127.0.0.1:4000", "detail": text, "held_ms": 1.5, "ok": True}
-    assert secret not in repr(SecretScrubber(SECRETS)(None, "info", event))
+    events: list[dict[str, object]] = [
+        {"event": "x", "peer": "127.0.0.1:4000", "detail": text, "held_ms": 1.5, "ok": True},
+        {"event": "x", "detail": {"list": [text]}},
+    ]
+    for event in events:
+        line = _line(event)
+        assert secret not in line
+        assert MASK in repr(json.loads(line))
 
 
-def test_the_log_processor_leaves_an_event_without_secrets_as_it_is() -> None:
-    event = {"event": "agi.session.finished", "message": "stopped", "held_ms": 1.5, "x": None}
-    assert SecretScrubber(SECRETS)(None, "info", dict(event)) == event
+@pytest.mark.parametrize(
+    "key",
+    ["sëcret-kéy", 'pa"ss\\word', "tab\tkey", "ключ"],
+    ids=["accents", "quote and backslash", "tab", "cyrillic"],
+)
+def test_a_json_line_holds_no_secret_however_json_writes_it(key: str) -> None:
+    """A key JSON escapes (non-ASCII, a quote, a backslash, a control character) is still
+    found in the line, where it stands escaped."""
+    line = _line({"event": "x", "detail": f"rejected {key} here"}, secrets=(key,))
+    assert json.loads(line)["detail"] == f"rejected {MASK} here"
 
 
 @pytest.mark.parametrize("rule", list(RULES))
-def test_the_log_processor_masks_an_object_written_as_its_repr(rule: str) -> None:
+def test_a_json_line_masks_an_object_written_as_its_repr(rule: str) -> None:
     """A value JSON cannot write is written as its repr: masked as a string would be."""
     text, secret = RULES[rule]
 
@@ -74,7 +94,25 @@ def test_the_log_processor_masks_an_object_written_as_its_repr(rule: str) -> Non
         def __repr__(self) -> str:
             return f"Echo({text})"
 
-    assert secret not in repr(SecretScrubber(SECRETS)(None, "info", {"event": "x", "o": Echo()}))
+    assert secret not in _line({"event": "x", "o": Echo()})
+
+
+def test_a_json_line_without_secrets_is_the_event_as_it_is() -> None:
+    event = {"event": "agi.session.finished", "message": "stopped", "held_ms": 1.5, "x": None}
+    assert json.loads(_line(dict(event))) == event
+
+
+@pytest.mark.parametrize("at", [1700000000.25, 1700000001.5, 1700000059.0])
+def test_the_clock_stamps_iso_utc_with_microseconds(
+    at: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UtcClock's stamp is the time, to the microsecond, in ISO 8601 UTC; right across a
+    second's change, though it formats the date and time of day once a second."""
+    clock = UtcClock()
+    for moment in (at - 0.75, at):
+        monkeypatch.setattr(time, "time", lambda now=moment: now)
+        expected = datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert clock(None, "info", {})["timestamp"] == expected
 
 
 @pytest.mark.parametrize("rule", list(RULES))
