@@ -76,9 +76,12 @@ class _Session(asyncio.Protocol):
     """One connection: the protocol state machine fed by the transport, and the session task's
     way to wait for its events and send its commands."""
 
-    def __init__(self, server: AgiServer) -> None:
+    def __init__(self, server: AgiServer, loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
         self.settings = server.settings
+        # The server's loop, held: on Python 3.11 asyncio.get_running_loop() costs a getpid()
+        # system call, three of them a session here.
+        self.loop = loop
         # An overlong argument (a 10 kB agent) is dropped, not fatal: the call hears REJECTED.
         self.connection = AgiConnection(cut_overlong_lines=True)
         self.transport: asyncio.Transport | None = None
@@ -139,7 +142,7 @@ class _Session(asyncio.Protocol):
                 if self._paused:
                     self._paused = False
                     self.transport.resume_reading()  # type: ignore[union-attr]
-                self._waiter = asyncio.get_running_loop().create_future()
+                self._waiter = self.loop.create_future()
                 try:
                     await self._waiter
                 finally:
@@ -155,7 +158,7 @@ class _Session(asyncio.Protocol):
         plain timer does what asyncio.timeout would, without a Timeout object and the task's
         cancellation per phase. Cancel it when the phase is over."""
         self._late = False
-        return asyncio.get_running_loop().call_later(seconds, self._expire)
+        return self.loop.call_later(seconds, self._expire)
 
     def _expire(self) -> None:
         self._late = True
@@ -262,8 +265,9 @@ class AgiServer:
         before the spool is touched."""
         if self._server is None:
             address = self.settings.listen_address
-            self._server = await asyncio.get_running_loop().create_server(
-                functools.partial(_Session, self),
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(
+                functools.partial(_Session, self, loop),
                 address.host,
                 address.port,
                 backlog=BACKLOG,
@@ -311,7 +315,7 @@ class AgiServer:
 
     def accepted(self, session: _Session) -> None:
         """A connection came in: its session runs in a task of its own."""
-        session.task = asyncio.get_running_loop().create_task(self._accept(session))
+        session.task = session.loop.create_task(self._accept(session))
 
     async def _accept(self, session: _Session) -> None:
         task = session.task

@@ -89,7 +89,8 @@ class SyncPath:
         """Deliver ``request`` within ``budget`` seconds, or queue it: the outcome, within
         ``budget`` plus a spool commit; or None once the session's answer was handed off to
         ``hand_off`` (at the budget's end, or a second signal), when the attempt is over."""
-        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()  # once: on Python 3.11 each costs a system call
+        task = asyncio.current_task(loop)
         assert task is not None  # called from a session's task
         attempt = _Attempt(request, call_uniqueid, hand_off)
         self._in_flight[task] = attempt
@@ -98,7 +99,7 @@ class SyncPath:
             self._write_ahead(attempt)  # shutting down, or write_ahead_after = 0
         # One timer for the whole wait: at first_wait it writes the request ahead, at the end
         # of the budget it hands the session's answer off.
-        attempt.timer = asyncio.get_running_loop().call_later(
+        attempt.timer = loop.call_later(
             first_wait, self._waited, attempt, budget - first_wait, budget
         )
         try:
