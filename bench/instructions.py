@@ -10,6 +10,11 @@ the difference per session. One hash seed for every run, so that two runs of the
 count the same within a few hundredths of a percent; periodic work (the garbage collector's
 full passes) is amortised over the sessions, hence their number.
 
+A count is not a time, and its ratio is not the CPU ratio: both bridges spend much the same
+time in the kernel per session, which is not counted, and instructions differ in cost (a JSON
+log line is 115k instructions and 7.5 us in a loop; a session's 800k take some 250 us). Use it
+to see whether a change adds or removes work, within 0.2%, not as the yardstick's figure.
+
 Targets: the minimal bridge (issue 19's yardstick, ``bench/minimal_bridge.py``) and agi-bridge
 (a sync stop, as ``bridge-sync-0ms``; ``--bridge-src DIR`` runs a copy of ``agi_bridge`` from
 DIR, for A/B). Callgrind runs a target some 50 times slower, so agi-bridge is given budgets

@@ -76,6 +76,9 @@ def _ceiling(name: str, description: str) -> Scenario:
     )
 
 
+# The log level of production: a JSON line for every session (agi.session.finished).
+LOGGED = {"AGI_BRIDGE_LOG_LEVEL": "info", "AGI_BRIDGE_LOG_FORMAT": "json"}
+
 SCENARIOS: list[Scenario] = [
     _ceiling(
         "ceiling-asyncio",
@@ -173,6 +176,25 @@ SCENARIOS: list[Scenario] = [
         expect=(),
         http=False,
     ),
+    # The issue-19 pair at production's log level: the session's JSON line priced (the two
+    # above run at warning, as when issue 19 set its yardstick: information, no verdict).
+    Scenario(
+        "bridge-sync-0ms-logged",
+        "bridge",
+        "agi-bridge, recording/stop sync, simulator 0 ms, one JSON log line a session",
+        n=6000,
+        quick_n=800,
+        bridge_env=LOGGED,
+    ),
+    Scenario(
+        "bridge-async-logged",
+        "bridge",
+        "agi-bridge, recording/stop async, one JSON log line a session",
+        n=6000,
+        quick_n=800,
+        expect=("QUEUED",),
+        bridge_env={"AGI_BRIDGE_STOP_MODE": "async"} | LOGGED,
+    ),
     # The issue-19 pair again at one fixed rate, open loop (information, no verdict): in the
     # closed loop each process's CPU per session depends on how busy the others keep the two
     # cores (the minimal bridge's moved between 0.15 and 0.21 ms with its throughput); at a
@@ -194,6 +216,16 @@ SCENARIOS: list[Scenario] = [
         rate=2000,
         n=12000,
         quick_n=2000,
+    ),
+    Scenario(
+        "bridge-sync-rate2000-logged",
+        "bridge",
+        "agi-bridge, sync stop, open loop at 2,000 sessions/s, one JSON log line a session",
+        mode="open",
+        rate=2000,
+        n=12000,
+        quick_n=2000,
+        bridge_env=LOGGED,
     ),
     Scenario(
         "bridge-rate500-0ms",
@@ -422,7 +454,8 @@ def bridge_environment(
     port: int, sim: Simulator, data_dir: Path, concurrency: int
 ) -> dict[str, str]:
     """agi-bridge's settings as a benchmark runs it: sync stops, no metrics listener, warnings
-    only in its log."""
+    only in its log (as when issue 19 set its yardstick; the ``-logged`` scenarios price the
+    session's line)."""
     return {
         "AGI_BRIDGE_LISTEN": f"127.0.0.1:{port}",
         "AGI_BRIDGE_NOOJEE_URL": sim.base_url,
@@ -735,6 +768,13 @@ def verdicts(
             if value is not None:
                 name = f"{scenario} / minimal CPU per session"
                 checks.append(_check(name, value / minimal, limit, at_most=True))
+        for scenario in ("bridge-sync-0ms-logged", "bridge-async-logged"):
+            value = cpu(scenario)
+            if value is not None:
+                lines.append(
+                    f"      {scenario} / minimal CPU per session: {value / minimal:.2f}x"
+                    " (the session's log line priced: information)"
+                )
     fixed_minimal, fixed_sync = cpu("minimal-rate2000"), cpu("bridge-sync-rate2000")
     if fixed_minimal is not None and fixed_sync is not None:
         ratio = fixed_sync / fixed_minimal
@@ -742,6 +782,12 @@ def verdicts(
             f"      bridge-sync-rate2000 / minimal-rate2000 CPU per session: {ratio:.2f}x"
             " (both at 2,000 sessions/s: information)"
         )
+        logged = cpu("bridge-sync-rate2000-logged")
+        if logged is not None:
+            lines.append(
+                f"      bridge-sync-rate2000-logged / minimal-rate2000 CPU per session:"
+                f" {logged / fixed_minimal:.2f}x (the session's log line priced: information)"
+            )
     sync = cpu("bridge-sync-0ms")
     if sync is not None:
         for other in ("panoramisk", "per-call"):
