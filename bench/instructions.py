@@ -12,7 +12,7 @@ full passes) is amortised over the sessions, hence their number.
 
 A count is not a time, and its ratio is not the CPU ratio: both bridges spend much the same
 time in the kernel per session, which is not counted, and instructions differ in cost (a JSON
-log line is 115k instructions and 7.5 us in a loop; a session's 800k take some 250 us). Use it
+log line is 95k instructions and 7.5 us in a loop; a sync stop's 800k take some 250 us). Use it
 to see whether a change adds or removes work, within 0.2%, not as the yardstick's figure.
 
 Targets: the minimal bridge (issue 19's yardstick, ``bench/minimal_bridge.py``) and agi-bridge
