@@ -106,16 +106,18 @@ class UtcClock:
     a fifth of its cost (the date and time of day are formatted once a second)."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        # The second and its text, in one attribute: a thread logging meanwhile (the standard
+        # library's handler) reads both of the same second.
+        self._second: tuple[int, str] = (-1, "")
 
     def __call__(self, _logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
         now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        event_dict["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        second, text = self._second
+        if int(now) != second:
+            second = int(now)
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, text)
+        event_dict["timestamp"] = f"{text}.{int((now - second) * 1e6):06d}Z"
         return event_dict
 
 
