@@ -379,9 +379,7 @@ class AgiServer:
         its own, from ``later``, and counts as a session only there; the attempt goes on."""
         self._sessions.discard(session.task)
         answer = self._answer(session, peer, environment, started, later)
-        session.task = asyncio.get_running_loop().create_task(
-            self._supervised(session, peer, answer)
-        )
+        session.task = session.loop.create_task(self._supervised(session, peer, answer))
         self._sessions.add(session.task)
 
     async def _answer(
