@@ -34,6 +34,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,12 @@ from run import (  # bench/ is not a package
     API_KEY,
     BENCH,
     PYTHON,
+    SCENARIOS,
     WARMUP_ID_OFFSET,
     Simulator,
     bridge_environment,
     free_port,
+    loadgen_base,
     run_loadgen,
     stop_process,
     wait_port,
@@ -63,6 +66,8 @@ SLOW_ENOUGH: dict[str, str] = {
 }
 # The loadgen's sessions through callgrind: its own per-session timeout is 10 s.
 WARMUP = 100
+# The sessions counted: bench/run.py's sync stop, as bridge-sync-0ms makes them.
+SYNC_STOP = next(scenario for scenario in SCENARIOS if scenario.name == "bridge-sync-0ms")
 # callgrind_control -e: "Th 1  120,646,110" per thread.
 _THREAD = re.compile(r"^\s*Th\s+\d+\s+([\d,]+)", re.MULTILINE)
 
@@ -124,16 +129,8 @@ def per_session(target: str, sessions: int, concurrency: int, sim: Simulator) ->
             )
             try:
                 wait_port(port, process, timeout=120)
-                base: dict[str, Any] = {
-                    "port": port,
-                    "script": "recording/stop",
-                    "args": ["Fred"],
-                    "expect": ["STOPPED"],
-                    "concurrency": concurrency,
-                    "max_seconds": 3600,
-                    "rate": 0.0,
-                    "mode": "closed",
-                }
+                session = replace(SYNC_STOP, concurrency=concurrency, max_seconds=3600)
+                base = loadgen_base(session, port) | {"mode": "closed"}
                 run_loadgen(base | {"n": WARMUP, "id_offset": WARMUP_ID_OFFSET})
                 before = counted(process.pid)
                 result = run_loadgen(base | {"n": sessions})
