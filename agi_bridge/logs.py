@@ -152,7 +152,7 @@ def configure_logging(
         cache_logger_on_first_use=cache,
     )
     # Libraries log through the standard library (asyncio's "Task exception was never
-    # retrieved", aiohttp, httpx): same format, same scrubbing, or a traceback quoting a URL
+    # retrieved", httpx): same format, same scrubbing, or a traceback quoting a URL
     # would carry the API key to the journal.
     handler = logging.StreamHandler(out)
     handler.setFormatter(

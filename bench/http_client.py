@@ -10,21 +10,26 @@ Variants:
 
 * ``bridge``: :meth:`agi_bridge.noojee.NoojeeClient.send`, as the bridge runs it (httpx
   ``Request``/``Response`` handed straight to
-  :class:`agi_bridge.noojee.transport.AiohttpTransport`, then classification);
+  :class:`agi_bridge.noojee.transport.HttpTransport`, then classification);
 * ``httpx.AsyncClient + agi_bridge transport``: the same transport under an
   ``httpx.AsyncClient`` (what the client layer costs);
 * ``httpx.AsyncClient + httpx-aiohttp``: the ``httpx-aiohttp`` package's transport (what the
   bridge used before commit c3fa110), when that package is installed;
+* ``aiohttp under httpx's API``: the transport the bridge used from c3fa110 to issue 19's
+  twelfth round (``agi_bridge/noojee/transport.py`` at dce4b27), when ``--aiohttp-transport
+  DIR`` names a copy of that ``agi_bridge`` (``git archive dce4b27 agi_bridge | tar -x -C
+  DIR``);
 * ``httpx.AsyncClient (httpcore)``: httpx with its default transport;
-* ``aiohttp``: aiohttp's own client, the floor for Python HTTP on this loop.
+* ``aiohttp``: aiohttp's own client, what the minimal bridge of issue 19 uses.
 
-Usage: ``python bench/http_client.py [--requests N] [--rounds R]``.
+Usage: ``python bench/http_client.py [--requests N] [--rounds R] [--aiohttp-transport DIR]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import ssl
 import statistics
 import sys
@@ -43,7 +48,7 @@ from run import API_KEY, Simulator  # bench/run.py: certificates, simulator
 
 from agi_bridge.noojee.classify import MAX_RESPONSE_BYTES
 from agi_bridge.noojee.client import NoojeeClient
-from agi_bridge.noojee.transport import AiohttpTransport
+from agi_bridge.noojee.transport import HttpTransport
 from agi_bridge.vocabulary import RecordingRequest
 
 try:
@@ -72,7 +77,19 @@ async def _cpu_per_request(post: Post, requests: int) -> float:
     return (time.process_time() - started) / requests * 1e6
 
 
-async def main(sim: Simulator, requests: int, rounds: int) -> None:
+def _old_transport(directory: Path) -> type[httpx.AsyncBaseTransport]:
+    """The aiohttp transport class of a copy of agi_bridge from before the twelfth round."""
+    path = directory / "agi_bridge" / "noojee" / "transport.py"
+    spec = importlib.util.spec_from_file_location("old_transport", path)
+    assert spec is not None, f"no transport at {path}"
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    transport: type[httpx.AsyncBaseTransport] = module.AiohttpTransport
+    return transport
+
+
+async def main(sim: Simulator, requests: int, rounds: int, old: Path | None) -> None:
     url = f"{sim.base_url}/CallManagementAPI/stop?extenOrUniqueId=410&agentLoginName=Fred"
     url += f"&apiKey={API_KEY}"
     context = ssl.create_default_context(cafile=str(sim.ca_file))
@@ -83,7 +100,7 @@ async def main(sim: Simulator, requests: int, rounds: int) -> None:
     )
     clients = {
         "httpx.AsyncClient + agi_bridge transport": httpx.AsyncClient(
-            transport=AiohttpTransport(
+            transport=HttpTransport(
                 verify=context, limits=limits, max_body_bytes=MAX_RESPONSE_BYTES
             ),
             headers=HEADERS,
@@ -115,6 +132,25 @@ async def main(sim: Simulator, requests: int, rounds: int) -> None:
             assert response.status == 200
 
     variants: dict[str, Post] = {"bridge (NoojeeClient.send)": via_bridge}
+    on_aiohttp: NoojeeClient | None = None
+    if old is not None:
+        on_aiohttp = NoojeeClient(
+            base_url=sim.base_url,
+            auth="apikey",
+            api_key=API_KEY,
+            ca_file=sim.ca_file,
+            transport=_old_transport(old)(
+                verify=context,
+                limits=limits,
+                max_body_bytes=MAX_RESPONSE_BYTES,
+                headers=bridge._headers,
+            ),
+        )
+
+        async def via_old() -> None:
+            assert (await on_aiohttp.send(STOP)).ok
+
+        variants["bridge on aiohttp under httpx's API"] = via_old
     variants.update({name: via_httpx(client) for name, client in clients.items()})
     variants["aiohttp"] = via_aiohttp
     samples: dict[str, list[float]] = {name: [] for name in variants}
@@ -124,6 +160,8 @@ async def main(sim: Simulator, requests: int, rounds: int) -> None:
                 samples[name].append(await _cpu_per_request(post, requests))
     finally:
         await bridge.aclose()
+        if on_aiohttp is not None:
+            await on_aiohttp.aclose()
         for client in clients.values():
             await client.aclose()
         await session.close()
@@ -138,10 +176,16 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3000, help="per variant and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--aiohttp-transport",
+        type=Path,
+        metavar="DIR",
+        help="a copy of agi_bridge whose noojee/transport.py is the aiohttp one (dce4b27)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="agi-bridge-http-") as workdir:
         simulator = Simulator(Path(workdir))
         try:
-            uvloop.run(main(simulator, args.requests, args.rounds))
+            uvloop.run(main(simulator, args.requests, args.rounds, args.aiohttp_transport))
         finally:
             simulator.close()

@@ -153,7 +153,7 @@ HEAVY_FOR_HELP = {
     "agi_bridge.settings",
     "agi_bridge.loading",
     "httpx",
-    "aiohttp",
+    "httptools",
     "agi_bridge.app",
     "agi_bridge.server",
 }
@@ -164,7 +164,7 @@ async def test_help_loads_neither_settings_nor_http_client_nor_testing_tool(
     command: list[str], tmp_path: Path, base_env: dict[str, str]
 ) -> None:
     """--help (demo's too, which shows the listeners' defaults) imports neither pydantic,
-    httpx, aiohttp nor the server, and none of the testing tools."""
+    httpx, httptools nor the server, and none of the testing tools."""
     modules = await imported_by("-m", "agi_bridge", *command, cwd=tmp_path, env=base_env)
     assert "agi_bridge.cli" in modules  # the listing is what it claims to be
     assert not modules & HEAVY_FOR_HELP
@@ -181,10 +181,10 @@ async def test_serve_loads_no_testing_tool(tmp_path: Path, base_env: dict[str, s
 
 
 async def test_spool_loads_no_http_client(tmp_path: Path, base_env: dict[str, str]) -> None:
-    """The SQLite spool needs neither httpx nor aiohttp (the spool commands start fast)."""
+    """The SQLite spool needs neither httpx nor httptools (the spool commands start fast)."""
     modules = await imported_by("-c", "import agi_bridge.spool", cwd=tmp_path, env=base_env)
     assert "agi_bridge.spool" in modules
-    assert not modules & {"httpx", "aiohttp", "agi_bridge.noojee"}
+    assert not modules & {"httpx", "httptools", "agi_bridge.noojee"}
 
 
 async def test_version(tmp_path: Path, base_env: dict[str, str]) -> None:

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from agi_bridge.noojee.auth import HASH_USED_LIFETIME
 from agi_bridge.noojee.classify import EXCERPT_MAX_CHARS, MAX_RESPONSE_BYTES, classify_response
 from agi_bridge.noojee.client import MAX_RETRY_AFTER, NoojeeClient, _quoted, retry_after_seconds
-from agi_bridge.noojee.transport import AiohttpTransport, _whole_response
+from agi_bridge.noojee.transport import HttpTransport, _whole_response
 from agi_bridge.redact import redact_url
 from agi_bridge.testing.simulator import (
     FailureMode,
@@ -66,9 +66,9 @@ def client_clock() -> FakeClock:
 
 
 @pytest.fixture
-async def transport() -> AsyncIterator[AiohttpTransport]:
+async def transport() -> AsyncIterator[HttpTransport]:
     """The bridge's own transport, as NoojeeClient builds it, on plain HTTP."""
-    transport = AiohttpTransport(
+    transport = HttpTransport(
         verify=False, limits=httpx.Limits(max_connections=2), max_body_bytes=MAX_RESPONSE_BYTES
     )
     yield transport
@@ -76,7 +76,7 @@ async def transport() -> AsyncIterator[AiohttpTransport]:
 
 
 async def test_a_huge_body_is_read_only_up_to_the_bound_and_the_next_request_works(
-    transport: AiohttpTransport,
+    transport: HttpTransport,
 ) -> None:
     """A 2 MB error page: the client keeps MAX_RESPONSE_BYTES of it (a hostile or broken
     server cannot make it buffer megabytes), and the next request, on a new connection since
@@ -94,7 +94,7 @@ async def test_a_huge_body_is_read_only_up_to_the_bound_and_the_next_request_wor
 
 
 async def test_a_compressed_body_is_passed_on_raw_never_inflated(
-    transport: AiohttpTransport,
+    transport: HttpTransport,
 ) -> None:
     """We ask for identity; a server that gzips anyway (here 10 MB of zeros in ~10 KB) gets
     its bytes passed on as they are: inflating them would buffer megabytes past the bound."""
@@ -186,7 +186,7 @@ async def test_stop_with_api_key_sends_the_documented_request(
     assert seen.body == b""
     assert seen.headers["content-type"] == "application/x-www-form-urlencoded"
     assert seen.headers["content-length"] == "0"
-    # Sent as the aiohttp session's own headers (see AiohttpTransport): on every request.
+    # Built once by the transport (see HttpTransport): on every request.
     assert seen.headers["accept-encoding"] == "identity"  # no compressed answers
     assert seen.headers["accept"].startswith("application/json")
     assert seen.headers["user-agent"].startswith("agi-bridge")

@@ -15,7 +15,7 @@ Design:
 
 * One shared httpx transport, built once and called directly with :class:`httpx.Request`
   objects (no :class:`httpx.AsyncClient`: its layers are unused here, and cost a fifth more
-  CPU per request). By default :class:`~agi_bridge.noojee.transport.AiohttpTransport`: a
+  CPU per request). By default :class:`~agi_bridge.noojee.transport.HttpTransport`: a
   keep-alive pool sized by ``max_connections``, HTTP/1.1 only, an explicit
   :class:`httpx.Timeout` for every phase, and no proxy variables from the environment, which
   could silently route calls away from the whitelisted source address NoojeeContact insists
@@ -67,7 +67,7 @@ from agi_bridge.noojee.classify import (
     exception_result,
     is_expired,
 )
-from agi_bridge.noojee.transport import AiohttpTransport
+from agi_bridge.noojee.transport import HttpTransport
 from agi_bridge.redact import redact_url
 from agi_bridge.tls import client_context
 from agi_bridge.vocabulary import ACTIONS, NoojeeResult, RecordingRequest, ResultKind
@@ -203,8 +203,8 @@ class NoojeeClient:
             {"Host": url.netloc.decode("ascii"), "Content-Length": "0", **_HEADERS}
         )
         if transport is None:
-            # aiohttp's connection pool under httpx's API (see agi_bridge.noojee.transport).
-            transport = AiohttpTransport(
+            # Our own keep-alive pool under httpx's API (see agi_bridge.noojee.transport).
+            transport = HttpTransport(
                 verify=verify_arg,
                 limits=limits,
                 max_body_bytes=MAX_RESPONSE_BYTES,

@@ -1,58 +1,48 @@
-"""An httpx transport over aiohttp's connection pool, cut to what the NoojeeContact client needs.
+"""An httpx transport for the NoojeeContact client: HTTP/1.1 keep-alive connections, each
+carrying one request at a time, the answers parsed by httptools (llhttp, Node.js's parser, in C).
 
-Why not httpcore (httpx's own transport): its pool costs about twice the CPU per request and
-re-scans its queue for every request, which a hangup burst turns into seconds of hold time.
-Why not the ``httpx-aiohttp`` package: it wraps every response body in an async generator
-behind httpx's streaming layer (a cost per request for a 50-byte answer) and maps every
-``aiohttp.ClientConnectionError`` (refused, reset, server gone) to ``httpx.ConnectTimeout``.
-This one reads the body, bounded, before it returns, and maps aiohttp's errors to the httpx
-exception that says what happened, with the socket or TLS error chained as the cause.
-``bench/http_client.py`` measures the three.
+The client sends one kind of request to one server: a POST with an empty body, answered by a
+few dozen bytes. What that needs of HTTP is framing done right (Content-Length, chunked, a body
+that ends with the connection, 1xx, keep-alive or not), which is llhttp's, and a pool of
+connections, which is what this module adds: an asyncio.Protocol per connection, no streams, no
+task per request, one timer per request.
+
+Why not aiohttp (the transport until issue 19's twelfth round): its client machinery (session,
+request and response objects, header multidicts, its own timers) cost 78 us of CPU per request
+against 24 us for this one, both on uvloop with the same TLS (``bench/http_client.py``), a fifth
+of the bridge's CPU per sync stop. Why not httpcore (httpx's own): over ten times aiohttp's.
+
+Errors are httpx's, chosen for what they tell the client (agi_bridge.noojee.classify): a
+ConnectError, ConnectTimeout or PoolTimeout means no byte of the request left, so a start may be
+tried again; anything after the request was written may have reached NoojeeContact.
 """
 
 from __future__ import annotations
 
-import functools
+import asyncio
+import math
+import re
 import ssl
-from collections.abc import Sequence
+from collections import deque
 from typing import Final
 
-import aiohttp
+import httptools
 import httpx
 
-# What httpx reports as the protocol of a response (aiohttp speaks HTTP/1.1 only).
+# What httpx reports as the protocol of a response (this transport speaks HTTP/1.1 only).
 _EXTENSIONS: Final = {"http_version": b"HTTP/1.1"}
+# httpx's default port for each scheme (a URL without one), and the schemes we speak.
+_DEFAULT_PORTS: Final = {"https": 443, "http": 80}
+# The status line and headers of an answer: NoojeeContact's are a few hundred bytes, and
+# aiohttp allowed 128 lines of 8 KiB. More is a broken or hostile server: httptools would
+# not stop it (it buffers a header however long), this does.
+MAX_HEAD_BYTES: Final = 64 * 1024
 
-
-def _mapped(exc: aiohttp.ClientError | TimeoutError) -> httpx.TransportError:
-    """The httpx exception for an aiohttp one, its cause set to the error that says why (not
-    aiohttp's TLS errors: they subclass ssl's but lack their fields). Order matters: aiohttp's
-    classes overlap (a connect timeout is also a ServerTimeoutError, a certificate error a
-    ConnectorError)."""
-    mapped: httpx.TransportError
-    cause: BaseException = exc
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        mapped = httpx.ConnectTimeout(str(exc) or "connect timeout")
-    elif isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
-        mapped = httpx.ReadTimeout(str(exc) or "read timeout")
-    elif isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        mapped = httpx.ConnectError(str(exc))
-        cause = exc.certificate_error  # ssl.SSLCertVerificationError, with its reason
-    elif isinstance(exc, aiohttp.ClientConnectorError):
-        mapped = httpx.ConnectError(str(exc))
-        cause = exc.os_error  # ECONNREFUSED, or the ssl.SSLError of a failed handshake
-    elif isinstance(exc, aiohttp.ServerDisconnectedError):
-        mapped = httpx.RemoteProtocolError("Server disconnected without sending a response.")
-    elif isinstance(exc, aiohttp.ClientResponseError):
-        mapped = httpx.RemoteProtocolError(str(exc))  # not HTTP: a garbage status line
-    else:
-        mapped = httpx.ReadError(str(exc) or type(exc).__name__)  # reset, payload error...
-    mapped.__cause__ = cause
-    return mapped
+Origin = tuple[str, str, int]  # scheme, host, port
 
 
 def _whole_response(
-    status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes, request: httpx.Request
+    status: int, headers: list[tuple[bytes, bytes]], body: bytes, request: httpx.Request
 ) -> httpx.Response:
     """The response as ``httpx.Response(content=body)`` gives it (read, closed), without
     running the body through httpx's decoders again: that costs 13 us per request, a body
@@ -77,25 +67,165 @@ def _whole_response(
     return response
 
 
-@functools.lru_cache(maxsize=8)
-def _client_timeout(
-    connect: float | None, read: float | None, pool: float | None
-) -> aiohttp.ClientTimeout:
-    """aiohttp's timeouts for httpx's phases, built once per set of values (a client sends
-    every request with the same ones; building them cost 1.9 us a request)."""
-    # aiohttp's "connect" covers the wait for a pooled connection and the connect.
-    total_connect = None if connect is None or pool is None else connect + pool
-    return aiohttp.ClientTimeout(
-        total=None, connect=total_connect, sock_connect=connect, sock_read=read
-    )
+class _Answer:
+    """What the connection has read of the current answer."""
+
+    __slots__ = ("body", "complete", "headers", "size", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.size = 0
+        self.complete = False  # headers read (the body follows)
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """One aiohttp session (a keep-alive pool), opened on first use inside the event loop.
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to one origin; one request at a time."""
+
+    def __init__(
+        self, pool: HttpTransport, origin: Origin, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._pool = pool
+        self.origin = origin
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._answer = _Answer()
+        self._waiter: asyncio.Future[_Answer] | None = None
+        self._received = 0  # bytes of the current answer
+        self.reusable = True  # open, in step, and keep-alive
+        self.closed = False
+        self.idle_since = 0.0
+
+    # --- the transport's side -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self.close()  # bytes nobody asked for: this connection is out of step
+            return
+        self._received += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:  # also an upgrade (101), which we never ask
+            self._fail(httpx.RemoteProtocolError(f"not an HTTP answer: {exc}"), exc)
+            return
+        if self._received > MAX_HEAD_BYTES and not self._answer.complete and not waiter.done():
+            self._fail(httpx.RemoteProtocolError(f"answer head over {MAX_HEAD_BYTES} bytes"), None)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes: connection_lost decides what the end means
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        answer = self._answer
+        if answer.complete and exc is None and _ends_with_connection(answer):
+            self._finish()  # HTTP/1.0 style: the body ends when the server closes
+        elif not self._received:
+            message = "Server disconnected without sending a response."
+            self._fail(httpx.RemoteProtocolError(message), exc)
+        else:
+            self._fail(httpx.ReadError("the connection closed in the middle of the answer"), exc)
+
+    # --- httptools' callbacks -------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._answer.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self.close()  # a second answer in the same bytes: this connection is out of step
+            return
+        answer = self._answer
+        answer.status = self._parser.get_status_code()
+        answer.complete = True
+
+    def on_body(self, chunk: bytes) -> None:
+        answer = self._answer
+        room = self._pool.max_body_bytes - answer.size
+        if len(chunk) < room:
+            answer.body.append(chunk)
+            answer.size += len(chunk)
+        elif room > 0:
+            # The rest is not read: the answer is what fits, and the connection goes.
+            answer.body.append(chunk[:room])
+            answer.size += room
+            self._finish()
+            self.close()
+
+    def on_message_complete(self) -> None:
+        if self._answer.status < 200:
+            self._answer = _Answer()  # 1xx: informational, the answer follows
+            return
+        if not self._parser.should_keep_alive():
+            self.reusable = False
+        self._finish()
+
+    # --- the request's side ---------------------------------------------------------------
+
+    async def exchange(self, data: bytes, read_timeout: float | None) -> _Answer:
+        """Send ``data`` (a whole request) and wait for the whole answer, at most
+        ``read_timeout`` seconds."""
+        assert self.transport is not None
+        waiter: asyncio.Future[_Answer] = self._loop.create_future()
+        self._waiter = waiter
+        self._answer = _Answer()
+        self._received = 0
+        timer = (
+            None
+            if read_timeout is None
+            else self._loop.call_later(read_timeout, self._expire, read_timeout)
+        )
+        self.transport.write(data)
+        try:
+            return await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._waiter = None
+
+    def _expire(self, seconds: float) -> None:
+        self._fail(httpx.ReadTimeout(f"no answer within {seconds:g} s"), None)
+
+    def _finish(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(self._answer)
+            # Whatever else these bytes hold is parsed into another, never into the answer.
+            self._answer = _Answer()
+
+    def _fail(self, error: httpx.TransportError, cause: BaseException | None) -> None:
+        self.close()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            error.__cause__ = cause
+            waiter.set_exception(error)
+
+    def close(self) -> None:
+        self.reusable = False
+        if not self.closed:
+            self.closed = True
+            self._pool.closed(self)
+            if self.transport is not None:
+                self.transport.close()
+
+
+class HttpTransport(httpx.AsyncBaseTransport):
+    """Keep-alive HTTP/1.1 connections, at most ``limits.max_connections`` open, an idle one
+    reused for at most ``limits.keepalive_expiry`` seconds.
 
     Bodies are read whole, up to ``max_body_bytes`` (the rest is dropped with the
     connection), so the response handed back is complete and needs no closing; they are
-    never decompressed (see handle_async_request).
+    never decompressed (we ask for identity, and a Content-Encoding is dropped: httpx would
+    inflate the bytes whole, and a few KiB of gzip can become megabytes past the bound).
     """
 
     def __init__(
@@ -106,93 +236,203 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         max_body_bytes: int,
         headers: httpx.Headers | None = None,
     ) -> None:
-        """``headers``: those every request of the caller carries, sent as the aiohttp
-        session's own: a request that carries exactly these hands aiohttp none to convert,
-        merge and check one by one (2% of a stop's CPU); any other sends its own over them."""
-        self._headers: Final = headers
-        # As httpx.Headers holds them: compared with a request's own without building its
-        # .raw list (a property and a comprehension per request).
+        """``headers``: those every request of the caller carries; their bytes are built once
+        and sent for any request that carries exactly these (a request with others sends its
+        own)."""
         self._usual_headers: Final = None if headers is None else list(headers._list)
-        self._ssl: Final = verify if isinstance(verify, ssl.SSLContext) else None
-        self._verify: Final = verify is not False
-        self._limits: Final = limits
-        self._max_body_bytes: Final = max_body_bytes
-        self._session: aiohttp.ClientSession | None = None
+        self._usual_block: Final = b"" if headers is None else _header_block(headers.raw)
+        if isinstance(verify, ssl.SSLContext):
+            context = verify
+        else:
+            context = ssl.create_default_context()  # the system's CAs, as aiohttp and curl
+            if not verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        self._ssl: Final = context
+        self._max_connections: Final = limits.max_connections or 0  # 0: no limit
+        expiry = limits.keepalive_expiry
+        self._keepalive: Final = math.inf if expiry is None else expiry
+        self.max_body_bytes: Final = max_body_bytes
+        self._idle: dict[Origin, deque[_Connection]] = {}  # the last released on the right
+        self._connections: set[_Connection] = set()
+        self._connecting = 0
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
 
-    def _open(self) -> aiohttp.ClientSession:
-        if self._closed:
-            # A late caller after shutdown must not open a pool that nobody will close.
-            raise RuntimeError("the NoojeeContact transport is closed")
-        connector = aiohttp.TCPConnector(
-            limit=self._limits.max_connections or 0,
-            keepalive_timeout=self._limits.keepalive_expiry,
-            ssl=self._ssl if self._ssl is not None else self._verify,
-        )
-        # trust_env=False: proxy variables in a daemon's environment must not route calls
-        # away from the source address NoojeeContact has whitelisted.
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            trust_env=False,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            headers=None if self._headers is None else self._headers.multi_items(),
-        )
-        return self._session
-
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._session or self._open()
-        headers = (
-            None  # the session's own
-            if request.headers._list == self._usual_headers
-            else [
-                (name.decode("latin-1"), value.decode("latin-1"))
-                for name, value in request.headers.raw
-            ]
-        )
+        if self._closed:
+            # A late caller after shutdown must not open connections nobody will close.
+            raise RuntimeError("the NoojeeContact transport is closed")
+        loop = asyncio.get_running_loop()
+        url = request.url
+        scheme = url.scheme
+        default_port = _DEFAULT_PORTS.get(scheme)
+        if default_port is None:
+            raise httpx.UnsupportedProtocol(f"not an http(s) URL: {scheme!r}")
+        origin = (scheme, url.raw_host.decode("ascii"), url.port or default_port)
         phases = request.extensions.get("timeout", {})
-        # A body in memory (our client's requests: an empty one) is taken from its stream:
-        # request.content needs Request.read(), which tests whether it ran by catching an
-        # AttributeError, a cost per request; iterating the stream is a generator's.
         stream = request.stream
-        content = bytes(stream._stream) if isinstance(stream, httpx.ByteStream) else request.content
+        # A body in memory (our client's: an empty one) is taken from its stream; any other
+        # is read first.
+        body = (
+            bytes(stream._stream) if isinstance(stream, httpx.ByteStream) else await request.aread()
+        )
+        data = self._request_bytes(request, url.raw_path, body)
+        connection = await self._connection(loop, origin, phases.get("pool"), phases.get("connect"))
         try:
-            async with session.request(
-                request.method,
-                str(request.url),
-                headers=headers,
-                data=content or None,
-                allow_redirects=False,
-                timeout=_client_timeout(
-                    phases.get("connect"), phases.get("read"), phases.get("pool")
-                ),
-            ) as response:
-                body = await self._read(response)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            mapped = _mapped(exc)
-            raise mapped from mapped.__cause__
-        answer_headers = response.raw_headers
-        if "Content-Encoding" in response.headers:
-            # We ask for identity. A server that compresses anyway gets its bytes passed on as
-            # they are: httpx would inflate them whole here, and a few KiB of gzip can become
-            # megabytes past max_body_bytes.
-            answer_headers = tuple(h for h in answer_headers if h[0].lower() != b"content-encoding")
-        return _whole_response(response.status, answer_headers, body, request)
+            answer = await connection.exchange(data, phases.get("read"))
+        except BaseException:
+            connection.close()  # cancelled or failed: a late answer must not meet the next
+            raise
+        self._release(loop, connection)
+        headers = answer.headers
+        if any(name.lower() == b"content-encoding" for name, _ in headers):
+            headers = [h for h in headers if h[0].lower() != b"content-encoding"]
+        return _whole_response(answer.status, headers, b"".join(answer.body), request)
 
-    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
-        limit = self._max_body_bytes
-        content = response.content
-        # A short answer has usually arrived whole with its headers: taken as it is, without
-        # awaiting a read that would find it there (and a second one that would find the end).
-        chunks = [content.read_nowait(limit)]
-        size = len(chunks[0])
-        while size < limit and not content.at_eof() and (chunk := await content.read(limit - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
+    def _request_bytes(self, request: httpx.Request, target: bytes, body: bytes) -> bytes:
+        """The request as it goes on the wire."""
+        if _TOKEN(target) is None:
+            raise httpx.LocalProtocolError(f"not a request target: {target!r}")
+        if request.headers._list == self._usual_headers:
+            block = self._usual_block
+        else:
+            raw = request.headers.raw
+            if body and not any(name.lower() == b"content-length" for name, _ in raw):
+                raw = [*raw, (b"Content-Length", b"%d" % len(body))]
+            block = _header_block(raw)
+        method = request.method.encode("ascii")
+        return b"%s %s HTTP/1.1\r\n%s\r\n%s" % (method, target, block, body)
+
+    async def _connection(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        origin: Origin,
+        pool_timeout: float | None,
+        connect_timeout: float | None,
+    ) -> _Connection:
+        """An idle connection to ``origin``, or a new one once the limit allows it."""
+        while True:
+            idle = self._idle.get(origin)
+            while idle:
+                connection = idle.pop()
+                if connection.reusable and loop.time() - connection.idle_since < self._keepalive:
+                    return connection
+                connection.close()
+            limit = self._max_connections
+            if not limit or len(self._connections) + self._connecting < limit:
+                return await self._connect(loop, origin, connect_timeout)
+            if not self._close_an_idle_one():
+                await self._wait_for_a_slot(loop, pool_timeout)
+
+    async def _connect(
+        self, loop: asyncio.AbstractEventLoop, origin: Origin, within: float | None
+    ) -> _Connection:
+        scheme, host, port = origin
+        context = self._ssl if scheme == "https" else None
+        self._connecting += 1
+        connection: _Connection | None = None
+        try:
+            async with asyncio.timeout(within):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self, origin, loop),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=host if context is not None else None,
+                )
+        except BaseException as exc:
+            if connection is not None:
+                connection.close()  # made just as the wait ended
+            if isinstance(exc, TimeoutError) and exc.errno is None:  # ours, not ETIMEDOUT
+                raise httpx.ConnectTimeout(f"no connection within {within:g} s") from exc
+            if isinstance(exc, OSError):  # refused, unreachable, unknown host, TLS, certificate
+                raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+            raise
+        finally:
+            self._connecting -= 1
+            if connection is None:
+                self._wake_a_waiter()
+        self._connections.add(connection)
+        return connection
+
+    async def _wait_for_a_slot(self, loop: asyncio.AbstractEventLoop, within: float | None) -> None:
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(within):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._wake_a_waiter()  # woken, but not going on: the turn passes on
+            else:
+                self._slot_waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise httpx.PoolTimeout(f"no free connection within {within:g} s") from exc
+            raise
+
+    def _close_an_idle_one(self) -> bool:
+        """At the limit with nothing idle for this origin: close the connection idle longest
+        to another origin to make room (there is none when all are busy)."""
+        oldest: _Connection | None = None
+        for idle in self._idle.values():
+            if idle and (oldest is None or idle[0].idle_since < oldest.idle_since):
+                oldest = idle[0]
+        if oldest is None:
+            return False
+        oldest.close()
+        return True
+
+    def _release(self, loop: asyncio.AbstractEventLoop, connection: _Connection) -> None:
+        if not connection.reusable:
+            connection.close()
+            return
+        connection.idle_since = loop.time()
+        idle = self._idle.get(connection.origin)
+        if idle is None:
+            idle = self._idle[connection.origin] = deque()
+        idle.append(connection)
+        if self._slot_waiters:
+            self._wake_a_waiter()
+
+    def closed(self, connection: _Connection) -> None:
+        """``connection`` closed: its place in the idle queue and in the limit is free."""
+        self._connections.discard(connection)
+        idle = self._idle.get(connection.origin)
+        if idle and connection in idle:
+            idle.remove(connection)
+        self._wake_a_waiter()
+
+    def _wake_a_waiter(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for connection in tuple(self._connections):
+            connection.close()
+
+
+# What a request target may hold: visible ASCII, no space or control (httpx's parser allows no
+# other, and the client's own query is percent-encoded); anything else could split the request.
+_TOKEN: Final = re.compile(rb"[\x21-\x7e]+").fullmatch
+# What a header name or value may hold on one line (RFC 9110 field-value: no CR, LF or NUL).
+_FIELD: Final = re.compile(rb"[^\r\n\0]*").fullmatch
+
+
+def _header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """``name: value`` lines, each ended by CRLF, as HTTP/1.1 writes them."""
+    for name, value in headers:
+        if not name or _TOKEN(name) is None or b":" in name or _FIELD(value) is None:
+            raise httpx.LocalProtocolError(f"not a header line: {name!r}")
+    return b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers)
+
+
+def _ends_with_connection(answer: _Answer) -> bool:
+    """Whether the answer's body is framed by the end of the connection (neither a length
+    nor chunks), so that a clean close completes it rather than cutting it short."""
+    names = {name.lower() for name, _ in answer.headers}
+    return b"content-length" not in names and b"transfer-encoding" not in names

@@ -1,0 +1,312 @@
+"""The NoojeeContact client's own HTTP/1.1 transport against real sockets: what it must get
+right of keep-alive, framing, limits and failures, each against a peer that does exactly the
+one thing under test (the client's tests, tests/test_noojee.py, drive it over real HTTPS)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+
+from agi_bridge.noojee.classify import MAX_RESPONSE_BYTES
+from agi_bridge.noojee.transport import MAX_HEAD_BYTES, HttpTransport
+
+OK = b'HTTP/1.1 200 OK\r\nContent-Length: 25\r\n\r\n{"Message":"ok","Code":0}'
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Peer:
+    """A server that runs ``handler`` for each connection and counts them."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.port = 0
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.handlers: set[asyncio.Task[None]] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.handlers.add(asyncio.current_task())  # type: ignore[arg-type]  # always in a task
+        self.writers.add(writer)
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            await self.handler(reader, writer)
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def peer(handler: Handler) -> AsyncIterator[Peer]:
+    running = Peer(handler)
+    server = await asyncio.start_server(running.serve, "127.0.0.1", 0)
+    running.port = server.sockets[0].getsockname()[1]
+    try:
+        yield running
+    finally:
+        server.close()
+        for writer in running.writers:
+            writer.close()  # the handlers' reads end, and so do they
+        await asyncio.gather(*running.handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+def answering(*answers: bytes) -> Handler:
+    """Answer each request head with the next of ``answers`` (the last repeated)."""
+    queue = list(answers)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(queue.pop(0) if len(queue) > 1 else queue[0])
+            await writer.drain()
+
+    return handler
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[HttpTransport]:
+    transport = HttpTransport(
+        verify=False,
+        limits=httpx.Limits(max_connections=2, keepalive_expiry=60),
+        max_body_bytes=MAX_RESPONSE_BYTES,
+    )
+    yield transport
+    await transport.aclose()
+
+
+def post(port: int, **timeouts: float) -> httpx.Request:
+    extensions = {"timeout": timeouts} if timeouts else {}
+    return httpx.Request("POST", f"http://127.0.0.1:{port}/x", extensions=extensions)
+
+
+async def test_a_connection_is_kept_alive_for_the_next_request(transport: HttpTransport) -> None:
+    async with peer(answering(OK)) as server:
+        for _ in range(3):
+            response = await transport.handle_async_request(post(server.port))
+            assert response.status_code == 200
+    assert server.connections == 1
+
+
+async def test_connection_close_is_honoured(transport: HttpTransport) -> None:
+    closing = OK.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+    async with peer(answering(closing)) as server:
+        for _ in range(2):
+            response = await transport.handle_async_request(post(server.port))
+            assert response.content == b'{"Message":"ok","Code":0}'
+    assert server.connections == 2
+
+
+async def test_an_http_1_0_answer_is_not_kept_alive(transport: HttpTransport) -> None:
+    old = OK.replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    async with peer(answering(old)) as server:
+        for _ in range(2):
+            await transport.handle_async_request(post(server.port))
+    assert server.connections == 2
+
+
+async def test_a_body_that_ends_with_the_connection_is_read_whole(
+    transport: HttpTransport,
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        await writer.drain()
+        writer.write(b'{"Message":"ok",')
+        writer.write(b'"Code":0}')
+
+    async with peer(handler) as server:
+        response = await transport.handle_async_request(post(server.port))
+    assert response.content == b'{"Message":"ok","Code":0}'
+
+
+async def test_an_answer_cut_short_is_a_read_error(transport: HttpTransport) -> None:
+    """The length says 100, ten bytes come, then the end: not an answer, and not one that
+    never started either (the request may have been acted on)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await writer.drain()
+
+    async with peer(handler) as server:
+        with pytest.raises(httpx.ReadError):
+            await transport.handle_async_request(post(server.port))
+
+
+async def test_a_close_before_any_answer_says_so(transport: HttpTransport) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+
+    async with peer(handler) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            await transport.handle_async_request(post(server.port))
+
+
+async def test_an_informational_answer_is_skipped(transport: HttpTransport) -> None:
+    async with peer(answering(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)) as server:
+        response = await transport.handle_async_request(post(server.port))
+    assert (response.status_code, response.content) == (200, b'{"Message":"ok","Code":0}')
+
+
+async def test_garbage_is_a_protocol_error(transport: HttpTransport) -> None:
+    async with peer(answering(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match="not an HTTP answer"):
+            await transport.handle_async_request(post(server.port))
+
+
+async def test_bytes_nobody_asked_for_drop_the_connection(transport: HttpTransport) -> None:
+    """An answer followed by bytes of no request: the connection is out of step, and the next
+    request goes on a new one, where it gets its own answer."""
+    async with peer(answering(OK + b"HTTP/1.1 500 Stray\r\nContent-Length: 0\r\n\r\n")) as server:
+        first = await transport.handle_async_request(post(server.port))
+        second = await transport.handle_async_request(post(server.port))
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert server.connections == 2
+
+
+def late_on_the_first_connection(
+    release: asyncio.Event, seen: asyncio.Event | None = None
+) -> Handler:
+    """The first connection answers only once ``release`` is set, with a 500 (``seen`` is set
+    when its request has come); any other answers at once, 200."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 1:
+            await reader.readuntil(b"\r\n\r\n")
+            if seen is not None:
+                seen.set()
+            await release.wait()
+            writer.write(b"HTTP/1.1 500 Late\r\nContent-Length: 0\r\n\r\n")
+        await answering(OK)(reader, writer)
+
+    return handler
+
+
+async def test_no_answer_within_the_read_timeout(transport: HttpTransport) -> None:
+    """Within the timeout and a generous margin; the connection is dropped, so its late answer
+    cannot be read as the next request's."""
+    release = asyncio.Event()
+    async with peer(late_on_the_first_connection(release)) as server:
+        with pytest.raises(httpx.ReadTimeout):
+            await asyncio.wait_for(
+                transport.handle_async_request(post(server.port, read=0.2)), timeout=5
+            )
+        release.set()
+        response = await transport.handle_async_request(post(server.port))
+    assert response.status_code == 200
+    assert server.connections == 2
+
+
+async def test_a_cancelled_request_drops_its_connection(transport: HttpTransport) -> None:
+    release, seen = asyncio.Event(), asyncio.Event()
+    async with peer(late_on_the_first_connection(release, seen)) as server:
+        request = asyncio.create_task(transport.handle_async_request(post(server.port)))
+        await seen.wait()
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        release.set()
+        response = await transport.handle_async_request(post(server.port))
+    assert response.status_code == 200
+    assert server.connections == 2
+
+
+async def test_at_the_limit_a_request_waits_for_a_connection() -> None:
+    """One connection allowed: the second request waits for the first's to be free, then goes
+    on it; with a pool timeout shorter than that wait it gives up, saying so."""
+    release = asyncio.Event()
+    seen = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            seen.set()
+            await release.wait()
+            writer.write(OK)
+            await writer.drain()
+
+    transport = HttpTransport(
+        verify=False, limits=httpx.Limits(max_connections=1), max_body_bytes=MAX_RESPONSE_BYTES
+    )
+    try:
+        async with peer(handler) as server:
+            first = asyncio.create_task(transport.handle_async_request(post(server.port)))
+            await seen.wait()
+            with pytest.raises(httpx.PoolTimeout):
+                await transport.handle_async_request(post(server.port, pool=0.1))
+            second = asyncio.create_task(transport.handle_async_request(post(server.port)))
+            release.set()
+            responses = await asyncio.gather(first, second)
+        assert [r.status_code for r in responses] == [200, 200]
+        assert server.connections == 1
+    finally:
+        await transport.aclose()
+
+
+async def test_a_header_that_would_split_the_request_is_refused(
+    transport: HttpTransport,
+) -> None:
+    """httpx passes a value with CR LF as it is: written, it would be a header of its own."""
+    async with peer(answering(OK)) as server:
+        request = httpx.Request(
+            "POST", f"http://127.0.0.1:{server.port}/x", headers={"X": "a\r\nInjected: 1"}
+        )
+        with pytest.raises(httpx.LocalProtocolError):
+            await transport.handle_async_request(request)
+    assert server.connections == 0
+
+
+async def test_a_refused_connection_is_a_connect_error(transport: HttpTransport) -> None:
+    async with peer(answering(OK)) as server:
+        port = server.port
+    with pytest.raises(httpx.ConnectError) as raised:
+        await transport.handle_async_request(post(port))
+    assert isinstance(raised.value.__cause__, ConnectionRefusedError)
+
+
+async def test_a_closed_transport_opens_nothing(transport: HttpTransport) -> None:
+    await transport.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await transport.handle_async_request(post(1))
+
+
+async def test_an_endless_head_is_refused(transport: HttpTransport) -> None:
+    """A header that never ends: refused once the head passes its bound, not buffered on."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        while True:
+            writer.write(b"x" * 16384)
+            await writer.drain()
+
+    async with peer(handler) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match=f"over {MAX_HEAD_BYTES} bytes"):
+            await transport.handle_async_request(post(server.port))
+
+
+async def test_idle_connections_expire_unless_told_never_to() -> None:
+    """An idle connection older than keepalive_expiry is not used again; with None, it is."""
+    for expiry, connections in ((0.0, 2), (None, 1)):
+        transport = HttpTransport(
+            verify=False,
+            limits=httpx.Limits(keepalive_expiry=expiry),
+            max_body_bytes=MAX_RESPONSE_BYTES,
+        )
+        try:
+            async with peer(answering(OK)) as server:
+                for _ in range(2):
+                    await transport.handle_async_request(post(server.port))
+            assert server.connections == connections
+        finally:
+            await transport.aclose()
+
+
+async def test_only_http_and_https_are_spoken(transport: HttpTransport) -> None:
+    with pytest.raises(httpx.UnsupportedProtocol):
+        await transport.handle_async_request(httpx.Request("POST", "ftp://127.0.0.1/x"))
