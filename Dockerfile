@@ -23,7 +23,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 RUN python -m venv /opt/agi-bridge/venv
 WORKDIR /src
-# uvloop and aiohttp (the `fast` extra) ship manylinux wheels: no compiler needed.
+# uvloop (the `fast` extra) and httptools ship manylinux wheels: no compiler needed.
 COPY pyproject.toml README.md ./
 COPY agi_bridge/ agi_bridge/
 RUN /opt/agi-bridge/venv/bin/pip install ".[fast]" \

@@ -16,7 +16,7 @@ Variants:
 * ``httpx.AsyncClient + httpx-aiohttp``: the ``httpx-aiohttp`` package's transport (what the
   bridge used before commit c3fa110), when that package is installed;
 * ``aiohttp under httpx's API``: the transport the bridge used from c3fa110 to issue 19's
-  twelfth round (``agi_bridge/noojee/transport.py`` at dce4b27), when ``--aiohttp-transport
+  eleventh round (``agi_bridge/noojee/transport.py`` at dce4b27), when ``--aiohttp-transport
   DIR`` names a copy of that ``agi_bridge`` (``git archive dce4b27 agi_bridge | tar -x -C
   DIR``);
 * ``httpx.AsyncClient (httpcore)``: httpx with its default transport;
@@ -78,7 +78,7 @@ async def _cpu_per_request(post: Post, requests: int) -> float:
 
 
 def _old_transport(directory: Path) -> type[httpx.AsyncBaseTransport]:
-    """The aiohttp transport class of a copy of agi_bridge from before the twelfth round."""
+    """The aiohttp transport class of a copy of agi_bridge from before the eleventh round."""
     path = directory / "agi_bridge" / "noojee" / "transport.py"
     spec = importlib.util.spec_from_file_location("old_transport", path)
     assert spec is not None, f"no transport at {path}"

@@ -7,10 +7,12 @@ that ends with the connection, 1xx, keep-alive or not), which is llhttp's, and a
 connections, which is what this module adds: an asyncio.Protocol per connection, no streams, no
 task per request, one timer per request.
 
-Why not aiohttp (the transport until issue 19's twelfth round): its client machinery (session,
-request and response objects, header multidicts, its own timers) cost 78 us of CPU per request
-against 24 us for this one, both on uvloop with the same TLS (``bench/http_client.py``), a fifth
-of the bridge's CPU per sync stop. Why not httpcore (httpx's own): over ten times aiohttp's.
+Why not aiohttp (the transport until issue 19's eleventh round): its client machinery (session,
+request and response objects, header multidicts, its own timers) did for a 50-byte answer what
+we then undid to hand httpx a response. ``NoojeeClient.send`` cost 84 us of CPU per request on
+it against 54 us on this one, same TLS, same loop (``bench/http_client.py --aiohttp-transport``);
+a sync stop went from 0.24 to 0.15 ms (bench/README.md, "Eleventh round"). Why not httpcore
+(httpx's own): over ten times aiohttp's.
 
 Errors are httpx's, chosen for what they tell the client (agi_bridge.noojee.classify): a
 ConnectError, ConnectTimeout or PoolTimeout means no byte of the request left, so a start may be
@@ -226,6 +228,12 @@ class HttpTransport(httpx.AsyncBaseTransport):
     connection), so the response handed back is complete and needs no closing; they are
     never decompressed (we ask for identity, and a Content-Encoding is dropped: httpx would
     inflate the bytes whole, and a few KiB of gzip can become megabytes past the bound).
+
+    httpx's timeouts (the request's ``timeout`` extension): ``connect`` bounds the TCP connect
+    and the TLS handshake, ``pool`` the wait for a connection at the limit, ``read`` the whole
+    answer from the moment the request is written (an answer of a few dozen bytes comes in one
+    read, so per read and in all are the same here); ``write`` is not used: the request is
+    handed to the socket whole, and a server that does not read it does not answer either.
     """
 
     def __init__(
