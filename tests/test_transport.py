@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
 
-from agi_bridge.noojee.classify import MAX_RESPONSE_BYTES
+from agi_bridge.noojee.classify import MAX_RESPONSE_BYTES, exception_result
 from agi_bridge.noojee.transport import MAX_HEAD_BYTES, HttpTransport
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Length: 25\r\n\r\n{"Message":"ok","Code":0}'
@@ -275,17 +277,22 @@ async def test_a_closed_transport_opens_nothing(transport: HttpTransport) -> Non
         await transport.handle_async_request(post(1))
 
 
-async def test_an_endless_head_is_refused(transport: HttpTransport) -> None:
-    """A header that never ends: refused once the head passes its bound, not buffered on."""
+def endless_after(prefix: bytes) -> Handler:
+    """Answer ``prefix``, then a header line that never ends."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        writer.write(prefix + b"X-Endless: ")
         while True:
             writer.write(b"x" * 16384)
             await writer.drain()
 
-    async with peer(handler) as server:
+    return handler
+
+
+async def test_an_endless_head_is_refused(transport: HttpTransport) -> None:
+    """A header that never ends: refused once the head passes its bound, not buffered on."""
+    async with peer(endless_after(b"HTTP/1.1 200 OK\r\n")) as server:
         with pytest.raises(httpx.RemoteProtocolError, match=f"over {MAX_HEAD_BYTES} bytes"):
             await transport.handle_async_request(post(server.port))
 
@@ -310,3 +317,210 @@ async def test_idle_connections_expire_unless_told_never_to() -> None:
 async def test_only_http_and_https_are_spoken(transport: HttpTransport) -> None:
     with pytest.raises(httpx.UnsupportedProtocol):
         await transport.handle_async_request(httpx.Request("POST", "ftp://127.0.0.1/x"))
+
+
+# --- what a review found: each of these failed before its fix ----------------------------
+
+
+async def test_a_stray_answer_split_across_reads_never_answers_the_next_request(
+    transport: HttpTransport,
+) -> None:
+    """The answer, then the start of one nobody asked for; its end comes only after the next
+    request: on the same connection it would complete as that request's answer."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if connections > 1:
+            await answering(OK)(reader, writer)
+            return
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(OK + b"HTTP/1.1 500 Stray\r\nContent-Length: 0\r\n")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # a second request on this connection: a bug
+        writer.write(b"\r\n" + OK)
+        await writer.drain()
+
+    async with peer(handler) as server:
+        first = await transport.handle_async_request(post(server.port))
+        second = await transport.handle_async_request(post(server.port))
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert server.connections == 2
+
+
+async def test_trailers_are_neither_headers_nor_unbounded(transport: HttpTransport) -> None:
+    """Trailers after a chunked body are dropped; an endless one is refused like a long head
+    (httptools buffers it whole, however long)."""
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+    async with peer(answering(chunked + b"X-Trailer: t\r\n\r\n")) as server:
+        response = await transport.handle_async_request(post(server.port))
+    assert response.content == b"ok"
+    assert "x-trailer" not in response.headers
+    async with peer(endless_after(chunked)) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match=f"over {MAX_HEAD_BYTES} bytes"):
+            await transport.handle_async_request(post(server.port))
+
+
+async def test_a_body_of_exactly_the_bound_keeps_its_connection() -> None:
+    body = b"x" * 100
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + body
+    transport = HttpTransport(verify=False, limits=httpx.Limits(), max_body_bytes=100)
+    try:
+        async with peer(answering(answer)) as server:
+            for _ in range(2):
+                response = await transport.handle_async_request(post(server.port))
+                assert response.content == body
+        assert server.connections == 1
+    finally:
+        await transport.aclose()
+
+
+async def test_aclose_ends_requests_in_flight_and_waiting_and_leaves_nothing_open() -> None:
+    """One request waits for its answer, one for a connection: both end with an error that
+    says the transport closed, and no connection is left or made afterwards."""
+    seen = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        seen.set()
+        await reader.read()  # until the bridge's side closes
+
+    transport = HttpTransport(
+        verify=False, limits=httpx.Limits(max_connections=1), max_body_bytes=MAX_RESPONSE_BYTES
+    )
+    async with peer(handler) as server:
+        in_flight = asyncio.create_task(transport.handle_async_request(post(server.port)))
+        await seen.wait()
+        waiting = asyncio.create_task(transport.handle_async_request(post(server.port)))
+        await _until_waiting_for_a_slot(transport)
+        await transport.aclose()
+        with pytest.raises(httpx.ReadError, match="transport was closed"):
+            await in_flight
+        with pytest.raises(RuntimeError, match="closed"):
+            await waiting
+    assert server.connections == 1
+
+
+async def _until_waiting_for_a_slot(transport: HttpTransport, count: int = 1) -> None:
+    """Return once ``count`` requests of ``transport`` have queued for a slot: a callback
+    scheduled after the tasks created so far have run to their first wait (the loop runs
+    callbacks in the order they were scheduled)."""
+    queued = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(queued.set_result, None)
+    await queued
+    assert len(transport._slot_waiters) == count
+
+
+@pytest.fixture
+async def one_slot() -> AsyncIterator[HttpTransport]:
+    """A transport whose single slot is taken (by the test)."""
+    transport = HttpTransport(
+        verify=False, limits=httpx.Limits(max_connections=1), max_body_bytes=MAX_RESPONSE_BYTES
+    )
+    await transport._take_slot(asyncio.get_running_loop(), None)
+    yield transport
+    await transport.aclose()
+
+
+async def two_waiters(transport: HttpTransport) -> tuple[asyncio.Task[None], ...]:
+    """Two requests queued for a slot, in this order."""
+    loop = asyncio.get_running_loop()
+    waiters = []
+    for count in (1, 2):
+        waiters.append(asyncio.create_task(transport._take_slot(loop, None)))
+        await _until_waiting_for_a_slot(transport, count)
+    return tuple(waiters)
+
+
+async def test_slots_go_in_turn_not_to_whoever_asks_last(one_slot: HttpTransport) -> None:
+    first, later = await two_waiters(one_slot)
+    one_slot._give_slot()
+    await first
+    assert not later.done()
+    one_slot._give_slot()
+    await later
+    assert one_slot._in_use == 1
+
+
+async def test_a_waiter_cancelled_as_a_slot_frees_leaves_no_trace(one_slot: HttpTransport) -> None:
+    """Cancelled, then its waiter taken off by the slot's release before it runs: it ends
+    cancelled (not with the deque's ValueError) and the slot goes to the next."""
+    cancelled, after = await two_waiters(one_slot)
+    cancelled.cancel()
+    one_slot._give_slot()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await after
+    assert (one_slot._in_use, list(one_slot._slot_waiters)) == (1, [])
+
+
+async def test_a_waiter_handed_a_slot_as_it_is_cancelled_passes_it_on(
+    one_slot: HttpTransport,
+) -> None:
+    cancelled, after = await two_waiters(one_slot)
+    one_slot._give_slot()  # to the first waiter, which has not run yet
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await after
+    assert (one_slot._in_use, list(one_slot._slot_waiters)) == (1, [])
+
+
+async def test_the_pool_timeout_bounds_the_whole_wait(one_slot: HttpTransport) -> None:
+    """Within the pool timeout and a generous margin, however many times a slot frees and
+    goes to someone queued first."""
+    loop = asyncio.get_running_loop()
+    ahead = asyncio.create_task(one_slot._take_slot(loop, None))
+    await _until_waiting_for_a_slot(one_slot)
+    with pytest.raises(httpx.PoolTimeout):
+        await asyncio.wait_for(one_slot._take_slot(loop, 0.2), timeout=5)
+    one_slot._give_slot()
+    await ahead
+
+
+async def test_a_name_with_a_dead_first_address_connects_to_the_next(
+    transport: HttpTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first address never answers (a listener whose queue is full drops the SYN); the
+    second is tried after HAPPY_EYEBALLS_DELAY, well within the connect timeout, as aiohttp
+    did, rather than after it."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)  # room for one connection not accepted yet: the filler's
+    filler = [socket.create_connection(full.getsockname())]
+    try:
+        async with peer(answering(OK)) as server:
+            loop = asyncio.get_running_loop()
+            addresses = [full.getsockname(), ("127.0.0.1", server.port)]
+
+            async def resolve(*_: object, **__: object) -> list[tuple[Any, ...]]:
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", a) for a in addresses]
+
+            monkeypatch.setattr(loop, "getaddrinfo", resolve)
+            request = httpx.Request(
+                "POST",
+                "http://noojee.test/x",
+                extensions={"timeout": {"connect": 5.0}},
+            )
+            response = await transport.handle_async_request(request)
+        assert response.status_code == 200
+    finally:
+        for sock in (*filler, full):
+            sock.close()
+
+
+async def test_what_the_transport_refuses_to_write_was_never_sent(
+    transport: HttpTransport,
+) -> None:
+    """A request the transport will not put on the wire is, to the client, one that never left
+    (a start may be tried again), like a refused connection."""
+    refused = []
+    for request in (
+        httpx.Request("POST", "ftp://127.0.0.1/x"),
+        httpx.Request("POST", "http://127.0.0.1:1/x", headers={"X": "a\r\nInjected: 1"}),
+    ):
+        with pytest.raises(httpx.TransportError) as raised:
+            await transport.handle_async_request(request)
+        refused.append(exception_result(raised.value, None, httpx.Timeout(1.0)))
+    assert [result.unsent for result in refused] == [True, True]

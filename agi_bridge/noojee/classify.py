@@ -227,9 +227,16 @@ _TIMEOUT_PHASES: Final[dict[type[httpx.TimeoutException], str]] = {
 
 
 # Failures that happen before a byte of the request leaves: connecting (refused, no route, TLS
-# handshake or certificate) and waiting for a pooled connection. Anything later may have
-# reached NoojeeContact, even a reset (it may come after the server acted).
-_BEFORE_SENDING: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# handshake or certificate), waiting for a pooled connection, a request that cannot be written
+# (a URL scheme or a header the transport refuses). Anything later may have reached
+# NoojeeContact, even a reset (it may come after the server acted).
+_BEFORE_SENDING: Final = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.LocalProtocolError,
+    httpx.UnsupportedProtocol,
+)
 
 
 def exception_result(exc: Exception, secret: str | None, timeouts: httpx.Timeout) -> NoojeeResult:

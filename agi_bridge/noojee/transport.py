@@ -22,12 +22,15 @@ tried again; anything after the request was written may have reached NoojeeConta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
+import socket
 import ssl
 from collections import deque
 from typing import Final
 
+import aiohappyeyeballs
 import httptools
 import httpx
 
@@ -35,10 +38,15 @@ import httpx
 _EXTENSIONS: Final = {"http_version": b"HTTP/1.1"}
 # httpx's default port for each scheme (a URL without one), and the schemes we speak.
 _DEFAULT_PORTS: Final = {"https": 443, "http": 80}
-# The status line and headers of an answer: NoojeeContact's are a few hundred bytes, and
-# aiohttp allowed 128 lines of 8 KiB. More is a broken or hostile server: httptools would
-# not stop it (it buffers a header however long), this does.
+# What an answer may hold besides its body: the status line, headers, chunk framing and
+# trailers. NoojeeContact's are a few hundred bytes, and aiohttp allowed 128 header lines of
+# 8 KiB. More is a broken or hostile server: httptools would not stop it (it buffers a header
+# or a trailer however long), this does.
 MAX_HEAD_BYTES: Final = 64 * 1024
+# How long the first address of a name that resolves to several (IPv6 and IPv4, say) is given
+# before the next is tried alongside (RFC 8305's recommended 250 ms, aiohttp's default): a
+# broken IPv6 route must not cost the whole connect timeout.
+HAPPY_EYEBALLS_DELAY: Final = 0.25
 
 Origin = tuple[str, str, int]  # scheme, host, port
 
@@ -114,10 +122,11 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:  # also an upgrade (101), which we never ask
-            self._fail(httpx.RemoteProtocolError(f"not an HTTP answer: {exc}"), exc)
+            self.fail(httpx.RemoteProtocolError(f"not an HTTP answer: {exc}"), exc)
             return
-        if self._received > MAX_HEAD_BYTES and not self._answer.complete and not waiter.done():
-            self._fail(httpx.RemoteProtocolError(f"answer head over {MAX_HEAD_BYTES} bytes"), None)
+        if self._received - self._answer.size > MAX_HEAD_BYTES and not waiter.done():
+            message = f"answer's head, framing and trailers over {MAX_HEAD_BYTES} bytes"
+            self.fail(httpx.RemoteProtocolError(message), None)
 
     def eof_received(self) -> bool:
         return False  # the transport closes: connection_lost decides what the end means
@@ -132,20 +141,25 @@ class _Connection(asyncio.Protocol):
             self._finish()  # HTTP/1.0 style: the body ends when the server closes
         elif not self._received:
             message = "Server disconnected without sending a response."
-            self._fail(httpx.RemoteProtocolError(message), exc)
+            self.fail(httpx.RemoteProtocolError(message), exc)
         else:
-            self._fail(httpx.ReadError("the connection closed in the middle of the answer"), exc)
+            self.fail(httpx.ReadError("the connection closed in the middle of the answer"), exc)
 
     # --- httptools' callbacks -------------------------------------------------------------
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._answer.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
+    def on_message_begin(self) -> None:
         waiter = self._waiter
         if waiter is None or waiter.done():
-            self.close()  # a second answer in the same bytes: this connection is out of step
-            return
+            # A second answer in the same bytes, or its first bytes: this connection is out of
+            # step (the rest of it must not complete as the next request's answer).
+            self.close()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        answer = self._answer
+        if not answer.complete:  # not a trailer: those are dropped
+            answer.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
         answer = self._answer
         answer.status = self._parser.get_status_code()
         answer.complete = True
@@ -153,10 +167,10 @@ class _Connection(asyncio.Protocol):
     def on_body(self, chunk: bytes) -> None:
         answer = self._answer
         room = self._pool.max_body_bytes - answer.size
-        if len(chunk) < room:
+        if len(chunk) <= room:
             answer.body.append(chunk)
             answer.size += len(chunk)
-        elif room > 0:
+        else:
             # The rest is not read: the answer is what fits, and the connection goes.
             answer.body.append(chunk[:room])
             answer.size += room
@@ -195,7 +209,7 @@ class _Connection(asyncio.Protocol):
             self._waiter = None
 
     def _expire(self, seconds: float) -> None:
-        self._fail(httpx.ReadTimeout(f"no answer within {seconds:g} s"), None)
+        self.fail(httpx.ReadTimeout(f"no answer within {seconds:g} s"), None)
 
     def _finish(self) -> None:
         waiter = self._waiter
@@ -204,7 +218,8 @@ class _Connection(asyncio.Protocol):
             # Whatever else these bytes hold is parsed into another, never into the answer.
             self._answer = _Answer()
 
-    def _fail(self, error: httpx.TransportError, cause: BaseException | None) -> None:
+    def fail(self, error: httpx.TransportError, cause: BaseException | None = None) -> None:
+        """Close, and the request waiting for an answer here (if any) gets ``error``."""
         self.close()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -264,13 +279,14 @@ class HttpTransport(httpx.AsyncBaseTransport):
         self._idle: dict[Origin, deque[_Connection]] = {}  # the last released on the right
         self._connections: set[_Connection] = set()
         self._connecting = 0
+        # Requests hold a slot from before they take a connection until they give it back;
+        # at the limit a freed slot passes to the longest waiting, in turn.
+        self._in_use = 0
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._closed:
-            # A late caller after shutdown must not open connections nobody will close.
-            raise RuntimeError("the NoojeeContact transport is closed")
+        self._check_open()
         loop = asyncio.get_running_loop()
         url = request.url
         scheme = url.scheme
@@ -280,58 +296,104 @@ class HttpTransport(httpx.AsyncBaseTransport):
         origin = (scheme, url.raw_host.decode("ascii"), url.port or default_port)
         phases = request.extensions.get("timeout", {})
         stream = request.stream
-        # A body in memory (our client's: an empty one) is taken from its stream; any other
-        # is read first.
-        body = (
-            bytes(stream._stream) if isinstance(stream, httpx.ByteStream) else await request.aread()
-        )
-        data = self._request_bytes(request, url.raw_path, body)
-        connection = await self._connection(loop, origin, phases.get("pool"), phases.get("connect"))
+        if isinstance(stream, httpx.ByteStream):
+            # A body in memory (our client's: an empty one), taken from its stream.
+            data = self._request_bytes(request, url.raw_path, bytes(stream._stream))
+        else:
+            data = self._request_bytes(request, url.raw_path, await request.aread(), whole=False)
+        await self._take_slot(loop, phases.get("pool"))
         try:
-            answer = await connection.exchange(data, phases.get("read"))
-        except BaseException:
-            connection.close()  # cancelled or failed: a late answer must not meet the next
-            raise
-        self._release(loop, connection)
+            connection = await self._connection(loop, origin, phases.get("connect"))
+            try:
+                answer = await connection.exchange(data, phases.get("read"))
+            except BaseException:
+                connection.close()  # cancelled or failed: a late answer must not meet the next
+                raise
+            self._release(loop, connection)
+        finally:
+            self._give_slot()
         headers = answer.headers
         if any(name.lower() == b"content-encoding" for name, _ in headers):
             headers = [h for h in headers if h[0].lower() != b"content-encoding"]
         return _whole_response(answer.status, headers, b"".join(answer.body), request)
 
-    def _request_bytes(self, request: httpx.Request, target: bytes, body: bytes) -> bytes:
-        """The request as it goes on the wire."""
+    def _check_open(self) -> None:
+        if self._closed:
+            # A late caller after shutdown must not open connections nobody will close.
+            raise RuntimeError("the NoojeeContact transport is closed")
+
+    def _request_bytes(
+        self, request: httpx.Request, target: bytes, body: bytes, *, whole: bool = True
+    ) -> bytes:
+        """The request as it goes on the wire; ``whole``: the body as the request's headers
+        frame it (else it was streamed, and is sent whole now, with its length)."""
         if _TOKEN(target) is None:
             raise httpx.LocalProtocolError(f"not a request target: {target!r}")
-        if request.headers._list == self._usual_headers:
+        if whole and request.headers._list == self._usual_headers:
             block = self._usual_block
         else:
             raw = request.headers.raw
-            if body and not any(name.lower() == b"content-length" for name, _ in raw):
-                raw = [*raw, (b"Content-Length", b"%d" % len(body))]
+            if body or not whole:
+                framing = (b"content-length", b"transfer-encoding")
+                raw = [(name, value) for name, value in raw if name.lower() not in framing]
+                raw.append((b"Content-Length", b"%d" % len(body)))
             block = _header_block(raw)
         method = request.method.encode("ascii")
         return b"%s %s HTTP/1.1\r\n%s\r\n%s" % (method, target, block, body)
 
+    async def _take_slot(self, loop: asyncio.AbstractEventLoop, within: float | None) -> None:
+        """A slot, at once when fewer than the limit are in use and nobody waits; else the
+        next freed, within ``within`` seconds in all: PoolTimeout."""
+        limit = self._max_connections
+        if not self._slot_waiters and (not limit or self._in_use < limit):
+            self._in_use += 1
+            return
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(within):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._give_slot()  # handed one just as we gave up: it passes on
+            else:
+                with contextlib.suppress(ValueError):  # or already taken off by _give_slot
+                    self._slot_waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise httpx.PoolTimeout(f"no free connection within {within:g} s") from exc
+            raise
+        # Handed a slot: _in_use already counts it.
+
+    def _give_slot(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot is the waiter's now
+                return
+        self._in_use -= 1
+
     async def _connection(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        origin: Origin,
-        pool_timeout: float | None,
-        connect_timeout: float | None,
+        self, loop: asyncio.AbstractEventLoop, origin: Origin, connect_within: float | None
     ) -> _Connection:
-        """An idle connection to ``origin``, or a new one once the limit allows it."""
-        while True:
-            idle = self._idle.get(origin)
-            while idle:
-                connection = idle.pop()
-                if connection.reusable and loop.time() - connection.idle_since < self._keepalive:
-                    return connection
-                connection.close()
-            limit = self._max_connections
-            if not limit or len(self._connections) + self._connecting < limit:
-                return await self._connect(loop, origin, connect_timeout)
-            if not self._close_an_idle_one():
-                await self._wait_for_a_slot(loop, pool_timeout)
+        """With a slot in hand: an idle connection to ``origin``, or a new one."""
+        self._check_open()
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()
+            if connection.reusable and loop.time() - connection.idle_since < self._keepalive:
+                return connection
+            connection.close()
+        limit = self._max_connections
+        if limit and len(self._connections) + self._connecting >= limit:
+            # Fewer than the limit are busy (this request holds a slot and no connection), so
+            # the others are idle, to other origins: the one idle longest makes room.
+            oldest = min((queue[0] for queue in self._idle.values() if queue), key=_idle_since)
+            oldest.close()
+        connection = await self._connect(loop, origin, connect_within)
+        if self._closed:  # closed while this one was being made
+            connection.close()
+            self._check_open()
+        return connection
 
     async def _connect(
         self, loop: asyncio.AbstractEventLoop, origin: Origin, within: float | None
@@ -342,13 +404,17 @@ class HttpTransport(httpx.AsyncBaseTransport):
         connection: _Connection | None = None
         try:
             async with asyncio.timeout(within):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self, origin, loop),
-                    host,
-                    port,
-                    ssl=context,
-                    server_hostname=host if context is not None else None,
-                )
+                sock = await _socket_to(loop, host, port)
+                try:
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(self, origin, loop),
+                        sock=sock,
+                        ssl=context,
+                        server_hostname=host if context is not None else None,
+                    )
+                except BaseException:
+                    sock.close()  # the transport never took it, or has closed it already
+                    raise
         except BaseException as exc:
             if connection is not None:
                 connection.close()  # made just as the wait ended
@@ -359,37 +425,8 @@ class HttpTransport(httpx.AsyncBaseTransport):
             raise
         finally:
             self._connecting -= 1
-            if connection is None:
-                self._wake_a_waiter()
         self._connections.add(connection)
         return connection
-
-    async def _wait_for_a_slot(self, loop: asyncio.AbstractEventLoop, within: float | None) -> None:
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._slot_waiters.append(waiter)
-        try:
-            async with asyncio.timeout(within):
-                await waiter
-        except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
-                self._wake_a_waiter()  # woken, but not going on: the turn passes on
-            else:
-                self._slot_waiters.remove(waiter)
-            if isinstance(exc, TimeoutError):
-                raise httpx.PoolTimeout(f"no free connection within {within:g} s") from exc
-            raise
-
-    def _close_an_idle_one(self) -> bool:
-        """At the limit with nothing idle for this origin: close the connection idle longest
-        to another origin to make room (there is none when all are busy)."""
-        oldest: _Connection | None = None
-        for idle in self._idle.values():
-            if idle and (oldest is None or idle[0].idle_since < oldest.idle_since):
-                oldest = idle[0]
-        if oldest is None:
-            return False
-        oldest.close()
-        return True
 
     def _release(self, loop: asyncio.AbstractEventLoop, connection: _Connection) -> None:
         if not connection.reusable:
@@ -400,28 +437,36 @@ class HttpTransport(httpx.AsyncBaseTransport):
         if idle is None:
             idle = self._idle[connection.origin] = deque()
         idle.append(connection)
-        if self._slot_waiters:
-            self._wake_a_waiter()
 
     def closed(self, connection: _Connection) -> None:
-        """``connection`` closed: its place in the idle queue and in the limit is free."""
+        """``connection`` closed: it is neither open nor idle any more."""
         self._connections.discard(connection)
         idle = self._idle.get(connection.origin)
         if idle and connection in idle:
             idle.remove(connection)
-        self._wake_a_waiter()
 
-    def _wake_a_waiter(self) -> None:
+    async def aclose(self) -> None:
+        """Close every connection; requests still waiting for a slot or an answer fail."""
+        self._closed = True
         while self._slot_waiters:
             waiter = self._slot_waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
-
-    async def aclose(self) -> None:
-        self._closed = True
+                waiter.set_exception(RuntimeError("the NoojeeContact transport is closed"))
         for connection in tuple(self._connections):
-            connection.close()
+            connection.fail(httpx.ReadError("the transport was closed before the answer came"))
+
+
+async def _socket_to(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A connected socket to ``host``: its addresses tried as RFC 8305 says (Happy Eyeballs),
+    as aiohttp does, since loop.create_connection on uvloop tries them one after another."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return await aiohappyeyeballs.start_connection(
+        infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
+    )
+
+
+def _idle_since(connection: _Connection) -> float:
+    return connection.idle_since
 
 
 # What a request target may hold: visible ASCII, no space or control (httpx's parser allows no
