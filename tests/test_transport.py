@@ -7,12 +7,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
+import trustme
 
+from agi_bridge.noojee import transport as transport_module
 from agi_bridge.noojee.classify import MAX_RESPONSE_BYTES, exception_result
 from agi_bridge.noojee.transport import MAX_HEAD_BYTES, HttpTransport
 
@@ -524,3 +528,96 @@ async def test_what_the_transport_refuses_to_write_was_never_sent(
             await transport.handle_async_request(request)
         refused.append(exception_result(raised.value, None, httpx.Timeout(1.0)))
     assert [result.unsent for result in refused] == [True, True]
+
+
+# --- what a second review found ----------------------------------------------------------
+
+
+async def test_a_server_that_speaks_first_and_hangs_up_never_fills_the_pool(
+    tls_ca: trustme.CA,
+) -> None:
+    """An overloaded server answers 503 the moment the TLS handshake ends, then closes: its
+    bytes can close the connection before the connect returns it, and that connection must
+    not take a place in the limit (with one place, every later request then failed with a
+    ValueError, read as "may have been sent")."""
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.maximum_version = ssl.TLSVersion.TLSv1_2  # the answer rides with the handshake's end
+    tls_ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    tls_ca.configure_trust(client)
+    listener = socket.create_server(("127.0.0.1", 0))
+    busy = b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+    over = threading.Event()
+
+    def serve() -> None:
+        while True:
+            connection, _ = listener.accept()
+            if over.is_set():
+                connection.close()
+                return
+            with (
+                contextlib.suppress(OSError),
+                connection,
+                server.wrap_socket(connection, server_side=True) as tls,
+            ):
+                tls.sendall(busy)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    transport = HttpTransport(
+        verify=client, limits=httpx.Limits(max_connections=1), max_body_bytes=MAX_RESPONSE_BYTES
+    )
+    port = listener.getsockname()[1]
+    outcomes = []
+    try:
+        for _ in range(10):
+            request = httpx.Request(
+                "POST", f"https://127.0.0.1:{port}/x", extensions={"timeout": {"pool": 1.0}}
+            )
+            try:
+                outcomes.append((await transport.handle_async_request(request)).status_code)
+            except httpx.TransportError as exc:
+                outcomes.append(type(exc).__name__)
+        assert not [c for c in transport._connections if c.closed]
+    finally:
+        await transport.aclose()
+        over.set()
+        socket.create_connection(listener.getsockname()).close()  # accept() returns, and ends
+        await asyncio.to_thread(thread.join, 5)
+        listener.close()
+    assert set(outcomes) <= {503, "ConnectError", "RemoteProtocolError"}, outcomes
+
+
+async def test_a_connect_cancelled_as_its_handshake_ends_leaves_no_descriptor_behind(
+    server_ssl_context: ssl.SSLContext, tls_ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled just as the TLS handshake completes, the connection is ended through its
+    transport, which owns the socket: closing the descriptor under it (still registered with
+    the loop while TLS shuts down) made the next connect fail with the loop's RuntimeError."""
+    client = ssl.create_default_context()
+    tls_ca.configure_trust(client)
+    to_cancel: list[asyncio.Task[httpx.Response]] = []
+
+    class CancelledAsMade(transport_module._Connection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            while to_cancel:
+                to_cancel.pop().cancel()
+
+    monkeypatch.setattr(transport_module, "_Connection", CancelledAsMade)
+    server = await asyncio.start_server(answering(OK), "127.0.0.1", 0, ssl=server_ssl_context)
+    transport = HttpTransport(
+        verify=client, limits=httpx.Limits(max_connections=4), max_body_bytes=MAX_RESPONSE_BYTES
+    )
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/x"
+    try:
+        first = asyncio.create_task(transport.handle_async_request(httpx.Request("POST", url)))
+        to_cancel.append(first)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        response = await transport.handle_async_request(httpx.Request("POST", url))
+        assert response.status_code == 200
+    finally:
+        await transport.aclose()
+        server.close()

@@ -129,6 +129,7 @@ class _Connection(asyncio.Protocol):
             self.fail(httpx.RemoteProtocolError(message), None)
 
     def eof_received(self) -> bool:
+        self.reusable = False  # idle, it must not be handed out before connection_lost
         return False  # the transport closes: connection_lost decides what the end means
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -387,8 +388,11 @@ class HttpTransport(httpx.AsyncBaseTransport):
         if limit and len(self._connections) + self._connecting >= limit:
             # Fewer than the limit are busy (this request holds a slot and no connection), so
             # the others are idle, to other origins: the one idle longest makes room.
-            oldest = min((queue[0] for queue in self._idle.values() if queue), key=_idle_since)
-            oldest.close()
+            oldest = min(
+                (queue[0] for queue in self._idle.values() if queue), key=_idle_since, default=None
+            )
+            if oldest is not None:
+                oldest.close()
         connection = await self._connect(loop, origin, connect_within)
         if self._closed:  # closed while this one was being made
             connection.close()
@@ -413,7 +417,11 @@ class HttpTransport(httpx.AsyncBaseTransport):
                         server_hostname=host if context is not None else None,
                     )
                 except BaseException:
-                    sock.close()  # the transport never took it, or has closed it already
+                    # The transport made of sock owns it and closes it: closing the descriptor
+                    # here would free its number under a transport still registered with the
+                    # loop (asyncio's TLS one shutting down politely). End the connection.
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
                     raise
         except BaseException as exc:
             if connection is not None:
@@ -425,6 +433,8 @@ class HttpTransport(httpx.AsyncBaseTransport):
             raise
         finally:
             self._connecting -= 1
+        if connection.closed:  # the server spoke or hung up before it was asked anything
+            raise httpx.ConnectError("the server closed the connection as it was made")
         self._connections.add(connection)
         return connection
 
@@ -460,9 +470,12 @@ async def _socket_to(loop: asyncio.AbstractEventLoop, host: str, port: int) -> s
     """A connected socket to ``host``: its addresses tried as RFC 8305 says (Happy Eyeballs),
     as aiohttp does, since loop.create_connection on uvloop tries them one after another."""
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return await aiohappyeyeballs.start_connection(
-        infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
-    )
+    try:
+        return await aiohappyeyeballs.start_connection(
+            infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
+        )
+    except RuntimeError as exc:  # what the loop says of a descriptor it still watches
+        raise OSError(f"cannot connect: {exc}") from exc
 
 
 def _idle_since(connection: _Connection) -> float:
