@@ -28,6 +28,7 @@ import re
 import socket
 import ssl
 from collections import deque
+from operator import attrgetter
 from typing import Final
 
 import aiohappyeyeballs
@@ -389,7 +390,9 @@ class HttpTransport(httpx.AsyncBaseTransport):
             # Fewer than the limit are busy (this request holds a slot and no connection), so
             # the others are idle, to other origins: the one idle longest makes room.
             oldest = min(
-                (queue[0] for queue in self._idle.values() if queue), key=_idle_since, default=None
+                (queue[0] for queue in self._idle.values() if queue),
+                key=attrgetter("idle_since"),
+                default=None,
             )
             if oldest is not None:
                 oldest.close()
@@ -476,10 +479,6 @@ async def _socket_to(loop: asyncio.AbstractEventLoop, host: str, port: int) -> s
         )
     except RuntimeError as exc:  # what the loop says of a descriptor it still watches
         raise OSError(f"cannot connect: {exc}") from exc
-
-
-def _idle_since(connection: _Connection) -> float:
-    return connection.idle_since
 
 
 # What a request target may hold: visible ASCII, no space or control (httpx's parser allows no
