@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,34 +50,64 @@ async def running_simulator(
         await simulator.stop()
 
 
+# What a test peer does with each connection it accepts.
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Peer:
+    """A server that runs ``handler`` for each connection and counts them."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.port = 0
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.handlers: set[asyncio.Task[None]] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.handlers.add(asyncio.current_task())  # type: ignore[arg-type]  # always in a task
+        self.writers.add(writer)
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            await self.handler(reader, writer)
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def peer(handler: Handler) -> AsyncIterator[Peer]:
+    running = Peer(handler)
+    server = await asyncio.start_server(running.serve, "127.0.0.1", 0)
+    running.port = server.sockets[0].getsockname()[1]
+    try:
+        yield running
+    finally:
+        server.close()
+        for writer in running.writers:
+            writer.close()  # the handlers' reads end, and so do they
+        await asyncio.gather(*running.handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+def answering(*answers: bytes) -> Handler:
+    """Answer each request head with the next of ``answers`` (the last repeated)."""
+    queue = list(answers)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(queue.pop(0) if len(queue) > 1 else queue[0])
+            await writer.drain()
+
+    return handler
+
+
 @contextlib.asynccontextmanager
 async def raw_http_server(*answers: bytes) -> AsyncIterator[int]:
     """A peer that reads each HTTP request head and answers the next of ``answers`` verbatim,
     whichever connection the request came on (the last is repeated); by default something
     that is not HTTP (a broken proxy). Yields its port."""
-    replies = list(answers or (b"garbage\r\n\r\n",))
-    handlers: set[asyncio.Task[None]] = set()
-    writers: set[asyncio.StreamWriter] = set()
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handlers.add(asyncio.current_task())  # type: ignore[arg-type]  # always in a task
-        writers.add(writer)
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                writer.write(replies.pop(0) if len(replies) > 1 else replies[0])
-                await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        for writer in writers:
-            writer.close()  # the handlers' reads end, and so do they
-        await asyncio.gather(*handlers, return_exceptions=True)
-        await server.wait_closed()
+    async with peer(answering(*answers or (b"garbage\r\n\r\n",))) as server:
+        yield server.port
 
 
 @contextlib.asynccontextmanager

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import socket
 import ssl
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -19,56 +20,9 @@ import trustme
 from agi_bridge.noojee import transport as transport_module
 from agi_bridge.noojee.classify import MAX_RESPONSE_BYTES, exception_result
 from agi_bridge.noojee.transport import MAX_HEAD_BYTES, HttpTransport
+from tests.bridge_helpers import Handler, answering, peer, raw_http_server
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Length: 25\r\n\r\n{"Message":"ok","Code":0}'
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-class Peer:
-    """A server that runs ``handler`` for each connection and counts them."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.port = 0
-        self.writers: set[asyncio.StreamWriter] = set()
-        self.handlers: set[asyncio.Task[None]] = set()
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.handlers.add(asyncio.current_task())  # type: ignore[arg-type]  # always in a task
-        self.writers.add(writer)
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            await self.handler(reader, writer)
-        writer.close()
-
-
-@contextlib.asynccontextmanager
-async def peer(handler: Handler) -> AsyncIterator[Peer]:
-    running = Peer(handler)
-    server = await asyncio.start_server(running.serve, "127.0.0.1", 0)
-    running.port = server.sockets[0].getsockname()[1]
-    try:
-        yield running
-    finally:
-        server.close()
-        for writer in running.writers:
-            writer.close()  # the handlers' reads end, and so do they
-        await asyncio.gather(*running.handlers, return_exceptions=True)
-        await server.wait_closed()
-
-
-def answering(*answers: bytes) -> Handler:
-    """Answer each request head with the next of ``answers`` (the last repeated)."""
-    queue = list(answers)
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(queue.pop(0) if len(queue) > 1 else queue[0])
-            await writer.drain()
-
-    return handler
 
 
 @pytest.fixture
@@ -85,6 +39,38 @@ async def transport() -> AsyncIterator[HttpTransport]:
 def post(port: int, **timeouts: float) -> httpx.Request:
     extensions = {"timeout": timeouts} if timeouts else {}
     return httpx.Request("POST", f"http://127.0.0.1:{port}/x", extensions=extensions)
+
+
+async def test_a_huge_body_is_read_only_up_to_the_bound_and_the_next_request_works(
+    transport: HttpTransport,
+) -> None:
+    """A 2 MB error page: the client keeps MAX_RESPONSE_BYTES of it (a hostile or broken
+    server cannot make it buffer megabytes), and the next request, on a new connection since
+    that one was not read to its end, is answered normally."""
+    page = b"<html>" + b"x" * 2_000_000
+    huge = b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n%s" % (len(page), page)
+    fine = b'HTTP/1.1 200 OK\r\nContent-Length: 25\r\n\r\n{"Message":"ok","Code":0}'
+    async with raw_http_server(huge, fine) as port:
+        url = f"http://127.0.0.1:{port}/x"
+        first = await transport.handle_async_request(httpx.Request("POST", url))
+        second = await transport.handle_async_request(httpx.Request("POST", url))
+    assert first.status_code == 500
+    assert first.content == page[:MAX_RESPONSE_BYTES]
+    assert (second.status_code, second.content) == (200, b'{"Message":"ok","Code":0}')
+
+
+async def test_a_compressed_body_is_passed_on_raw_never_inflated(
+    transport: HttpTransport,
+) -> None:
+    """We ask for identity; a server that gzips anyway (here 10 MB of zeros in ~10 KB) gets
+    its bytes passed on as they are: inflating them would buffer megabytes past the bound."""
+    bomb = gzip.compress(b"\0" * 10_000_000)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb)
+    async with raw_http_server(answer + bomb) as port:
+        url = f"http://127.0.0.1:{port}/x"
+        response = await transport.handle_async_request(httpx.Request("POST", url))
+    assert response.content == bomb[:MAX_RESPONSE_BYTES]
+    assert "content-encoding" not in response.headers
 
 
 async def test_a_connection_is_kept_alive_for_the_next_request(transport: HttpTransport) -> None:
@@ -569,7 +555,7 @@ async def test_a_server_that_speaks_first_and_hangs_up_never_fills_the_pool(
         verify=client, limits=httpx.Limits(max_connections=1), max_body_bytes=MAX_RESPONSE_BYTES
     )
     port = listener.getsockname()[1]
-    outcomes = []
+    outcomes: list[int | str] = []
     try:
         for _ in range(10):
             request = httpx.Request(
